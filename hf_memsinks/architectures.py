@@ -1,0 +1,170 @@
+"""Where each architecture keeps its MLPs. The only per-model knowledge in the package.
+
+Every supported MLP is ``out_proj(act(in_proj(x)) [* in_proj2(x)])``: input projections that
+produce the hidden neurons, elementwise ops, and one output projection that reads them. So the
+sinks are handled entirely in those projections, whatever the MLP's own ``forward`` does
+(Bloom and MPT add the residual inside it; OPT keeps fc1/fc2 on the decoder layer).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """Names inside one decoder layer. ``mlp`` is the attribute path from the layer to the MLP
+    ("" when the projections sit on the layer); ``in_proj_chunks`` is 2 when one projection holds
+    gate and up stacked; ``width_attr`` is the config field with the MLP width (None when the
+    model hard-codes it, as Bloom and MPT do)."""
+
+    mlp: str
+    in_proj: tuple[str, ...]
+    out_proj: str
+    width_attr: str | None
+    in_proj_chunks: int = 1
+
+
+_GATED = MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", "intermediate_size")
+
+ARCHITECTURES: dict[str, MLPSpec] = {
+    "gpt2": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
+    "gpt_bigcode": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
+    "gpt_neo": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
+    "gptj": MLPSpec("mlp", ("fc_in",), "fc_out", "n_inner"),
+    "gpt_neox": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "intermediate_size"),
+    "falcon": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "ffn_hidden_size"),
+    "bloom": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", None),
+    "mpt": MLPSpec("ffn", ("up_proj",), "down_proj", None),
+    "opt": MLPSpec("", ("fc1",), "fc2", "ffn_dim"),
+    "phi": MLPSpec("mlp", ("fc1",), "fc2", "intermediate_size"),
+    "phi3": MLPSpec("mlp", ("gate_up_proj",), "down_proj", "intermediate_size", in_proj_chunks=2),
+    "starcoder2": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "olmo": _GATED,
+    "olmo2": _GATED,
+    "stablelm": _GATED,
+    "granite": _GATED,
+    "smollm3": _GATED,
+}
+
+
+def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
+    """The table's entry, or the user's ``MemSinkConfig.target_modules`` when given."""
+    if target_modules is not None:
+        return MLPSpec(
+            mlp=target_modules["mlp"],
+            in_proj=tuple(target_modules["in_proj"]),
+            out_proj=target_modules["out_proj"],
+            width_attr=target_modules.get("width_attr"),
+            in_proj_chunks=target_modules.get("in_proj_chunks", 1),
+        )
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    raise NotImplementedError(
+        f"hf_memsinks does not know where the MLPs of model type {model_type!r} are. Name them: "
+        "MemSinkConfig(target_modules={'mlp': 'mlp', 'in_proj': ['gate_proj', 'up_proj'], "
+        "'out_proj': 'down_proj', 'width_attr': 'intermediate_size'}) with the attribute names of "
+        "one decoder layer (print(model) shows them; 'mlp': '' if the projections sit on the layer). "
+        f"Known model types: {', '.join(sorted(ARCHITECTURES))}."
+    )
+
+
+@dataclass
+class MLPSite:
+    """One MLP found in a model: its decoder-layer index and its projection modules."""
+
+    name: str
+    layer: int
+    in_proj: list[nn.Module]
+    out_proj: nn.Module
+    width: int
+
+
+def neuron_dim(module: nn.Module, role: str) -> int:
+    """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out)."""
+    transposed = isinstance(module, Conv1D)
+    if role == "in":
+        return 1 if transposed else 0
+    return 0 if transposed else 1
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split(".") if path else []:
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _check_projection(module: nn.Module, where: str) -> None:
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        raise TypeError(
+            f"{where} is a {type(module).__name__}; hf_memsinks patches nn.Linear and transformers' Conv1D "
+            "projections (quantized or already-wrapped layers are not supported: patch before wrapping)"
+        )
+    if not module.weight.dtype.is_floating_point:
+        raise TypeError(f"{where} has a {module.weight.dtype} weight; patch the model before quantizing it")
+
+
+def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
+    """Every decoder layer's MLP, in layer order."""
+    sites: list[MLPSite] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        mlp = _get(module, spec.mlp) if spec.mlp else module
+        if mlp is None:
+            continue
+        out_proj = getattr(mlp, spec.out_proj, None)
+        in_proj = [getattr(mlp, n, None) for n in spec.in_proj]
+        if not isinstance(out_proj, nn.Module) or any(not isinstance(m, nn.Module) for m in in_proj):
+            continue
+        if id(out_proj) in seen:
+            continue
+        seen.add(id(out_proj))
+        mlp_name = f"{name}.{spec.mlp}" if spec.mlp else name
+        numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
+        if not numbers:
+            raise ValueError(f"cannot tell the decoder-layer index of {name!r}: no numeric part in its path")
+        _check_projection(out_proj, f"{mlp_name}.{spec.out_proj}")
+        for n, m in zip(spec.in_proj, in_proj):
+            _check_projection(m, f"{mlp_name}.{n}")
+        width = out_proj.weight.shape[neuron_dim(out_proj, "out")]
+        for n, m in zip(spec.in_proj, in_proj):
+            produced = m.weight.shape[neuron_dim(m, "in")]
+            if produced != width * spec.in_proj_chunks:
+                raise ValueError(
+                    f"{mlp_name}.{n} produces {produced} features but {spec.out_proj} reads {width}"
+                    + (f" x {spec.in_proj_chunks} chunks" if spec.in_proj_chunks > 1 else "")
+                    + ": check target_modules / in_proj_chunks"
+                )
+        sites.append(MLPSite(mlp_name, int(numbers[-1]), in_proj, out_proj, width))
+    if not sites:
+        raise ValueError(
+            f"found no MLP with projections {spec.in_proj} -> {spec.out_proj} under attribute {spec.mlp!r}; "
+            "set MemSinkConfig.target_modules to this model's names"
+        )
+    return sorted(sites, key=lambda s: s.layer)
+
+
+def select_layers(sites: list[MLPSite], layers: list[int] | None) -> list[MLPSite]:
+    """Keep the sites whose layer index is listed (negative indices count from the end)."""
+    if layers is None:
+        return sites
+    count = max(s.layer for s in sites) + 1
+    wanted = set()
+    for index in layers:
+        resolved = index + count if index < 0 else index
+        if not 0 <= resolved < count:
+            raise ValueError(f"MemSinkConfig.layers: layer {index} does not exist (the model has {count} layers)")
+        wanted.add(resolved)
+    return [s for s in sites if s.layer in wanted]

@@ -1,0 +1,327 @@
+"""Sink-aware MLP projections, patched in place.
+
+A patched projection is the *same* module object (its class is swapped for a subclass of its
+own class), so parameter names, ``isinstance`` checks, optimizers and hooks keep working. Its
+weight holds general and sink neurons together, general first (per chunk for a fused gate+up
+projection), so training runs one matmul per projection, exactly as before patching:
+
+* input projections (up/gate) compute every neuron in training; when sinks are off they compute
+  the general rows only, so evaluation costs what the sink-free model costs;
+* the output projection multiplies the sink part of its input by the mask of the current
+  sequence IDs (a bool tensor of ``(B, 1, S)`` or ``(B, T, S)``, shared by all layers and the
+  only thing kept for backward) before its matmul.
+
+In a checkpoint the two parts are separate tensors: ``weight`` holds the general neurons (with
+zeros where sinks were, when the model config cannot express a narrower MLP) and
+``sink_weight`` / ``sink_bias`` the sinks, so a plain Transformers load gets a sink-free model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architectures import neuron_dim
+from .config import MemSinkConfig
+from .masks import sink_mask
+
+EVAL_MODES = ("drop", "expected", "activate", "exclude")
+PAPER_MODE_NAMES = {"dropout": "drop", "all": "expected", "activate_seq": "activate", "exclude_seq_ids": "exclude"}
+
+
+class SinkState:
+    """What the current forward asks of the sinks; one per model, shared by its projections.
+
+    ``kind`` is decided once per forward: ``"general"`` (training without IDs: sinks off,
+    general x1), ``"drop"`` (evaluation default: sinks off, general x eval scale), ``"mask"``
+    (sinks follow the sequence IDs) or ``"coef"`` (each sink times a constant: expected value,
+    optionally with some IDs' sinks excluded). Masks are built lazily once per forward and layer
+    key (one key for all layers unless ``per_layer_masks``) and cached until the next forward.
+    """
+
+    def __init__(self, config: MemSinkConfig):
+        self.config = config
+        self.eval_mode = "drop"
+        self.eval_ids: torch.Tensor | None = None
+        self.kind = "drop"
+        self.ids: torch.Tensor | None = None
+        self._cache: dict = {}
+
+    # ---- per forward ----------------------------------------------------------------------------
+
+    def begin_forward(self, ids: torch.Tensor | None, training: bool) -> None:
+        if training:
+            self.kind = "mask" if ids is not None else "general"
+        elif self.eval_mode == "drop":
+            self.kind = "drop"
+        elif self.eval_mode == "activate":
+            ids = self.eval_ids if self.eval_ids is not None else ids
+            if ids is None:
+                raise ValueError("sink mode 'activate' needs sequence IDs: pass sequence_ids= to forward/generate")
+            self.kind = "mask"
+        else:
+            self.kind = "coef"
+        self.ids = ids
+        self._cache = {}
+
+    @property
+    def skip_sinks(self) -> bool:
+        return self.kind in ("general", "drop")
+
+    @property
+    def general_scale(self) -> float:
+        return self.config.general_eval_scale if self.kind == "drop" else 1.0
+
+    def _layer_key(self, layer: int) -> int | None:
+        return layer if self.config.per_layer_masks else None
+
+    def _mask(self, ids: torch.Tensor, num_sinks: int, layer: int | None) -> torch.Tensor:
+        c = self.config
+        return sink_mask(ids, num_sinks, c.sink_active_prob, salt=c.salt, layer=layer, scheme=c.mask_scheme)
+
+    def keep_mask(self, layer: int, num_sinks: int) -> torch.Tensor:
+        """Bool ``(B, 1, S)`` or ``(B, T, S)``: which sinks this forward's IDs activate."""
+        key = ("mask", self._layer_key(layer), num_sinks)
+        if key not in self._cache:
+            mask = self._mask(self.ids, num_sinks, key[1])
+            self._cache[key] = mask.unsqueeze(1) if self.ids.dim() == 1 else mask
+        return self._cache[key]
+
+    def coefficients(self, layer: int, num_general: int, num_sinks: int, like: torch.Tensor) -> torch.Tensor:
+        """Full-width ``(G + S,)`` multipliers for the constant-coefficient eval modes."""
+        key = ("coef", self._layer_key(layer), num_general, num_sinks, like.dtype, like.device)
+        if key not in self._cache:
+            sinks = torch.full((num_sinks,), self.config.sink_active_prob, device=like.device)
+            if self.eval_mode == "exclude":
+                excluded = self._mask(self.eval_ids.to(like.device), num_sinks, key[1]).reshape(-1, num_sinks)
+                sinks = sinks * ~excluded.any(0)
+            general = torch.ones(num_general, device=like.device)
+            self._cache[key] = torch.cat([general, sinks]).to(like.dtype)
+        return self._cache[key]
+
+    # ---- snapshots, so activation checkpointing replays a layer with its own forward's IDs --------
+
+    def snapshot(self) -> tuple:
+        return (self.kind, self.ids, self._cache)
+
+    @contextlib.contextmanager
+    def restored(self, snap: tuple) -> Iterator[None]:
+        saved = self.snapshot()
+        self.kind, self.ids, self._cache = snap
+        try:
+            yield
+        finally:
+            self.kind, self.ids, self._cache = saved
+
+
+class _MaskSinks(torch.autograd.Function):
+    """``h`` with its sink part multiplied by a bool mask. Saves only the (shared, compact) mask
+    for backward, not a full-width float copy of it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, keep: torch.Tensor, num_general: int) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.num_general = num_general
+        return _apply_keep(h, keep, num_general)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return _apply_keep(grad, keep, ctx.num_general), None, None
+
+
+def _apply_keep(x: torch.Tensor, keep: torch.Tensor, num_general: int) -> torch.Tensor:
+    out = x.clone()
+    out[..., num_general:].mul_(keep)
+    return out
+
+
+# ---- the projection subclasses ---------------------------------------------------------------------
+
+
+class _SinkProjection:
+    """Mixed into a copy of the projection's own class. Attributes set by :func:`patch_projection`."""
+
+    memsink_role: str  # "in" or "out"
+    memsink_general: int
+    memsink_sinks: int
+    memsink_chunks: int
+    memsink_layer: int
+    memsink_external_width: int  # general width written to checkpoints (G, or G + S zero-padded)
+    _memsink_state: SinkState
+
+    def _linear_weight(self) -> torch.Tensor:
+        return self.weight.t() if neuron_dim(self, "in") == 1 else self.weight
+
+    # -- layout helpers: neuron index ranges of general and sink parts --
+
+    def _ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        g, s = self.memsink_general, self.memsink_sinks
+        chunks = self.memsink_chunks if self.memsink_role == "in" else 1
+        width = g + s
+        return [(k * width, g) for k in range(chunks)], [(k * width + g, s) for k in range(chunks)]
+
+    def _parts(self, tensor: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        general, sinks = self._ranges()
+        pick = lambda spans: torch.cat([tensor.narrow(dim, a, n) for a, n in spans], dim)  # noqa: E731
+        return pick(general), pick(sinks)
+
+    def _external_general(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        general, sinks = self._parts(tensor, dim)
+        if self.memsink_external_width == self.memsink_general:
+            return general
+        padded = tensor.detach().clone()
+        for start, n in self._ranges()[1]:
+            padded.narrow(dim, start, n).zero_()
+        return padded
+
+    def _param_dims(self) -> dict[str, int]:
+        dims = {"weight": neuron_dim(self, self.memsink_role)}
+        if self.memsink_role == "in" and self.bias is not None:
+            dims["bias"] = 0
+        return dims
+
+    def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export)."""
+        return {name: self._parts(getattr(self, name), dim) for name, dim in self._param_dims().items()}
+
+    # -- checkpoint format: general part under the original names, sinks under sink_* --
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, dim in self._param_dims().items():
+            tensor = getattr(self, name).detach()
+            destination[prefix + name] = self._external_general(tensor, dim).contiguous()
+            destination[prefix + "sink_" + name] = self._parts(tensor, dim)[1].contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        general_spans, sink_spans = self._ranges()
+        dims = self._param_dims()
+        for name, dim in dims.items():
+            param = getattr(self, name)
+            for part, spans, width in (
+                (name, general_spans, None),
+                ("sink_" + name, sink_spans, self.memsink_sinks),
+            ):
+                key = prefix + part
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict.pop(key)
+                if part == name and value.shape[dim] != len(general_spans) * self.memsink_general:
+                    # Zero-padded general part: take the general positions only.
+                    value = self._parts(value, dim)[0]
+                expected = sum(n for _, n in spans)
+                if value.shape[dim] != expected or value.dim() != param.dim():
+                    error_msgs.append(
+                        f"size mismatch for {key}: checkpoint has {tuple(value.shape)}, the patched "
+                        f"model expects {expected} along dim {dim}"
+                    )
+                    continue
+                offset = 0
+                with torch.no_grad():
+                    for start, n in spans:
+                        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
+                        offset += n
+        handled = {prefix + n for n in dims} | {prefix + "sink_" + n for n in dims}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
+        # Anything else this module owns (the output projection's bias) loads as usual.
+        before = len(missing_keys)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, general={self.memsink_general}, sinks={self.memsink_sinks}"
+
+
+class _SinkInProjection(_SinkProjection):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._linear_weight(), self.bias
+        if not self._memsink_state.skip_sinks:
+            return F.linear(x, weight, bias)
+        spans = self._ranges()[0]
+        outs = [F.linear(x, weight[a : a + n], None if bias is None else bias[a : a + n]) for a, n in spans]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+class _SinkOutProjection(_SinkProjection):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._linear_weight(), self.bias
+        state, g = self._memsink_state, self.memsink_general
+        if state.skip_sinks:
+            h = h[..., :g] if h.shape[-1] != g else h
+            scale = state.general_scale
+            return F.linear(h * scale if scale != 1.0 else h, weight[:, :g], bias)
+        if state.kind == "mask":
+            keep = state.keep_mask(self.memsink_layer, self.memsink_sinks)
+            if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
+                shape = h.shape
+                h = _MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, g).reshape(shape)
+            else:
+                h = _MaskSinks.apply(h, keep, g)
+        else:
+            h = h * state.coefficients(self.memsink_layer, g, self.memsink_sinks, h)
+        return F.linear(h, weight, bias)
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _subclass(base: type, role: str) -> type:
+    key = (base, role)
+    if key not in _SUBCLASSES:
+        mixin = _SinkInProjection if role == "in" else _SinkOutProjection
+        cls = type(f"MemSink{base.__name__}", (mixin, base), {"_memsink_base_class": base})
+        cls.__module__ = __name__
+        _SUBCLASSES[key] = cls
+    return _SUBCLASSES[key]
+
+
+def is_patched_projection(module: nn.Module) -> bool:
+    return isinstance(module, _SinkProjection)
+
+
+def _set_width_attrs(module: nn.Module, role: str, features: int) -> None:
+    """Keep nn.Linear's in/out_features and Conv1D's nf in step with the weight."""
+    if isinstance(module, nn.Linear):
+        setattr(module, "out_features" if role == "in" else "in_features", features)
+    elif hasattr(module, "nf"):
+        setattr(module, "nf" if role == "in" else "nx", features)
+
+
+def patch_projection(
+    module: nn.Module,
+    role: str,
+    *,
+    general: int,
+    sinks: int,
+    chunks: int,
+    layer: int,
+    state: SinkState,
+    external_width: int,
+) -> None:
+    """Turn ``module`` (already holding general + sink neurons) into a sink-aware projection."""
+    module.__class__ = _subclass(type(module), role)
+    module.memsink_role = role
+    module.memsink_general = general
+    module.memsink_sinks = sinks
+    module.memsink_chunks = chunks
+    module.memsink_layer = layer
+    module.memsink_external_width = external_width
+    module._memsink_state = state
+    _set_width_attrs(module, role, (general + sinks) * (chunks if role == "in" else 1))
+
+
+def unpatch_projection(module: nn.Module) -> None:
+    """Give ``module`` back its original class (its weights are the caller's business)."""
+    role = module.memsink_role
+    module.__class__ = module._memsink_base_class
+    for attr in ("memsink_role", "memsink_general", "memsink_sinks", "memsink_chunks", "memsink_layer",
+                 "memsink_external_width", "_memsink_state"):
+        delattr(module, attr)
+    dim = neuron_dim(module, role)
+    _set_width_attrs(module, role, module.weight.shape[dim])

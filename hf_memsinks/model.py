@@ -1,0 +1,554 @@
+"""Patched-model API: ``get_memsink_model``, forward with ``sequence_ids``, eval modes,
+``remove_sinks`` (the exact inverse, like PEFT's ``merge_and_unload``), save and load.
+
+The patched model is the user's own model object whose class is swapped for a subclass of its
+class (same name), so ``isinstance``, ``Trainer``, ``generate`` and ``save_pretrained`` keep
+working and ``config.architectures`` stays what it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .architectures import MLPSite, find_mlp_sites, neuron_dim, select_layers, spec_for
+from .config import MemSinkConfig, find_config_file
+from .layers import (
+    EVAL_MODES,
+    PAPER_MODE_NAMES,
+    SinkState,
+    is_patched_projection,
+    patch_projection,
+    unpatch_projection,
+)
+from .masks import sink_mask
+
+SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
+
+
+@dataclass
+class _PatchedSite:
+    """One patched MLP: its projections and neuron counts."""
+
+    name: str
+    layer: int
+    in_proj: list[nn.Module]
+    out_proj: nn.Module
+    general: int
+    sinks: int
+    chunks: int
+
+
+def is_memsink_model(model: nn.Module) -> bool:
+    return isinstance(model, MemSinkModelMixin)
+
+
+# ---- patching -------------------------------------------------------------------------------------
+
+
+def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrainedModel:
+    """Patch ``model`` in place with sink neurons and return it.
+
+    The result is still an instance of its original class and gains ``forward(...,
+    sequence_ids=...)``, :meth:`~MemSinkModelMixin.sink_mode`, :meth:`~MemSinkModelMixin.remove_sinks`
+    and a ``save_pretrained`` that writes a checkpoint which plain Transformers loads as the
+    sink-free model. Create the optimizer after patching (``"add"`` mode replaces MLP weights).
+    """
+    if not isinstance(config, MemSinkConfig):
+        raise TypeError(f"config must be a MemSinkConfig, got {type(config).__name__}")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"get_memsink_model needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_memsink_model(model):
+        raise ValueError("this model already has memsinks; patch a model only once")
+    spec = spec_for(model.config.model_type, config.target_modules)
+    all_sites = find_mlp_sites(model, spec)
+    sites = select_layers(all_sites, config.layers)
+    layout = config.sink_layout
+    if layout is not None and set(layout) != {s.name for s in sites}:
+        raise ValueError(
+            f"the saved sink layout names MLPs {sorted(layout)} but this model's selected MLPs are "
+            f"{sorted(s.name for s in sites)}: the checkpoint does not match the base model"
+        )
+    original_widths = {s.name: s.width for s in all_sites}
+    patched: list[_PatchedSite] = []
+    for site in sites:
+        if layout is not None:
+            general, sinks = layout[site.name]["general"], layout[site.name]["sinks"]
+        else:
+            general, sinks = config.num_sinks_for(site.width)
+        if site.width == general:
+            _grow_site(site, sinks, spec.in_proj_chunks, config, random_init=layout is None)
+        elif site.width != general + sinks:
+            raise ValueError(f"{site.name} has width {site.width}; the sink layout expects {general} or {general + sinks}")
+        patched.append(_PatchedSite(site.name, site.layer, site.in_proj, site.out_proj, general, sinks, spec.in_proj_chunks))
+
+    external = _plan_widths(model, spec.width_attr, {p.name: p.general for p in patched}, original_widths)
+    state = SinkState(config)
+    for p in patched:
+        for module, role in [(m, "in") for m in p.in_proj] + [(p.out_proj, "out")]:
+            patch_projection(module, role, general=p.general, sinks=p.sinks, chunks=p.chunks,
+                             layer=p.layer, state=state, external_width=external[p.name])
+    model.__class__ = _memsink_class(type(model))
+    model.memsink_config = config
+    model._memsink_state = state
+    model._memsink_sites = patched
+    model._memsink_width_attr = spec.width_attr
+    model._memsink_original_widths = original_widths
+    _rewrap_checkpointing(model)
+    return model
+
+
+def _grow_site(site: MLPSite, sinks: int, chunks: int, config: MemSinkConfig, random_init: bool) -> None:
+    """Append ``sinks`` neurons per chunk to the MLP: input rows random (like the existing ones),
+    output columns zero, so the model's outputs do not change."""
+    width = site.width
+    generator = torch.Generator().manual_seed(config.init_seed * 1_000_003 + site.layer)
+    for module in site.in_proj:
+        dim = neuron_dim(module, "in")
+        weight = module.weight.data
+        std = float(weight.float().std()) if random_init and weight.numel() > 1 else 0.0
+        shape = list(weight.shape)
+        shape[dim] = sinks
+        blocks = []
+        for k in range(chunks):
+            blocks.append(weight.narrow(dim, k * width, width))
+            new = torch.randn(shape, generator=generator) * std if std > 0 else torch.zeros(shape)
+            blocks.append(new.to(device=weight.device, dtype=weight.dtype))
+        module.weight = nn.Parameter(torch.cat(blocks, dim), requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            bias = module.bias.data
+            parts = []
+            for k in range(chunks):
+                parts += [bias[k * width : (k + 1) * width], bias.new_zeros(sinks)]
+            module.bias = nn.Parameter(torch.cat(parts), requires_grad=module.bias.requires_grad)
+    out = site.out_proj
+    dim = neuron_dim(out, "out")
+    shape = list(out.weight.shape)
+    shape[dim] = sinks
+    zeros = out.weight.data.new_zeros(shape)
+    out.weight = nn.Parameter(torch.cat([out.weight.data, zeros], dim), requires_grad=out.weight.requires_grad)
+
+
+def _plan_widths(model: PreTrainedModel, width_attr: str | None, widths: dict[str, int],
+                 original_widths: dict[str, int]) -> dict[str, int]:
+    """Make the model config describe MLPs of ``widths`` (patched MLPs; the rest keep theirs).
+
+    Sets the config's width field when one value fits every MLP; otherwise MLPs narrower than
+    the config's width are zero-padded to it in checkpoints (Bloom and MPT hard-code the width;
+    patching a subset of layers makes widths differ). Returns the checkpoint width per MLP.
+    """
+    all_widths = {**original_widths, **widths}
+    if width_attr is not None and len(set(all_widths.values())) == 1:
+        setattr(model.config, width_attr, next(iter(all_widths.values())))
+        return dict(widths)
+    implied = set(original_widths.values())
+    if width_attr is not None and getattr(model.config, width_attr, None) is not None:
+        implied = {getattr(model.config, width_attr)}
+    if len(implied) == 1 and all(w <= next(iter(implied)) for w in widths.values()):
+        if width_attr is not None and set(original_widths.values()) != implied:
+            raise ValueError("the model config's MLP width does not match its layers")
+        if any(original_widths[n] != next(iter(implied)) for n in original_widths if n not in widths):
+            raise ValueError("MLP widths differ across layers; hf_memsinks cannot describe the result in the config")
+        return {name: next(iter(implied)) for name in widths}
+    raise ValueError(
+        f"the config of {type(model).__name__} cannot describe MLPs of widths {sorted(set(all_widths.values()))}"
+        + ("" if width_attr else " (this architecture hard-codes its MLP width)")
+        + ": patch every layer, or use mode='split'"
+    )
+
+
+def _rewrap_checkpointing(model: nn.Module) -> None:
+    """If activation checkpointing was enabled before patching, make its replays see the IDs."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and not hasattr(func, "_memsink_original"):
+            module._gradient_checkpointing_func = _with_sink_state(func, model._memsink_state)
+
+
+def _with_sink_state(func, state: SinkState):
+    """A checkpoint function whose recomputation in backward sees the forward's sink state."""
+
+    def checkpoint_with_sink_state(function, *args, **kwargs):
+        snap = state.snapshot()
+
+        def run(*a, **k):
+            with state.restored(snap):
+                return function(*a, **k)
+
+        return func(run, *args, **kwargs)
+
+    checkpoint_with_sink_state._memsink_original = func
+    return checkpoint_with_sink_state
+
+
+# ---- the patched model class ----------------------------------------------------------------------
+
+
+class MemSinkModelMixin:
+    """Methods every patched model gains. Mixed in ahead of the model's own class."""
+
+    # -- forward --
+
+    def _memsink_ids(self, sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """Validate ``sequence_ids`` against the batch and move them to its device."""
+        state: SinkState = self._memsink_state
+        if not self.training and state.eval_mode == "activate" and state.eval_ids is not None:
+            sequence_ids = state.eval_ids
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if sequence_ids is None:
+            if self.training and self.memsink_config.require_sequence_ids:
+                raise ValueError(
+                    "this memsink model is in training mode and needs sequence_ids: pass "
+                    "model(..., sequence_ids=ids) with ids of shape (batch,) or (batch, seq_len), one ID per "
+                    "document (hf_memsinks.data adds them to a dataset). To train general neurons only on "
+                    "unlabeled data, use MemSinkConfig(require_sequence_ids=False) or ID -1."
+                )
+            return None
+        ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"sequence_ids must hold integers, got dtype {ids.dtype}")
+        if ref is not None:
+            batch, length = ref.shape[0], ref.shape[1]
+            if ids.dim() == 1:
+                if ids.shape[0] != batch:
+                    raise ValueError(f"sequence_ids has {ids.shape[0]} IDs for a batch of {batch} sequences")
+            elif ids.dim() == 2:
+                if ids.shape[0] != batch:
+                    raise ValueError(f"sequence_ids has {ids.shape[0]} rows for a batch of {batch} sequences")
+                if ids.shape[1] != length:
+                    cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+                    if cached and ids.shape[1] > length:
+                        ids = ids[:, -length:]  # generation step: new tokens continue the last document
+                    else:
+                        raise ValueError(
+                            f"per-token sequence_ids have length {ids.shape[1]} but the inputs have {length} tokens"
+                        )
+            else:
+                raise ValueError(f"sequence_ids must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
+            ids = ids.to(ref.device, non_blocking=True)
+        return ids.long()
+
+    # -- evaluation modes --
+
+    def set_sink_mode(self, mode: str = "drop", sequence_ids: Any = None) -> None:
+        """How sinks behave in eval mode (training always follows the batch's IDs).
+
+        ``"drop"`` (default; paper ``dropout``): sinks off, general neurons x eval scale.
+        ``"expected"`` (paper ``all``): every sink at its expected value ``sink_active_prob``.
+        ``"activate"`` (paper ``activate_seq``): general plus the sinks of ``sequence_ids`` (given
+        here, or to each forward / generate call).
+        ``"exclude"`` (paper ``exclude_seq_ids``): ``"expected"`` with the sinks of the given IDs at 0.
+        """
+        mode = PAPER_MODE_NAMES.get(mode, mode)
+        if mode not in EVAL_MODES:
+            raise ValueError(f"unknown sink mode {mode!r}; use one of {EVAL_MODES} (or the paper's {tuple(PAPER_MODE_NAMES)})")
+        ids = None
+        if sequence_ids is not None:
+            if mode in ("drop", "expected"):
+                raise ValueError(f"sink mode {mode!r} takes no sequence IDs")
+            ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"sequence IDs must be integers, got dtype {ids.dtype}")
+            ids = ids.long()
+        elif mode == "exclude":
+            raise ValueError("sink mode 'exclude' needs the sequence IDs whose sinks to exclude")
+        self._memsink_state.eval_mode = mode
+        self._memsink_state.eval_ids = ids
+
+    @contextlib.contextmanager
+    def sink_mode(self, mode: str, sequence_ids: Any = None) -> Iterator["MemSinkModelMixin"]:
+        """Context manager form of :meth:`set_sink_mode`; restores the previous mode on exit."""
+        state = self._memsink_state
+        previous = (state.eval_mode, state.eval_ids)
+        self.set_sink_mode(mode, sequence_ids)
+        try:
+            yield self
+        finally:
+            state.eval_mode, state.eval_ids = previous
+
+    # -- inspection --
+
+    def sink_parameters(self) -> dict[str, torch.Tensor]:
+        """Copies of every sink tensor, keyed like the checkpoint (``...c_fc.sink_weight``)."""
+        out = {}
+        for name, module in self.named_modules():
+            if is_patched_projection(module):
+                for param, (_, sinks) in module.general_and_sink_parts().items():
+                    out[f"{name}.sink_{param}"] = sinks
+        return out
+
+    # -- removal --
+
+    def remove_sinks(self, forget_ids: Iterable[int] | torch.Tensor | None = None) -> PreTrainedModel:
+        """Turn this model, in place, into a plain model of its original class and return it.
+
+        Without ``forget_ids``: sinks are deleted and the eval scaling is folded into the general
+        weights; logits equal this model's default eval mode (``"drop"``). With ``forget_ids``:
+        every sink is kept at its expected value except the sinks of those IDs, which are zeroed
+        (``"exclude"`` mode folded into plain weights). The config loses every trace of sinks.
+        Copy the model first (``copy.deepcopy``) to keep the patched one.
+        """
+        config: MemSinkConfig = self.memsink_config
+        ids = None
+        if forget_ids is not None:
+            ids = torch.as_tensor(forget_ids if not isinstance(forget_ids, torch.Tensor) else forget_ids).long().reshape(-1)
+            if ids.numel() == 0:
+                raise ValueError("forget_ids is empty; pass None to drop every sink")
+        sites: list[_PatchedSite] = self._memsink_sites
+        widths = {s.name: s.general if ids is None else s.general + s.sinks for s in sites}
+        external = _plan_widths(self, self._memsink_width_attr, widths, self._memsink_original_widths)
+        with torch.no_grad():
+            for site in sites:
+                _fold_site(site, config, ids, external[site.name])
+        base = self._memsink_base_class
+        for attr in ("memsink_config", "_memsink_state", "_memsink_sites", "_memsink_width_attr",
+                     "_memsink_original_widths"):
+            delattr(self, attr)
+        self.__class__ = base
+        for module in self.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if hasattr(func, "_memsink_original"):
+                module._gradient_checkpointing_func = func._memsink_original
+        self.remove_sinks = _already_removed
+        return self
+
+    # -- checkpoints --
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Save like any Transformers model, plus ``memsink_config.json``. Plain
+        ``AutoModelForCausalLM`` loads the result as the sink-free model (sink tensors unused);
+        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks."""
+        is_main = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main:
+            os.makedirs(save_directory, exist_ok=True)
+            layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
+            MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout}).save_pretrained(save_directory)
+        return self._memsink_base_class.save_pretrained(self, save_directory, *args, **kwargs)
+
+    # -- activation checkpointing: replays must see the IDs of their own forward --
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        func = _with_sink_state(gradient_checkpointing_func, self._memsink_state)
+        return self._memsink_base_class._set_gradient_checkpointing(
+            self, enable=enable, gradient_checkpointing_func=func, **kwargs
+        )
+
+
+def _already_removed(*args, **kwargs):
+    raise RuntimeError("remove_sinks() was already called on this model: it is a plain model without sinks now")
+
+
+def remove_sinks(model: nn.Module, forget_ids=None) -> PreTrainedModel:
+    """Function form of ``model.remove_sinks()`` with a clear error for unpatched models."""
+    if not is_memsink_model(model):
+        raise ValueError(
+            f"{type(model).__name__} has no memsinks: it was never patched with get_memsink_model, "
+            "or its sinks were already removed"
+        )
+    return model.remove_sinks(forget_ids=forget_ids)
+
+
+def _fold_site(site: _PatchedSite, config: MemSinkConfig, forget_ids: torch.Tensor | None, width: int) -> None:
+    """Replace a patched MLP's weights by plain ones (general only, or general + scaled sinks),
+    zero-padded to ``width``, and give its projections back their classes."""
+    g, s = site.general, site.sinks
+    if forget_ids is None:
+        general_scale, sink_coef = config.general_eval_scale, None
+    else:
+        layer = site.layer if config.per_layer_masks else None
+        forgotten = sink_mask(forget_ids, s, config.sink_active_prob, salt=config.salt, layer=layer,
+                              scheme=config.mask_scheme).any(0)
+        general_scale, sink_coef = 1.0, config.sink_active_prob * (~forgotten).float()
+
+    def pad(tensor: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+        own = tensor.shape[dim] // chunks
+        if own == width:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = width - own
+        blocks = []
+        for k in range(chunks):
+            blocks += [tensor.narrow(dim, k * own, own), tensor.new_zeros(shape)]
+        return torch.cat(blocks, dim)
+
+    for module in site.in_proj:
+        for name, (general, sinks) in module.general_and_sink_parts().items():
+            dim = neuron_dim(module, "in") if name == "weight" else 0
+            if forget_ids is None:
+                value = general
+            else:  # full width again, general and sinks interleaved back per chunk
+                value = torch.cat([torch.cat([a, b], dim) for a, b in
+                                   zip(general.chunk(site.chunks, dim), sinks.chunk(site.chunks, dim))], dim)
+            _replace(module, name, pad(value, dim, site.chunks))
+        unpatch_projection(module)
+    out = site.out_proj
+    dim = neuron_dim(out, "out")
+    general, sinks = out.general_and_sink_parts()["weight"]
+    if sink_coef is None:
+        value = general * general_scale if general_scale != 1.0 else general
+    else:
+        shape = [1, 1]
+        shape[dim] = s
+        value = torch.cat([general, sinks * sink_coef.to(sinks).reshape(shape)], dim)
+    _replace(out, "weight", pad(value, dim, 1))
+    unpatch_projection(out)
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _memsink_class(base: type) -> type:
+    """``base`` with :class:`MemSinkModelMixin` in front and a forward that takes ``sequence_ids``.
+
+    The subclass keeps ``base``'s name (so ``config.architectures`` is unchanged) and exposes
+    ``base.forward``'s signature plus ``sequence_ids``, which is what ``Trainer`` reads to decide
+    which dataset columns to keep and what ``generate`` reads to validate its kwargs.
+    """
+    if base in _MODEL_CLASSES:
+        return _MODEL_CLASSES[base]
+
+    def forward(self, *args, sequence_ids=None, **kwargs):
+        ids = self._memsink_ids(sequence_ids, args, kwargs)
+        self._memsink_state.begin_forward(ids, self.training)
+        return base.forward(self, *args, **kwargs)
+
+    signature = inspect.signature(base.forward)
+    params = [p for p in signature.parameters.values() if p.name != "sequence_ids"]
+    new = inspect.Parameter("sequence_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params.insert(var_kw[0] if var_kw else len(params), new)
+    forward.__signature__ = signature.replace(parameters=params)
+    forward.__doc__ = (base.forward.__doc__ or "") + (
+        "\n        sequence_ids (`torch.LongTensor` of shape `(batch_size,)` or `(batch_size, sequence_length)`):\n"
+        "            hf_memsinks: the ID of each sequence (or token), which selects its sink neurons. -1 means\n"
+        "            no sequence (no sink active). Required in training mode.\n"
+    )
+    cls = type(base.__name__, (MemSinkModelMixin, base), {
+        "forward": forward,
+        "_memsink_base_class": base,
+        "__module__": __name__,
+        "__qualname__": base.__qualname__,
+    })
+    _MODEL_CLASSES[base] = cls
+    return cls
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+class AutoMemSinkModelForCausalLM:
+    """``from_pretrained`` for memsink models, in the style of the ``Auto*`` classes."""
+
+    def __init__(self, *args, **kwargs):
+        raise EnvironmentError("use AutoMemSinkModelForCausalLM.from_pretrained(...) or .from_config(...)")
+
+    @classmethod
+    def from_config(cls, config, memsink_config: MemSinkConfig, **kwargs) -> PreTrainedModel:
+        """A freshly initialised model of ``config``, patched."""
+        return get_memsink_model(AutoModelForCausalLM.from_config(config, **kwargs), memsink_config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
+                        memsink_config: MemSinkConfig | None = None, **kwargs) -> PreTrainedModel:
+        """Restore a saved memsink checkpoint (it has ``memsink_config.json``), or load a plain
+        model (local path or Hub name) and patch it with ``memsink_config``. Other arguments go
+        to ``AutoModelForCausalLM.from_pretrained``."""
+        path = pretrained_model_name_or_path
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        local = os.path.join(os.fspath(path), hub_kwargs.get("subfolder", "")) if os.path.isdir(path) else None
+        config_file = find_config_file(local or path, **({} if local else hub_kwargs))
+        if config_file is None:
+            if memsink_config is None:
+                raise ValueError(
+                    f"{path} holds no memsink_config.json, so it is a plain model: pass "
+                    "memsink_config=MemSinkConfig(...) to patch it with sinks"
+                )
+            return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+        if memsink_config is not None:
+            raise ValueError(
+                f"{path} is already a memsink checkpoint (it has {os.path.basename(config_file)}); "
+                "load it without memsink_config, or load a plain base model to patch"
+            )
+        saved = MemSinkConfig.from_pretrained(config_file)
+        model = _load_ignoring_sinks(path, *model_args, **kwargs)
+        get_memsink_model(model, saved)
+        _load_sink_tensors(model, local or path, hub_kwargs)
+        return model
+
+
+def _load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` without the unused-weights report for sink tensors
+    (they are loaded next)."""
+    from transformers import AutoConfig
+
+    config = kwargs.get("config")
+    if config is None:
+        hub = {k: kwargs[k] for k in _HUB_KWARGS + ("trust_remote_code",) if k in kwargs}
+        config = AutoConfig.from_pretrained(path, **hub)
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping:
+        return AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
+    base = mapping[type(config)]
+    ignoring = type(base.__name__, (base,), {
+        "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or [])
+        + [r"\.sink_weight$", r"\.sink_bias$"],
+        "__module__": base.__module__,
+    })
+    model = ignoring.from_pretrained(path, *model_args, **kwargs)
+    model.__class__ = base
+    return model
+
+
+def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    else:
+        from transformers.utils import cached_file
+
+        index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if index is not None:
+            import json
+
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            files = [cached_file(path, n, **hub_kwargs) for n in names]
+        else:
+            files = [cached_file(path, "model.safetensors", **hub_kwargs)]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    return files
+
+
+def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict) -> None:
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in _checkpoint_files(path, hub_kwargs):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(SINK_KEY_MARKERS):
+                    tensors[key] = f.get_tensor(key)
+    expected = set(model.sink_parameters())
+    missing = expected - set(tensors)
+    if missing:
+        raise ValueError(f"the checkpoint at {path} lacks sink tensors {sorted(missing)[:5]}...")
+    model.load_state_dict(tensors, strict=False)
