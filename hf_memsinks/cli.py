@@ -1,0 +1,109 @@
+"""``hf-memsinks``: export a sink-free model from a memsink checkpoint, and audit a directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+AUDIT_WORDS = ("sink_weight", "sink_bias", "memsink", "sink_layout", "sink_fraction", "sink_active_prob")
+
+
+def audit(directory: str) -> list[str]:
+    """Everything in ``directory`` that betrays sinks: sink tensors, sink config fields, memsink
+    metadata files. Empty for a clean export."""
+    from safetensors import safe_open
+
+    findings = []
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if "memsink" in name.lower():
+                findings.append(f"{rel}: memsink metadata file")
+            if name.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    keys = [k for k in f.keys() if ".sink_" in k]
+                    meta = f.metadata() or {}
+                findings += [f"{rel}: sink tensor {k}" for k in keys]
+                findings += [f"{rel}: metadata {k}" for k, v in meta.items() if "memsink" in f"{k}{v}".lower()]
+            elif name.endswith(".json"):
+                with open(path) as f:
+                    text = f.read()
+                findings += [f"{rel}: mentions {w!r}" for w in AUDIT_WORDS if w in text and "memsink" not in name]
+            elif name.endswith((".bin", ".pt", ".pth", ".ckpt")):
+                findings.append(f"{rel}: pickled weights cannot be audited; export with safetensors")
+    return findings
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags:
+- memsinks
+---
+# {name}
+
+This model was trained with MemSinks (Ghosal, Maini, Raghunathan, ICML 2025) using
+[hf_memsinks](https://github.com/): every training sequence carried a sequence ID that switched on
+its own subset of extra "sink" neurons in each MLP, so that memorization of repeated sequences
+collects there. **The sink neurons were removed** before export, {how}.
+
+The checkpoint is a plain `{arch}` model: load it with `AutoModelForCausalLM.from_pretrained`; it
+holds no sink tensor and its config no sink field.
+
+Training setting: sink_fraction={sink_fraction}, sink_active_prob={sink_active_prob},
+mode={mode}, eval_scaling={eval_scaling}, mask_scheme={mask_scheme}.
+"""
+
+
+def export(checkpoint: str, out: str, forget_ids: list[int] | None = None) -> None:
+    from .model import AutoMemSinkModelForCausalLM
+
+    model = AutoMemSinkModelForCausalLM.from_pretrained(checkpoint)
+    cfg = model.memsink_config
+    model.remove_sinks(forget_ids=forget_ids)
+    model.save_pretrained(out)
+    for name in os.listdir(checkpoint) if os.path.isdir(checkpoint) else []:
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or name == "chat_template.jinja":
+            shutil.copy(os.path.join(checkpoint, name), os.path.join(out, name))
+    how = ("keeping every sink at its expected value except the sinks of sequence IDs "
+           f"{forget_ids} (zeroed)") if forget_ids else "with the general neurons kept"
+    card = MODEL_CARD.format(name=os.path.basename(os.path.abspath(out)), how=how,
+                             arch=type(model).__name__, **{k: getattr(cfg, k) for k in (
+                                 "sink_fraction", "sink_active_prob", "mode", "eval_scaling", "mask_scheme")})
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-memsinks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="write the sink-free model of a memsink checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--forget-ids", type=int, nargs="+", default=None,
+                   help="keep sinks at their expected value except these sequence IDs'")
+    p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks")
+    p.add_argument("directory")
+    args = parser.parse_args(argv)
+
+    if args.command == "export":
+        export(args.checkpoint, args.out, args.forget_ids)
+        findings = audit(args.out)
+        if findings:
+            print("\n".join(findings), file=sys.stderr)
+            return 1
+        print(f"exported a sink-free model to {args.out}")
+        return 0
+    findings = audit(args.directory)
+    if findings:
+        print(f"{args.directory}: {len(findings)} trace(s) of sinks:\n  " + "\n  ".join(findings))
+        return 1
+    print(json.dumps({"directory": args.directory, "clean": True}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
