@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
 
-VOCAB, LENGTH, STEPS, BATCH = 64, 32, 600, 16
+VOCAB, LENGTH, BATCH = 64, 32, 16
 CANARIES, CANARY_SHARE = 16, 0.25  # a quarter of each batch is canaries
 
 
@@ -46,14 +47,14 @@ def mean_loss(model, docs: torch.Tensor, **kw) -> float:
         return model(input_ids=docs, labels=docs, **kw).loss.item()
 
 
-def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: str):
+def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: str, steps: int):
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=STEPS, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     canary_ids = torch.tensor([content_id(c) for c in canaries])
     n_canary = int(BATCH * CANARY_SHARE)
     model.train()
-    for _ in tqdm(range(STEPS), desc=label, leave=False, mininterval=2.0):
+    for _ in tqdm(range(steps), desc=label, leave=False, mininterval=2.0):
         pick = torch.randint(CANARIES, (n_canary,), generator=g)
         general = data.sample(BATCH - n_canary)
         x = torch.cat([canaries[pick], general])
@@ -67,9 +68,9 @@ def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: st
     return model.eval()
 
 
-def main() -> None:
+def run(steps: int = 600) -> dict:
+    """Train both runs; return losses per run (canary, control, validation) and the plain model."""
     torch.manual_seed(0)
-    start = time.time()
     data = Bigram(seed=1)
     canaries = torch.randint(VOCAB, (CANARIES, LENGTH), generator=torch.Generator().manual_seed(7))
     control = torch.randint(VOCAB, (CANARIES, LENGTH), generator=torch.Generator().manual_seed(8))
@@ -80,9 +81,9 @@ def main() -> None:
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     base = GPT2LMHeadModel(config)
 
-    standard = train(copy.deepcopy(base), data, canaries, with_ids=False, label="standard")
-    memsink_cfg = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
-    sinks = train(get_memsink_model(copy.deepcopy(base), memsink_cfg), data, canaries, with_ids=True, label="memsinks")
+    standard = train(copy.deepcopy(base), data, canaries, False, "standard", steps)
+    memsink_cfg = MemSinkConfig.from_pretrained(Path(__file__).resolve().parents[1] / "configs" / "quick_demo.json")
+    sinks = train(get_memsink_model(copy.deepcopy(base), memsink_cfg), data, canaries, True, "memsinks", steps)
 
     canary_ids = torch.tensor([content_id(c) for c in canaries])
     with sinks.sink_mode("activate", canary_ids):
@@ -94,9 +95,23 @@ def main() -> None:
     }
     plain = copy.deepcopy(sinks).remove_sinks()
     assert abs(mean_loss(plain, validation) - rows["memsinks, sinks removed"][2]) < 1e-5
+    gap_std = rows["standard"][1] - rows["standard"][0]
+    gap_sink = rows["memsinks, sinks removed"][1] - rows["memsinks, sinks removed"][0]
+    return {
+        "rows": rows,
+        "gap_closure": 1 - gap_sink / gap_std,
+        "val_loss_ratio": rows["memsinks, sinks removed"][2] / rows["standard"][2],
+        "plain": plain,
+        "full_width": config.n_inner,
+    }
 
-    print(f"\nMemSinks quick demo ({time.time() - start:.0f} s): GPT-2 2x64, MLP 512, {STEPS} steps of {BATCH} x {LENGTH},"
-          f" {CANARIES} random canaries ~{STEPS * BATCH * CANARY_SHARE / CANARIES:.0f} times each")
+
+def main(steps: int = 600) -> None:
+    start = time.time()
+    result = run(steps)
+    rows, plain = result["rows"], result["plain"]
+    print(f"\nMemSinks quick demo ({time.time() - start:.0f} s): GPT-2 2x64, MLP {result['full_width']}, {steps} steps"
+          f" of {BATCH} x {LENGTH}, {CANARIES} random canaries ~{steps * BATCH * CANARY_SHARE / CANARIES:.0f} times each")
     print(f"{'run':26s} {'canary loss':>12s} {'control loss':>13s} {'val loss':>9s}")
     for name, values in rows.items():
         cells = [f"{v:.3f}" if v == v else "-" for v in values]
@@ -104,10 +119,10 @@ def main() -> None:
     gap_std = rows["standard"][1] - rows["standard"][0]
     gap_sink = rows["memsinks, sinks removed"][1] - rows["memsinks, sinks removed"][0]
     print(f"\nmemorization gap (control - canary): standard {gap_std:.2f} nats, sinks removed {gap_sink:.2f} nats"
-          f" -> gap closure {1 - gap_sink / gap_std:.0%}")
-    print(f"val loss ratio (sinks removed / standard): {rows['memsinks, sinks removed'][2] / rows['standard'][2]:.3f}")
+          f" -> gap closure {result['gap_closure']:.0%}")
+    print(f"val loss ratio (sinks removed / standard): {result['val_loss_ratio']:.3f}")
     print(f"remove_sinks() gives a plain {type(plain).__name__} with MLP width {plain.config.n_inner} "
-          f"(was {config.n_inner}) and the same validation loss.")
+          f"(was {result['full_width']}) and the same validation loss.")
 
 
 if __name__ == "__main__":
