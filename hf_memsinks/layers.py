@@ -170,8 +170,7 @@ class _SinkProjection:
         pick = lambda spans: torch.cat([tensor.narrow(dim, a, n) for a, n in spans], dim)  # noqa: E731
         return pick(general), pick(sinks)
 
-    def _external_general(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        general, sinks = self._parts(tensor, dim)
+    def _external_general(self, tensor: torch.Tensor, dim: int, general: torch.Tensor) -> torch.Tensor:
         if self.memsink_external_width == self.memsink_general:
             return general
         padded = tensor.detach().clone()
@@ -195,8 +194,9 @@ class _SinkProjection:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, dim in self._param_dims().items():
             tensor = getattr(self, name).detach()
-            destination[prefix + name] = self._external_general(tensor, dim).contiguous()
-            destination[prefix + "sink_" + name] = self._parts(tensor, dim)[1].contiguous()
+            general, sinks = self._parts(tensor, dim)
+            destination[prefix + name] = self._external_general(tensor, dim, general).contiguous()
+            destination[prefix + "sink_" + name] = sinks.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         general_spans, sink_spans = self._ranges()

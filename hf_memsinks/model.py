@@ -149,15 +149,9 @@ def _plan_widths(model: PreTrainedModel, width_attr: str | None, widths: dict[st
     if width_attr is not None and len(set(all_widths.values())) == 1:
         setattr(model.config, width_attr, next(iter(all_widths.values())))
         return dict(widths)
-    implied = set(original_widths.values())
-    if width_attr is not None and getattr(model.config, width_attr, None) is not None:
-        implied = {getattr(model.config, width_attr)}
-    if len(implied) == 1 and all(w <= next(iter(implied)) for w in widths.values()):
-        if width_attr is not None and set(original_widths.values()) != implied:
-            raise ValueError("the model config's MLP width does not match its layers")
-        if any(original_widths[n] != next(iter(implied)) for n in original_widths if n not in widths):
-            raise ValueError("MLP widths differ across layers; hf_memsinks cannot describe the result in the config")
-        return {name: next(iter(implied)) for name in widths}
+    configured = set(original_widths.values())  # what the (unchanged) config describes
+    if len(configured) == 1 and all(w <= next(iter(configured)) for w in widths.values()):
+        return {name: next(iter(configured)) for name in widths}
     raise ValueError(
         f"the config of {type(model).__name__} cannot describe MLPs of widths {sorted(set(all_widths.values()))}"
         + ("" if width_attr else " (this architecture hard-codes its MLP width)")
