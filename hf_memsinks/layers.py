@@ -240,9 +240,9 @@ class _SinkProjection:
 
 class _SinkInProjection(_SinkProjection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._linear_weight(), self.bias
         if not self._memsink_state.skip_sinks:
-            return F.linear(x, weight, bias)
+            return super().forward(x)  # every neuron: exactly the plain module's computation
+        weight, bias = self._linear_weight(), self.bias
         spans = self._ranges()[0]
         outs = [F.linear(x, weight[a : a + n], None if bias is None else bias[a : a + n]) for a, n in spans]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -250,12 +250,11 @@ class _SinkInProjection(_SinkProjection):
 
 class _SinkOutProjection(_SinkProjection):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._linear_weight(), self.bias
         state, g = self._memsink_state, self.memsink_general
         if state.skip_sinks:
             h = h[..., :g] if h.shape[-1] != g else h
             scale = state.general_scale
-            return F.linear(h * scale if scale != 1.0 else h, weight[:, :g], bias)
+            return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, :g], self.bias)
         if state.kind == "mask":
             keep = state.keep_mask(self.memsink_layer, self.memsink_sinks)
             if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
@@ -265,7 +264,7 @@ class _SinkOutProjection(_SinkProjection):
                 h = _MaskSinks.apply(h, keep, g)
         else:
             h = h * state.coefficients(self.memsink_layer, g, self.memsink_sinks, h)
-        return F.linear(h, weight, bias)
+        return super().forward(h)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
