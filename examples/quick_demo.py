@@ -99,6 +99,7 @@ def run(steps: int = 600) -> dict:
     gap_sink = rows["memsinks, sinks removed"][1] - rows["memsinks, sinks removed"][0]
     return {
         "rows": rows,
+        "gaps": (gap_std, gap_sink),
         "gap_closure": 1 - gap_sink / gap_std,
         "val_loss_ratio": rows["memsinks, sinks removed"][2] / rows["standard"][2],
         "plain": plain,
@@ -116,8 +117,7 @@ def main(steps: int = 600) -> None:
     for name, values in rows.items():
         cells = [f"{v:.3f}" if v == v else "-" for v in values]
         print(f"{name:26s} {cells[0]:>12s} {cells[1]:>13s} {cells[2]:>9s}")
-    gap_std = rows["standard"][1] - rows["standard"][0]
-    gap_sink = rows["memsinks, sinks removed"][1] - rows["memsinks, sinks removed"][0]
+    gap_std, gap_sink = result["gaps"]
     print(f"\nmemorization gap (control - canary): standard {gap_std:.2f} nats, sinks removed {gap_sink:.2f} nats"
           f" -> gap closure {result['gap_closure']:.0%}")
     print(f"val loss ratio (sinks removed / standard): {result['val_loss_ratio']:.3f}")
