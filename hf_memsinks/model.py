@@ -418,8 +418,14 @@ def _memsink_class(base: type) -> type:
     if base in _MODEL_CLASSES:
         return _MODEL_CLASSES[base]
 
+    takes_use_cache = "use_cache" in inspect.signature(base.forward).parameters
+
     def forward(self, *args, sequence_ids=None, **kwargs):
         ids = self._memsink_ids(sequence_ids, args, kwargs)
+        if self.training and takes_use_cache and "use_cache" not in kwargs:
+            # A KV cache is never needed in training, and its presence turns off Transformers'
+            # packed-sequence attention masks (position_ids restarting per document).
+            kwargs["use_cache"] = False
         self._memsink_state.begin_forward(ids, self.training)
         return base.forward(self, *args, **kwargs)
 

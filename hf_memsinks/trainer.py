@@ -1,0 +1,77 @@
+"""A ``TrainerCallback``: sink statistics in the training logs, and the sink-free export at the end.
+
+The plain ``Trainer`` needs nothing else: ``sequence_ids`` is a named forward argument, so the
+default column filter keeps it, and the checkpoint format saves and restores sinks exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from .layers import is_patched_projection
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DDP / accelerate wrappers
+    return model
+
+
+def sink_statistics(model) -> dict[str, float]:
+    """Norms of the general and sink parts of every patched projection, summed over layers.
+
+    A sink norm that grows faster than the general one means the sinks are absorbing what the
+    batches carry; a flat sink norm means no IDs reach the model.
+    """
+    general = sinks = 0.0
+    count = 0
+    with torch.no_grad():
+        for module in _unwrap(model).modules():
+            if is_patched_projection(module):
+                g, s = module.general_and_sink_parts()["weight"]
+                general += float(g.float().pow(2).sum())
+                sinks += float(s.float().pow(2).sum())
+                count += 1
+    if count == 0:
+        return {}
+    general, sinks = general ** 0.5, sinks ** 0.5
+    return {"memsink/general_weight_norm": general, "memsink/sink_weight_norm": sinks,
+            "memsink/sink_to_general_norm": sinks / max(general, 1e-12)}
+
+
+class MemSinkCallback(TrainerCallback):
+    """Log sink statistics with every Trainer log, and at the end of training save the sink-free
+    model (``remove_sinks`` on a copy; the trained model keeps its sinks) to ``export_dir``.
+
+    ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
+    (see ``remove_sinks``). The tokenizer (``processing_class``) is saved alongside when given.
+    """
+
+    def __init__(self, export_dir: str | os.PathLike | None = None, forget_ids=None, log_statistics: bool = True):
+        self.export_dir = None if export_dir is None else os.fspath(export_dir)
+        self.forget_ids = forget_ids
+        self.log_statistics = log_statistics
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if not self.log_statistics or model is None or logs is None or "loss" not in logs:
+            return
+        stats = sink_statistics(model)
+        if stats and state.is_world_process_zero:
+            state.log_history.append({**{k: round(v, 4) for k, v in stats.items()}, "step": state.global_step})
+            logger.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.export_dir is None or model is None or not state.is_world_process_zero:
+            return
+        plain = copy.deepcopy(_unwrap(model)).remove_sinks(self.forget_ids)
+        plain.save_pretrained(self.export_dir)
+        if processing_class is not None:
+            processing_class.save_pretrained(self.export_dir)
+        logger.info("saved the sink-free model to %s", self.export_dir)
