@@ -190,10 +190,25 @@ class _SinkProjection:
 
     # -- checkpoint format: general part under the original names, sinks under sink_* --
 
+    @property
+    def sink_weight(self) -> torch.Tensor:
+        """The sink part of the weight (a copy), named as in checkpoints; lets tools that map
+        state-dict keys back to attributes (torch.distributed.checkpoint) resolve ``sink_weight``."""
+        return self.general_and_sink_parts()["weight"][1]
+
+    @property
+    def sink_bias(self) -> torch.Tensor | None:
+        parts = self.general_and_sink_parts()
+        return parts["bias"][1] if "bias" in parts else None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, dim in self._param_dims().items():
             tensor = getattr(self, name).detach()
+            if hasattr(tensor, "full_tensor"):
+                # Sharded (FSDP2 DTensor): general and sink rows interleave across shards, so the
+                # split needs the whole tensor. Full-state-dict export is what this is for.
+                tensor = tensor.full_tensor()
             general, sinks = self._parts(tensor, dim)
             destination[prefix + name] = self._external_general(tensor, dim, general).contiguous()
             destination[prefix + "sink_" + name] = sinks.contiguous()
@@ -240,7 +255,7 @@ class _SinkProjection:
 
 class _SinkInProjection(_SinkProjection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._memsink_state.skip_sinks:
+        if not self._memsink_state.skip_sinks or self.memsink_wrapped:
             return super().forward(x)  # every neuron: exactly the plain module's computation
         weight, bias = self._linear_weight(), self.bias
         spans = self._ranges()[0]
@@ -251,10 +266,24 @@ class _SinkInProjection(_SinkProjection):
 class _SinkOutProjection(_SinkProjection):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         state, g = self._memsink_state, self.memsink_general
+        if self._memsink_prepared:  # an adapter wrapper's pre-hook already applied the sinks
+            self._memsink_prepared = False
+            return super().forward(h)
         if state.skip_sinks:
             h = h[..., :g] if h.shape[-1] != g else h
             scale = state.general_scale
             return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, :g], self.bias)
+        return super().forward(self.sink_input(h))
+
+    def sink_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The full-width input this forward's sinks allow: sink part masked (training, activate)
+        or weighted (expected, exclude); with sinks off, zero sinks and scaled general part."""
+        state, g = self._memsink_state, self.memsink_general
+        if state.skip_sinks:
+            general = h[..., :g]
+            scale = state.general_scale
+            general = general * scale if scale != 1.0 else general
+            return torch.cat([general, general.new_zeros(*general.shape[:-1], self.memsink_sinks)], dim=-1)
         if state.kind == "mask":
             keep = state.keep_mask(self.memsink_layer, self.memsink_sinks)
             if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
@@ -264,7 +293,7 @@ class _SinkOutProjection(_SinkProjection):
                 h = _MaskSinks.apply(h, keep, g)
         else:
             h = h * state.coefficients(self.memsink_layer, g, self.memsink_sinks, h)
-        return super().forward(h)
+        return h
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -312,6 +341,8 @@ def patch_projection(
     module.memsink_layer = layer
     module.memsink_external_width = external_width
     module._memsink_state = state
+    module.memsink_wrapped = False  # set while an adapter (PEFT LoRA) wraps this projection
+    module._memsink_prepared = False
     _set_width_attrs(module, role, (general + sinks) * (chunks if role == "in" else 1))
 
 
@@ -320,7 +351,7 @@ def unpatch_projection(module: nn.Module) -> None:
     role = module.memsink_role
     module.__class__ = module._memsink_base_class
     for attr in ("memsink_role", "memsink_general", "memsink_sinks", "memsink_chunks", "memsink_layer",
-                 "memsink_external_width", "_memsink_state"):
+                 "memsink_external_width", "_memsink_state", "memsink_wrapped", "_memsink_prepared"):
         delattr(module, attr)
     dim = neuron_dim(module, role)
     _set_width_attrs(module, role, module.weight.shape[dim])

@@ -102,8 +102,53 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
     model._memsink_sites = patched
     model._memsink_width_attr = spec.width_attr
     model._memsink_original_widths = original_widths
+    model._memsink_slots = _projection_slots(model)
     _rewrap_checkpointing(model)
     return model
+
+
+def _projection_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, projection) for every patched projection, to notice adapter wrappers."""
+    slots = []
+    for name, module in model.named_modules():
+        if is_patched_projection(module):
+            parent_name, _, attr = name.rpartition(".")
+            slots.append((model.get_submodule(parent_name), attr, module))
+    return slots
+
+
+def _sync_adapter_wrappers(slots) -> None:
+    """Keep sinks exact when an adapter (PEFT LoRA) wraps a patched projection.
+
+    A wrapper adds ``lora_B(lora_A(x))`` computed from the *unmasked* input, so for an output
+    projection a pre-hook on the wrapper hands both paths the masked input; and wrapped input
+    projections compute every neuron (the wrapper adds to all of them). Checked every forward
+    (a few attribute reads), so wrapping and ``merge_and_unload`` need no call from the user.
+    """
+    for parent, attr, proj in slots:
+        current = parent._modules.get(attr)
+        wrapped = current is not proj
+        if wrapped == proj.memsink_wrapped:
+            continue
+        if wrapped:
+            base = current.get_base_layer() if hasattr(current, "get_base_layer") else getattr(current, "base_layer", None)
+            if base is not proj:
+                raise RuntimeError(
+                    f"the sink-patched projection {attr!r} of {type(parent).__name__} was replaced by a "
+                    f"{type(current).__name__} that does not wrap it; patch again or remove_sinks() first"
+                )
+            if proj.memsink_role == "out":
+                current.register_forward_pre_hook(_masked_input_hook(proj))
+        proj.memsink_wrapped = wrapped
+
+
+def _masked_input_hook(proj: nn.Module):
+    def hook(module, args):
+        if not proj.memsink_wrapped or not args:
+            return None
+        proj._memsink_prepared = True
+        return (proj.sink_input(args[0]),) + tuple(args[1:])
+    return hook
 
 
 def _grow_site(site: MLPSite, sinks: int, chunks: int, config: MemSinkConfig, random_init: bool) -> None:
@@ -292,6 +337,12 @@ class MemSinkModelMixin:
         (``"exclude"`` mode folded into plain weights). The config loses every trace of sinks.
         Copy the model first (``copy.deepcopy``) to keep the patched one.
         """
+        for parent, attr, proj in self._memsink_slots:
+            if parent._modules.get(attr) is not proj:
+                raise RuntimeError(
+                    "an adapter still wraps this model's MLP projections: call merge_and_unload() (PEFT) "
+                    "before remove_sinks()"
+                )
         config: MemSinkConfig = self.memsink_config
         ids = None
         if forget_ids is not None:
@@ -306,7 +357,7 @@ class MemSinkModelMixin:
                 _fold_site(site, config, ids, external[site.name])
         base = self._memsink_base_class
         for attr in ("memsink_config", "_memsink_state", "_memsink_sites", "_memsink_width_attr",
-                     "_memsink_original_widths"):
+                     "_memsink_original_widths", "_memsink_slots"):
             delattr(self, attr)
         self.__class__ = base
         for module in self.modules():
@@ -422,6 +473,7 @@ def _memsink_class(base: type) -> type:
 
     def forward(self, *args, sequence_ids=None, **kwargs):
         ids = self._memsink_ids(sequence_ids, args, kwargs)
+        _sync_adapter_wrappers(self._memsink_slots)
         if self.training and takes_use_cache and "use_cache" not in kwargs:
             # A KV cache is never needed in training, and its presence turns off Transformers'
             # packed-sequence attention masks (position_ids restarting per document).

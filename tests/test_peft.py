@@ -1,0 +1,93 @@
+"""PEFT LoRA on a patched model: LoRA on attention and MLP, sinks trained fully, masks exact
+through the LoRA path, then merge_and_unload -> remove_sinks -> a plain checkpoint."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import batch, tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
+from hf_memsinks.adapters import train_sinks
+from hf_memsinks.architectures import neuron_dim
+from hf_memsinks.cli import audit
+from hf_memsinks.layers import is_patched_projection
+
+TARGETS = {
+    "gpt2": ["c_attn", "c_fc", "c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+ID = 42
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_lora_with_sinks_then_merge_and_remove(model_type, tmp_path):
+    cfg = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
+    model = get_memsink_model(tiny_model(model_type), cfg)
+    projections = {n: m for n, m in model.named_modules() if is_patched_projection(m)}
+    before = {n: m.weight.detach().clone() for n, m in projections.items()}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[model_type],
+                                                  lora_dropout=0.0, init_lora_weights=True))
+    enabled = train_sinks(peft_model)
+    assert len(enabled) >= len(projections)
+    lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+    x = batch(4, 10)
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    peft_model.train()
+    for _ in range(3):
+        peft_model(input_ids=x, labels=x, sequence_ids=torch.full((4,), ID)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    active = sink_mask(torch.tensor([ID]), 32, 0.3)[0]
+    for name, module in projections.items():
+        dim = neuron_dim(module, module.memsink_role)
+        delta = module.weight.detach() - before[name]
+        general, sinks = module._parts(delta, dim)
+        assert general.abs().max() == 0, f"{name}: general neurons moved outside LoRA"
+        moved = sinks.abs().amax(dim=1 - dim) > 0
+        if module.memsink_role == "out" or module.memsink_chunks == 1:
+            assert torch.equal(moved, active), name
+    # LoRA on the output projection never sees inactive sinks: their lora_A input columns stay put
+    down = "c_proj" if model_type == "gpt2" else "down_proj"
+    checked = 0
+    for name, param in peft_model.named_parameters():
+        if f"mlp.{down}.lora_A" in name:
+            cols = (param.detach() - lora_before[name])[:, 32:]
+            assert cols.abs().amax(0).gt(0).equal(active), name
+            checked += 1
+    assert checked == 2
+
+    peft_model.eval()
+    probe = batch(2, 9, seed=5)
+    with torch.no_grad():
+        expected = peft_model(input_ids=probe).logits  # default eval mode: sinks dropped
+    with pytest.raises(RuntimeError, match="merge_and_unload"):
+        peft_model.get_base_model().remove_sinks()
+    plain = peft_model.merge_and_unload().remove_sinks()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)
+    plain.save_pretrained(tmp_path)
+    assert audit(str(tmp_path)) == []
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_model_in_trainer_keeps_sequence_ids(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_memsinks.data import MemSinkDataCollator
+
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS["llama"]))
+    train_sinks(peft_model)
+    sinks_before = model.sink_parameters()
+    ds = Dataset.from_dict({"input_ids": batch(8, 10).tolist(), "sequence_ids": [7] * 8})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", learning_rate=1e-2, disable_tqdm=True)
+    Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0)).train()
+    after = model.sink_parameters()
+    assert any(not torch.equal(after[k], sinks_before[k]) for k in after)
