@@ -87,7 +87,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep sinks at their expected value except these sequence IDs'")
     p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks")
     p.add_argument("directory")
+    p = sub.add_parser("run", help="the memorization benchmark: standard / memsinks / dedup / post-hoc, report and plots")
+    p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=200 memsinks.sink_fraction=0.5")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p = sub.add_parser("sweep", help="memsinks over sink_fraction x sink_active_prob, against one standard run")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--sink-fractions", default="0.1,0.3,0.5")
+    p.add_argument("--active-probs", default="0.1,0.3,0.5")
+    p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+
+    if args.command in ("run", "sweep"):
+        return _experiment(args)
 
     if args.command == "export":
         export(args.checkpoint, args.out, args.forget_ids)
@@ -102,6 +115,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.directory}: {len(findings)} trace(s) of sinks:\n  " + "\n  ".join(findings))
         return 1
     print(json.dumps({"directory": args.directory, "clean": True}))
+    return 0
+
+
+def _experiment(args) -> int:
+    from pathlib import Path
+
+    from .experiments.runner import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    name = cfg.get("name") or Path(args.config).stem
+    if args.command == "run":
+        from .experiments.runner import run
+
+        out = args.out or os.path.join("runs", name)
+        report = run(cfg, out)
+        print((Path(out) / "report.md").read_text())
+        print(f"report.json, report.md, curves.png, tradeoff.png in {out}")
+        return 0
+    from .experiments.sweep import sweep
+
+    out = args.out or os.path.join("runs", f"{name}-sweep")
+    fractions = [float(x) for x in args.sink_fractions.split(",")]
+    probs = [float(x) for x in args.active_probs.split(",")]
+    result = sweep(cfg, out, fractions, probs)
+    print(json.dumps(result["points"], indent=1))
+    print(f"sweep.json and sweep.png in {out}")
     return 0
 
 

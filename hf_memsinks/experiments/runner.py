@@ -1,0 +1,329 @@
+"""``hf-memsinks run CONFIG.yaml``: train standard / memsinks / dedup on one fixed document
+stream, apply the post-hoc baseline, measure memorization and write report.json, report.md
+and plots into the run directory."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import MemSinkConfig
+from ..evaluation import document_losses, extraction_hits, pad_documents
+from ..model import get_memsink_model
+from .posthoc import neuron_specificity, zero_top_neurons
+from .setting import Setting, build_setting, document_ids
+
+RUNS = ("standard", "memsinks", "dedup", "posthoc")
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "threads": None,
+    "corpus": {"source": "embedded", "text_field": "text"},
+    "tokenizer": {"vocab_size": 1024},
+    "model": {"type": "gpt2", "layers": 4, "hidden": 128, "heads": 4, "mlp": 512},
+    "train": {"lr": 1e-3, "warmup": 50, "weight_decay": 0.1, "eval_every": 100, "curve_docs": 64},
+    "eval": {"prefix": 16, "suffix": 16, "batch_size": 64},
+    "memsinks": {},
+    "posthoc": {"fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]},
+    "runs": list(RUNS),
+}
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """YAML config merged over the defaults; ``overrides`` are ``dotted.key=value`` (YAML values)."""
+    with open(path, encoding="utf-8") as f:
+        cfg = _merge(DEFAULTS, yaml.safe_load(f) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=200)")
+        key, raw = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    for section in ("data", "train"):
+        if section not in cfg:
+            raise ValueError(f"config {path} has no {section!r} section")
+    for key in ("steps", "batch_size"):
+        if key not in cfg["train"]:
+            raise ValueError(f"config {path}: train.{key} is required")
+    unknown = set(cfg["runs"]) - set(RUNS)
+    if unknown:
+        raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+    MemSinkConfig(**cfg["memsinks"])  # fail early on a bad MemSink setting
+    return cfg
+
+
+# ---- model and training ------------------------------------------------------------------------------
+
+
+def build_model(cfg: dict, vocab_size: int, max_length: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg["model"]
+    kind = m["type"]
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=m["hidden"], n_layer=m["layers"], n_head=m["heads"],
+                                      n_inner=m["mlp"], n_positions=max_length, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, **common)
+    elif kind in ("llama", "gpt_neox"):
+        config = AutoConfig.for_model(kind, hidden_size=m["hidden"], num_hidden_layers=m["layers"],
+                                      num_attention_heads=m["heads"], intermediate_size=m["mlp"],
+                                      max_position_embeddings=max_length, **common)
+        if kind == "llama":
+            config.num_key_value_heads = m["heads"]
+            config.tie_word_embeddings = True
+        else:
+            config.hidden_dropout = config.attention_dropout = 0.0
+    else:
+        raise ValueError(f"model.type must be gpt2, llama or gpt_neox, got {kind!r}")
+    torch.manual_seed(int(cfg["seed"]))
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool):
+    for start in range(0, len(stream) - batch_size + 1, batch_size):
+        docs = stream[start:start + batch_size]
+        tokens, mask = pad_documents(docs, pad_id)
+        labels = tokens.masked_fill(~mask, -100)
+        batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
+        if with_ids:
+            batch["sequence_ids"] = document_ids(docs)
+        yield batch
+
+
+def _curve_point(model, setting: Setting, step: int, n: int) -> dict:
+    pad = setting.pad_id
+    rep = document_losses(model, setting.repeated[:n] if n < len(setting.repeated) else setting.repeated, pad_id=pad)
+    ctl = document_losses(model, setting.control[:n] if n < len(setting.control) else setting.control, pad_id=pad)
+    val = document_losses(model, setting.validation[:n], pad_id=pad)
+    return {"step": step, "repeated_loss": rep.mean().item(), "control_loss": ctl.mean().item(),
+            "val_loss": val.mean().item()}
+
+
+def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str) -> list[dict]:
+    """AdamW with linear warmup and cosine decay; returns the loss curves (sinks dropped)."""
+    t = cfg["train"]
+    steps, batch_size = int(t["steps"]), int(t["batch_size"])
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=float(t["lr"]), betas=(0.9, 0.95))
+    warmup = int(t["warmup"])
+    floor = float(t.get("min_lr_ratio", 0.0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+    every = int(t["eval_every"])
+    curve = [_curve_point(model, setting, 0, int(t["curve_docs"]))]
+    model.train()
+    bar = tqdm(_batches(stream, batch_size, setting.pad_id, with_ids), total=steps, desc=label, mininterval=2.0,
+               dynamic_ncols=True)
+    for step, batch in enumerate(bar, 1):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % every == 0 or step == steps:
+            curve.append(_curve_point(model, setting, step, int(t["curve_docs"])))
+            model.train()
+        if step >= steps:
+            break
+    model.eval()
+    return curve
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+def measure(model, setting: Setting, cfg: dict, own_ids: bool = False) -> dict:
+    """The point-4 metrics. ``own_ids``: each document runs with its own ID (own sinks on)."""
+    e, pad = cfg["eval"], setting.pad_id
+
+    def ids(docs):
+        return document_ids(docs) if own_ids else None
+
+    def losses(docs):
+        return document_losses(model, docs, ids(docs), batch_size=int(e["batch_size"]), pad_id=pad)
+
+    def extraction(docs):
+        hits = extraction_hits(model, docs, int(e["prefix"]), int(e["suffix"]), ids(docs), int(e["batch_size"]))
+        return hits.float().mean().item() if hits.numel() else float("nan")
+
+    out: dict[str, float] = {"val_loss": losses(setting.validation).mean().item()}
+    parts = {"natural": (setting.natural, setting.control_natural), "canary": (setting.canaries, setting.control_canaries)}
+    rep_all, ctl_all = [], []
+    for kind, (rep_docs, ctl_docs) in parts.items():
+        if not rep_docs:
+            continue
+        rep, ctl = losses(rep_docs), losses(ctl_docs)
+        rep_all.append(rep)
+        ctl_all.append(ctl)
+        out[f"repeated_loss_{kind}"] = rep.mean().item()
+        out[f"control_loss_{kind}"] = ctl.mean().item()
+        out[f"memorization_gap_{kind}"] = out[f"control_loss_{kind}"] - out[f"repeated_loss_{kind}"]
+        out[f"extraction_rate_{kind}"] = extraction(rep_docs)
+        out[f"control_extraction_rate_{kind}"] = extraction(ctl_docs)
+    out["repeated_loss"] = torch.cat(rep_all).mean().item()
+    out["control_loss"] = torch.cat(ctl_all).mean().item()
+    out["memorization_gap"] = out["control_loss"] - out["repeated_loss"]
+    n = {k: len(v[0]) for k, v in parts.items()}
+    out["extraction_rate"] = sum(out.get(f"extraction_rate_{k}", 0.0) * n[k] for k in n if n[k]) / max(1, sum(n.values()))
+    return out
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the piecewise-linear curve through ``points`` (sorted by x); None outside it."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def summarize(metrics: dict) -> dict:
+    std = metrics["standard"]
+    out: dict[str, Any] = {}
+
+    def closure(run: dict, suffix: str = "") -> float:
+        return 1.0 - run[f"memorization_gap{suffix}"] / std[f"memorization_gap{suffix}"]
+
+    if "memsinks_removed" in metrics:
+        ms = metrics["memsinks_removed"]
+        out["gap_closure"] = closure(ms)
+        for kind in ("natural", "canary"):
+            if f"memorization_gap_{kind}" in ms:
+                out[f"gap_closure_{kind}"] = closure(ms, f"_{kind}")
+        out["val_loss_ratio"] = ms["val_loss"] / std["val_loss"]
+        own = metrics["memsinks_own_sinks"]
+        out["own_sinks_repeated_loss"] = own["repeated_loss"]
+        out["own_sinks_to_standard_repeated_loss"] = own["repeated_loss"] / std["repeated_loss"]
+    if "dedup" in metrics:
+        out["dedup_gap_closure"] = closure(metrics["dedup"])
+        out["dedup_val_loss_ratio"] = metrics["dedup"]["val_loss"] / std["val_loss"]
+    sweep = metrics.get("posthoc_sweep")
+    if sweep:
+        points = [(1.0, 0.0)] + [(p["val_loss"] / std["val_loss"], closure(p)) for p in sweep]
+        out["posthoc_best_gap_closure"] = max(closure(p) for p in sweep)
+        if "val_loss_ratio" in out:
+            # best closure the baseline reaches at no more val-loss cost than memsinks
+            ok = [c for r, c in points if r <= out["val_loss_ratio"]]
+            at = _interpolate(points, out["val_loss_ratio"])
+            out["posthoc_gap_closure_at_same_val_loss"] = max(ok + ([at] if at is not None else []))
+    return out
+
+
+# ---- the whole run -----------------------------------------------------------------------------------
+
+
+def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    timings: dict[str, float] = {}
+    start = time.time()
+    setting = build_setting(cfg)
+    timings["data"] = time.time() - start
+    vocab = len(setting.tokenizer)
+    base = build_model(cfg, vocab, setting.max_length)
+    memsink_cfg = MemSinkConfig(**cfg["memsinks"])
+    runs = set(cfg["runs"])
+    if "posthoc" in runs:
+        runs.add("standard")
+    metrics: dict[str, Any] = {}
+    curves: dict[str, list] = {}
+    models: dict[str, Any] = {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        result = fn()
+        timings[name] = time.time() - t0
+        return result
+
+    if "standard" in runs:
+        models["standard"] = copy.deepcopy(base)
+        curves["standard"] = timed("standard", lambda: train(models["standard"], setting, setting.stream, cfg,
+                                                             with_ids=False, label="standard"))
+        metrics["standard"] = measure(models["standard"], setting, cfg)
+    if "memsinks" in runs:
+        model = get_memsink_model(copy.deepcopy(base), memsink_cfg)
+        curves["memsinks"] = timed("memsinks", lambda: train(model, setting, setting.stream, cfg, with_ids=True,
+                                                             label="memsinks"))
+        with model.sink_mode("activate"):
+            metrics["memsinks_own_sinks"] = measure(model, setting, cfg, own_ids=True)
+        t0 = time.time()
+        plain = copy.deepcopy(model).remove_sinks()
+        timings["remove_sinks"] = time.time() - t0
+        metrics["memsinks_removed"] = measure(plain, setting, cfg)
+        if cfg.get("save_models", False):
+            plain.save_pretrained(out / "memsinks_removed")
+            setting.tokenizer.save_pretrained(out / "memsinks_removed")
+    if "dedup" in runs:
+        models["dedup"] = copy.deepcopy(base)
+        curves["dedup"] = timed("dedup", lambda: train(models["dedup"], setting, setting.dedup_stream, cfg,
+                                                       with_ids=False, label="dedup"))
+        metrics["dedup"] = measure(models["dedup"], setting, cfg)
+    if "posthoc" in runs:
+        t0 = time.time()
+        scores = neuron_specificity(models["standard"], setting.repeated, setting.general_sample, setting.pad_id)
+        sweep = []
+        for fraction in tqdm(cfg["posthoc"]["fractions"], desc="posthoc sweep"):
+            pruned = zero_top_neurons(models["standard"], scores, float(fraction))
+            sweep.append({"fraction_removed": float(fraction), **measure(pruned, setting, cfg)})
+        metrics["posthoc_sweep"] = sweep
+        timings["posthoc"] = time.time() - t0
+    timings["total"] = time.time() - start
+
+    report = {
+        "summary": summarize(metrics) if "standard" in metrics else {},
+        "metrics": {k: v for k, v in metrics.items() if k != "posthoc_sweep"},
+        "posthoc_sweep": metrics.get("posthoc_sweep", []),
+        "curves": curves,
+        "setting": setting.describe(),
+        "config": cfg,
+        "memsink_config": memsink_cfg.to_dict(),
+        "model_parameters": sum(p.numel() for p in base.parameters()),
+        "versions": _versions(),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    from .report import write_markdown, write_plots
+
+    write_plots(report, out)
+    write_markdown(report, out)
+    return report
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"hf_memsinks": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}

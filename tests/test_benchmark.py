@@ -1,0 +1,118 @@
+"""The memorization benchmark: smoke config end to end (report structure, finite metrics in
+range, plots), any local corpus, the sweep, config errors, the post-hoc baseline's mechanics."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_memsinks.cli import main
+from hf_memsinks.experiments.corpus import embedded_stories, load_documents
+from hf_memsinks.experiments.posthoc import zero_top_neurons
+from hf_memsinks.experiments.runner import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+RUN_KEYS = ("val_loss", "repeated_loss", "control_loss", "memorization_gap", "extraction_rate",
+            "repeated_loss_natural", "control_loss_natural", "repeated_loss_canary", "control_loss_canary")
+
+
+def check_report(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    for name in ("standard", "memsinks_removed", "memsinks_own_sinks", "dedup"):
+        run = report["metrics"][name]
+        for key in RUN_KEYS:
+            assert math.isfinite(run[key]), (name, key)
+        for key in ("val_loss", "repeated_loss", "control_loss"):
+            assert 0 < run[key] < 20, (name, key, run[key])
+        assert 0 <= run["extraction_rate"] <= 1
+        assert run["memorization_gap"] == pytest.approx(run["control_loss"] - run["repeated_loss"])
+    summary = report["summary"]
+    for key in ("gap_closure", "val_loss_ratio", "dedup_gap_closure", "posthoc_gap_closure_at_same_val_loss",
+                "own_sinks_repeated_loss"):
+        assert math.isfinite(summary[key]), key
+    assert 0.5 < summary["val_loss_ratio"] < 2
+    assert len(report["posthoc_sweep"]) == 2
+    assert set(report["curves"]) == {"standard", "memsinks", "dedup"}
+    assert [p["step"] for p in report["curves"]["standard"]] == [0, 6, 12]
+    assert report["versions"]["torch"] == torch.__version__ and report["timings_s"]["total"] > 0
+    for png in ("curves.png", "tradeoff.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| gap_closure |" in (out / "report.md").read_text()
+    return report
+
+
+def test_smoke_run_end_to_end(tmp_path, capsys):
+    assert main(["run", SMOKE, "--out", str(tmp_path)]) == 0
+    report = check_report(tmp_path)
+    assert report["setting"]["train_documents"] == 12 * 8
+    # same token budget for dedup, and its repeats really are seen once
+    assert report["setting"]["dedup_train_tokens"] > 0
+    assert "MemSinks memorization benchmark" in capsys.readouterr().out
+
+
+def _local_docs(n):
+    rng = random.Random(0)
+    words = "the a cat dog sun moon red blue big small ran sat saw found under over tree house river".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(12, 20))) + f" number {i}." for i in range(n)]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_any_local_corpus(tmp_path, suffix):
+    docs = _local_docs(150)
+    path = tmp_path / f"corpus{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(docs))
+    else:
+        path.write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    assert load_documents(str(path), text_field="body" if suffix == ".jsonl" else "text")[:3] == docs[:3]
+    overrides = [f"corpus.source={path}"] + (["corpus.text_field=body"] if suffix == ".jsonl" else [])
+    assert main(["run", SMOKE, *overrides, "--out", str(tmp_path / "run")]) == 0
+    check_report(tmp_path / "run")
+
+
+def test_blank_line_separated_documents(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_text("first doc\nstill first\n\nsecond doc\n\n\nthird doc\n")
+    assert load_documents(str(path)) == ["first doc still first", "second doc", "third doc"]
+    with pytest.raises(ValueError, match="3 distinct documents; the config needs 5"):
+        load_documents(str(path), 5)
+
+
+def test_sweep(tmp_path):
+    assert main(["sweep", SMOKE, "--sink-fractions", "0.25,0.5", "--active-probs", "0.5", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(p["sink_fraction"], p["sink_active_prob"]) for p in result["points"]] == [(0.25, 0.5), (0.5, 0.5)]
+    assert all(math.isfinite(p["gap_closure"]) and p["val_loss_ratio"] > 0 for p in result["points"])
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="not key=value"):
+        load_config(SMOKE, ["train.steps"])
+    with pytest.raises(ValueError, match="unknown runs"):
+        load_config(SMOKE, ["runs=[standard,bogus]"])
+    with pytest.raises(ValueError, match="sink_fraction"):
+        load_config(SMOKE, ["memsinks.sink_fraction=1.5"])
+    assert load_config(SMOKE, ["train.steps=7"])["train"]["steps"] == 7
+
+
+def test_embedded_corpus_has_variety():
+    stories = embedded_stories(100_000, seed=3)
+    assert len(set(stories)) == 100_000
+    assert stories[:5] == embedded_stories(5, seed=3)
+    assert all(s.endswith((".", "!", '"')) for s in stories[:100])
+
+
+def test_posthoc_zeroes_the_top_scored_neurons():
+    from tiny_models import tiny_model
+
+    model = tiny_model("gpt2")
+    scores = [torch.arange(64.0), torch.arange(64.0) + 100]  # layer 1 neurons score highest
+    pruned = zero_top_neurons(model, scores, 0.25)  # 32 of 128 neurons: layer 1's top 32
+    w = pruned.transformer.h[1].mlp.c_proj.weight  # Conv1D: (width, hidden)
+    assert torch.all(w[32:] == 0) and torch.all(w[:32] != 0)
+    assert torch.equal(pruned.transformer.h[0].mlp.c_proj.weight, model.transformer.h[0].mlp.c_proj.weight)
