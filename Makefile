@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo quick-demo bench clean
 
 install: $(STAMP)
 
@@ -20,11 +20,17 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q tests
 
+# The memorization benchmark on the embedded corpus (~10 min on 2 CPU cores): runs/demo/report.md + plots.
 demo: install
+	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
+
+# The 45-second toy version (random canaries in a bigram language).
+quick-demo: install
 	$(PY) examples/quick_demo.py
 
+# Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
 bench: install
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --out benchmarks/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,11 +24,16 @@ def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch
     return tokens, mask
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _forward(model, tokens, mask, ids):
-    kw = {"attention_mask": mask.long()}
+    device = _device(model)
+    kw = {"attention_mask": mask.long().to(device)}
     if ids is not None:
-        kw["sequence_ids"] = ids
-    return model(input_ids=tokens, **kw).logits
+        kw["sequence_ids"] = ids.to(device)
+    return model(input_ids=tokens.to(device), **kw).logits.cpu()
 
 
 @torch.no_grad()
@@ -61,8 +66,9 @@ def extraction_hits(model, docs: Sequence[Sequence[int]], prefix: int, suffix: i
     hits = []
     for start in range(0, len(keep), batch_size):
         idx = keep[start:start + batch_size]
-        seqs = torch.tensor([list(docs[i])[: prefix + suffix] for i in idx], dtype=torch.long)
-        ids = None if sequence_ids is None else sequence_ids[idx]
+        device = _device(model)
+        seqs = torch.tensor([list(docs[i])[: prefix + suffix] for i in idx], dtype=torch.long, device=device)
+        ids = None if sequence_ids is None else sequence_ids[idx].to(device)
         generated = seqs[:, :prefix]
         for _ in range(suffix):  # no KV cache: short sequences, and identical for every model class
             kw = {"attention_mask": torch.ones_like(generated)}
@@ -70,6 +76,6 @@ def extraction_hits(model, docs: Sequence[Sequence[int]], prefix: int, suffix: i
                 kw["sequence_ids"] = ids
             nxt = model(input_ids=generated, **kw).logits[:, -1].argmax(-1, keepdim=True)
             generated = torch.cat([generated, nxt], dim=1)
-        hits.append((generated[:, prefix:] == seqs[:, prefix:]).all(1))
+        hits.append((generated[:, prefix:] == seqs[:, prefix:]).all(1).cpu())
     model.train(was_training)
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)

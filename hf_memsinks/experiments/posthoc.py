@@ -27,10 +27,11 @@ def _mean_abs_activation(model, docs, pad_id: int, batch_size: int = 64) -> list
         model.eval()
         for start in range(0, len(docs), batch_size):
             tokens, mask = pad_documents(docs[start:start + batch_size], pad_id)
-            model(input_ids=tokens, attention_mask=mask.long())
+            device = next(model.parameters()).device
+            model(input_ids=tokens.to(device), attention_mask=mask.long().to(device))
             m = mask.reshape(-1).float()
             for k in range(len(sites)):
-                act = current[k].reshape(-1, current[k].shape[-1]).float().abs()
+                act = current[k].reshape(-1, current[k].shape[-1]).float().abs().cpu()
                 sums[k] += (act * m[:, None]).sum(0)
             count += int(m.sum())
     finally:
@@ -62,5 +63,5 @@ def zero_top_neurons(model, scores: list[torch.Tensor], fraction: float):
             out = site.out_proj
             dim = neuron_dim(out, "out")
             index = drop.nonzero().squeeze(1)
-            out.weight.index_fill_(dim, index, 0.0)
+            out.weight.index_fill_(dim, index.to(out.weight.device), 0.0)
     return pruned

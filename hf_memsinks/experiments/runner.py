@@ -28,6 +28,7 @@ RUNS = ("standard", "memsinks", "dedup", "posthoc")
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
+    "device": "auto",  # "auto": cuda when available, else cpu
     "corpus": {"source": "embedded", "text_field": "text"},
     "tokenizer": {"vocab_size": 1024},
     "model": {"type": "gpt2", "layers": 4, "hidden": 128, "heads": 4, "mlp": 512},
@@ -105,6 +106,11 @@ def build_model(cfg: dict, vocab_size: int, max_length: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def resolve_device(cfg: dict) -> str:
+    device = cfg.get("device", "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool):
     for start in range(0, len(stream) - batch_size + 1, batch_size):
         docs = stream[start:start + batch_size]
@@ -142,8 +148,9 @@ def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_i
     model.train()
     bar = tqdm(_batches(stream, batch_size, setting.pad_id, with_ids), total=steps, desc=label, mininterval=2.0,
                dynamic_ncols=True)
+    device = next(model.parameters()).device
     for step, batch in enumerate(bar, 1):
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -253,7 +260,7 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
     setting = build_setting(cfg)
     timings["data"] = time.time() - start
     vocab = len(setting.tokenizer)
-    base = build_model(cfg, vocab, setting.max_length)
+    base = build_model(cfg, vocab, setting.max_length).to(resolve_device(cfg))
     memsink_cfg = MemSinkConfig(**cfg["memsinks"])
     runs = set(cfg["runs"])
     if "posthoc" in runs:

@@ -89,13 +89,19 @@ def build_setting(cfg: dict) -> Setting:
     natural, control_natural, validation = take(k_nat), take(n_ctrl), take(n_val)
     general, fresh = take(n_general), take(n_fresh)
 
+    # Canaries are i.i.d. draws from the general documents' unigram distribution: random
+    # sequences, but of tokens that general training uses too. (Uniform draws over the whole
+    # vocabulary would give rare tokens whose embeddings only canaries ever train, a place where
+    # memorization sits outside every MLP and is never overwritten.)
     g = torch.Generator().manual_seed(seed + 1)
-    vocab = len(tokenizer)
-    low = min(vocab - 1, 1)
+    counts = torch.zeros(len(tokenizer), dtype=torch.float64)
+    for doc in general[:20000]:
+        counts.index_add_(0, torch.tensor(doc[1:], dtype=torch.long), torch.ones(len(doc) - 1, dtype=torch.float64))
+    counts[eos] = 0
     length = int(data.get("canary_length", max_length))
 
     def canaries(n: int) -> list[list[int]]:
-        body = torch.randint(low, vocab, (n, length - 1), generator=g).tolist()
+        body = torch.multinomial(counts, n * (length - 1), replacement=True, generator=g).reshape(n, -1).tolist()
         return [[eos] + b for b in body]
 
     canary_docs, control_canaries = canaries(k_can), canaries(n_ctrl)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import MemSinkConfig
 from ..model import get_memsink_model
-from .runner import build_model, measure, train
+from .runner import build_model, measure, resolve_device, train
 from .setting import build_setting
 
 
@@ -18,7 +18,7 @@ def sweep(cfg: dict, out_dir: str | os.PathLike, fractions: list[float], probs: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     setting = build_setting(cfg)
-    base = build_model(cfg, len(setting.tokenizer), setting.max_length)
+    base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(resolve_device(cfg))
     standard = copy.deepcopy(base)
     train(standard, setting, setting.stream, cfg, with_ids=False, label="standard")
     std = measure(standard, setting, cfg)
