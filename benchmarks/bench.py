@@ -2,6 +2,7 @@
 
 Variants (same total MLP width everywhere):
   vanilla      the unpatched model (the floor)
+  vanilla_copy a second, identical unpatched model: its ratio is the measurement's noise floor
   memsinks     our patched model, split mode, per-sequence IDs (B,)
   memsinks_tok the same with per-token IDs (B, T)
   reference    the published approach as DESIGN.md describes it: per layer, a full-width float
@@ -95,7 +96,7 @@ def saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
-def median_times(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
+def median_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -136,7 +137,7 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (b, t), generator=g)
     seq_ids = torch.randint(1, 2**62, (b,), generator=g)
-    tok_ids = seq_ids.repeat_interleave(t // 4).reshape(-1)[: b * t].reshape(b, t)  # 4 documents per row
+    tok_ids = torch.randint(1, 2**62, (b, 4), generator=g).repeat_interleave(t // 4, dim=1)  # 4 documents per row
 
     vanilla = build(shape, size)
     patched = get_memsink_model(build(shape, size), MEMSINK)
@@ -152,6 +153,7 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
 
     steps = median_times({
         "vanilla": train_step_fn(vanilla, plain_batch),
+        "vanilla_copy": train_step_fn(build(shape, size), plain_batch),
         "memsinks": train_step_fn(patched, seq_batch),
         "memsinks_tok": train_step_fn(copy.deepcopy(patched), tok_batch),
         "reference": train_step_fn(reference, plain_batch),
@@ -236,23 +238,46 @@ def bench_compile(reps: int) -> dict:
     return {"compile_s": compile_s, "step_s": steps, "compiled_to_eager": steps["compiled"] / steps["eager"]}
 
 
+def _in_subprocess(args: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter: no allocator or thread-pool state carries over
+    from the previous model sizes (variants within one measurement still share one process)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, __file__, *args, "--part-out", f.name], check=True)
+        return json.loads(Path(f.name).read_text())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--sizes", default="small,medium")
     parser.add_argument("--shapes", default="gpt2,llama,gpt_neox")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.part:
+        kind, *rest = args.part.split(":")
+        if kind == "one":
+            result = bench_one(rest[0], rest[1], args.reps)
+        elif kind == "remove":
+            result = bench_remove_sinks()
+        else:
+            result = bench_compile(args.reps)
+        Path(args.part_out).write_text(json.dumps(result))
+        return
     start = time.time()
     rows = []
     for size in args.sizes.split(","):
         for shape in args.shapes.split(","):
             print(f"benchmarking {shape} {size} ...", flush=True)
-            rows.append(bench_one(shape, size, args.reps))
-    removal = bench_remove_sinks()
-    compiled = None if args.no_compile else bench_compile(args.reps)
+            rows.append(_in_subprocess(["--part", f"one:{shape}:{size}", "--reps", str(args.reps)]))
+    removal = _in_subprocess(["--part", "remove"])
+    compiled = None if args.no_compile else _in_subprocess(["--part", "compile", "--reps", str(args.reps)])
     result = {
         "rows": rows, "remove_sinks_gpt2_small": removal, "compile": compiled,
         "reps": args.reps, "seconds": time.time() - start,
@@ -266,12 +291,13 @@ def main(argv=None) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| shape | size | step memsinks (B,) | step memsinks (B,T) | step reference | saved bytes (B,) | "
-             "saved bytes (B,T) | saved bytes reference | eval drop / removed | mask ms (B,) / (B,T) / reference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | size | step vanilla copy (noise) | step memsinks (B,) | step memsinks (B,T) | step reference | "
+             "saved bytes (B,) | saved bytes (B,T) | saved bytes reference | eval drop / removed | "
+             "mask ms (B,) / (B,T) / reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s, m, k = r["step_ratio"], r["saved_bytes_ratio"], r["mask_ms_per_step"]
-        lines.append(f"| {r['shape']} | {r['size']} | {s['memsinks']:.3f} | {s['memsinks_tok']:.3f} | "
+        lines.append(f"| {r['shape']} | {r['size']} | {s['vanilla_copy']:.3f} | {s['memsinks']:.3f} | {s['memsinks_tok']:.3f} | "
                      f"{s['reference']:.3f} | {m['memsinks']:.4f} | {m['memsinks_tok']:.4f} | {m['reference']:.4f} | "
                      f"{r['eval_ratio_drop_to_removed']:.3f} | {k['memsinks']:.2f} / {k['memsinks_tok']:.2f} / "
                      f"{k['reference']:.2f} |")
