@@ -276,6 +276,7 @@ def main(argv=None) -> None:
         for shape in args.shapes.split(","):
             print(f"benchmarking {shape} {size} ...", flush=True)
             rows.append(_in_subprocess(["--part", f"one:{shape}:{size}", "--reps", str(args.reps)]))
+            Path(args.out).write_text(json.dumps({"rows": rows, "partial": True}, indent=2))
     removal = _in_subprocess(["--part", "remove"])
     compiled = None if args.no_compile else _in_subprocess(["--part", "compile", "--reps", str(args.reps)])
     result = {

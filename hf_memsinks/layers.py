@@ -144,7 +144,7 @@ class _MaskSinks(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         g = ctx.num_general
-        if grad.is_contiguous():  # (a view of the matmul's fresh result is fine too)
+        if grad.is_contiguous() and not torch.compiler.is_compiling():  # (a view of the matmul's fresh result is fine)
             grad.narrow(-1, g, grad.shape[-1] - g).mul_(keep)
             return grad, None, None, None
         return _apply_keep(grad, keep, g), None, None, None
@@ -159,6 +159,10 @@ def _maskable_in_place(h: torch.Tensor) -> bool:
     if h._base is not None or not h.is_contiguous():
         return False
     # Without a graph (inference) we cannot tell a fresh activation from a caller's tensor: copy.
+    # Under torch.compile the copy is fused away anyway, and in-place + mark_dirty there crashed
+    # inductor's CPU training graphs (heap corruption) in our benchmark: copy.
+    if torch.compiler.is_compiling():
+        return False
     return h.grad_fn is not None and type(h.grad_fn).__name__ in _KEEPS_INPUTS_ONLY
 
 
