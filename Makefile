@@ -30,7 +30,7 @@ quick-demo: install
 
 # Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
 bench: install
-	$(PY) benchmarks/bench.py --out benchmarks/bench.json
+	$(PY) benchmarks/bench.py --no-compile --out benchmarks/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
