@@ -238,9 +238,9 @@ class MemSinkDataCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("empty batch")
-        rows = [_as_list(f["input_ids"])[: self.max_length] if self.max_length else _as_list(f["input_ids"])
-                for f in features]
-        ids = [_feature_ids(f, i, self.id_column, len(_as_list(f["input_ids"]))) for i, f in enumerate(features)]
+        tokens = [_as_list(f["input_ids"]) for f in features]
+        ids = [_feature_ids(f, i, self.id_column, len(t)) for i, (f, t) in enumerate(zip(features, tokens))]
+        rows = [t[: self.max_length] if self.max_length else t for t in tokens]
         per_token = [isinstance(i, list) for i in ids]
         if any(per_token) and not all(per_token):
             raise ValueError("a batch mixes per-example and per-token sequence IDs")

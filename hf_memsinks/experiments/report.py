@@ -121,13 +121,21 @@ def write_plots(report: dict, out: Path) -> list[Path]:
             ax.plot(*point(m["dedup"]), "^", color="tab:green", markersize=9, label="dedup")
         if "memsinks_removed" in m:
             ax.plot(*point(m["memsinks_removed"]), "*", color="tab:red", markersize=14, label="memsinks, sinks removed")
-        ax.set_xlabel("val loss / standard val loss (lower is better)")
-        ax.set_ylabel("memorization gap closed (higher is better)")
-        ax.set_title("Removing memorization: what it closes and what it costs")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "tradeoff.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs",
+                                   out / "tradeoff.png"))
     return paths
+
+
+def save_tradeoff(fig, ax, title: str, path: Path) -> Path:
+    """Axes, legend and file of a gap-closed-against-val-loss plot (the report's and the sweep's)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("val loss / standard val loss (lower is better)")
+    ax.set_ylabel("memorization gap closed (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

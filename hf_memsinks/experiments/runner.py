@@ -22,7 +22,8 @@ from ..config import MemSinkConfig
 from ..evaluation import document_losses, extraction_hits, pad_documents
 from ..model import get_memsink_model
 from .posthoc import neuron_specificity, zero_top_neurons
-from .setting import Setting, build_setting, document_ids
+from ..data import ids_for_documents
+from .setting import Setting, build_setting
 
 RUNS = ("standard", "memsinks", "dedup", "posthoc")
 DEFAULTS: dict[str, Any] = {
@@ -118,7 +119,7 @@ def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bo
         labels = tokens.masked_fill(~mask, -100)
         batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
         if with_ids:
-            batch["sequence_ids"] = document_ids(docs)
+            batch["sequence_ids"] = ids_for_documents(docs)
         yield batch
 
 
@@ -175,7 +176,7 @@ def measure(model, setting: Setting, cfg: dict, own_ids: bool = False) -> dict:
     e, pad = cfg["eval"], setting.pad_id
 
     def ids(docs):
-        return document_ids(docs) if own_ids else None
+        return ids_for_documents(docs) if own_ids else None
 
     def losses(docs):
         return document_losses(model, docs, ids(docs), batch_size=int(e["batch_size"]), pad_id=pad)
@@ -270,21 +271,17 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
     curves: dict[str, list] = {}
     models: dict[str, Any] = {}
 
-    def timed(name, fn):
+    def train_run(name: str, model, stream, with_ids: bool):
         t0 = time.time()
-        result = fn()
+        curves[name] = train(model, setting, stream, cfg, with_ids=with_ids, label=name)
         timings[name] = time.time() - t0
-        return result
+        return model
 
     if "standard" in runs:
-        models["standard"] = copy.deepcopy(base)
-        curves["standard"] = timed("standard", lambda: train(models["standard"], setting, setting.stream, cfg,
-                                                             with_ids=False, label="standard"))
+        models["standard"] = train_run("standard", copy.deepcopy(base), setting.stream, False)
         metrics["standard"] = measure(models["standard"], setting, cfg)
     if "memsinks" in runs:
-        model = get_memsink_model(copy.deepcopy(base), memsink_cfg)
-        curves["memsinks"] = timed("memsinks", lambda: train(model, setting, setting.stream, cfg, with_ids=True,
-                                                             label="memsinks"))
+        model = train_run("memsinks", get_memsink_model(copy.deepcopy(base), memsink_cfg), setting.stream, True)
         with model.sink_mode("activate"):
             metrics["memsinks_own_sinks"] = measure(model, setting, cfg, own_ids=True)
         t0 = time.time()
@@ -295,9 +292,7 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
             plain.save_pretrained(out / "memsinks_removed")
             setting.tokenizer.save_pretrained(out / "memsinks_removed")
     if "dedup" in runs:
-        models["dedup"] = copy.deepcopy(base)
-        curves["dedup"] = timed("dedup", lambda: train(models["dedup"], setting, setting.dedup_stream, cfg,
-                                                       with_ids=False, label="dedup"))
+        models["dedup"] = train_run("dedup", copy.deepcopy(base), setting.dedup_stream, False)
         metrics["dedup"] = measure(models["dedup"], setting, cfg)
     if "posthoc" in runs:
         t0 = time.time()

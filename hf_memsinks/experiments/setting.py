@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import stable_id
 from .corpus import load_documents, load_or_train_tokenizer
 
 
@@ -45,11 +44,6 @@ class Setting:
             "distinct_train_documents": len({tuple(d) for d in self.stream}),
             "train_tokens": sum(len(d) for d in self.stream), "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
         }
-
-
-def document_ids(docs: list[list[int]]) -> torch.Tensor:
-    """Content-hash sequence IDs (exact repeats share one), as the memsinks run uses them."""
-    return torch.tensor([stable_id(d) for d in docs], dtype=torch.long)
 
 
 def build_setting(cfg: dict) -> Setting:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import MemSinkConfig
 from ..model import get_memsink_model
+from .report import save_tradeoff
 from .runner import build_model, measure, resolve_device, train
 from .setting import build_setting
 
@@ -52,11 +53,4 @@ def _plot(points: list[dict], path: Path) -> None:
         for p in row:
             ax.annotate(f"{p['sink_fraction']}", (p["val_loss_ratio"], p["gap_closure"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("val loss after removal / standard (lower is better)")
-    ax.set_ylabel("memorization gap closed (higher is better)")
-    ax.set_title("MemSinks trade-off (labels: sink_fraction)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_tradeoff(fig, ax, "MemSinks trade-off (labels: sink_fraction)", path)
