@@ -50,6 +50,7 @@ class SinkState:
         self.kind = "drop"
         self.ids: torch.Tensor | None = None
         self._cache: dict = {}
+        self.masked_sites: set[tuple[int, int]] = set()  # (layer, num_sinks) of every output projection
 
     # ---- per forward ----------------------------------------------------------------------------
 
@@ -67,6 +68,15 @@ class SinkState:
             self.kind = "coef"
         self.ids = ids
         self._cache = {}
+        if self.kind == "mask":
+            self._build_masks()
+
+    @torch.compiler.disable
+    def _build_masks(self) -> None:
+        """Every layer's mask now, not lazily in the first MLP: under torch.compile this (eager,
+        see :func:`~hf_memsinks.masks.sink_mask`) step is then one graph break before the model."""
+        for layer, num_sinks in self.masked_sites:
+            self.keep_mask(layer, num_sinks)
 
     @property
     def skip_sinks(self) -> bool:
@@ -372,6 +382,8 @@ def patch_projection(
     module.memsink_layer = layer
     module.memsink_external_width = external_width
     module._memsink_state = state
+    if role == "out":
+        state.masked_sites.add((layer, sinks))
     module.memsink_wrapped = False  # set while an adapter (PEFT LoRA) wraps this projection
     module._memsink_prepared = False
     _set_width_attrs(module, role, (general + sinks) * (chunks if role == "in" else 1))

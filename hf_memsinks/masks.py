@@ -91,6 +91,7 @@ def reference_mask(sequence_ids: torch.Tensor, num_sinks: int, active_prob: floa
     return active & (ids != NO_SEQUENCE).unsqueeze(-1)
 
 
+@torch.compiler.disable
 def sink_mask(
     sequence_ids: torch.Tensor,
     num_sinks: int,
@@ -100,7 +101,13 @@ def sink_mask(
     layer: int | None = None,
     scheme: str = "hash",
 ) -> torch.Tensor:
-    """Bool mask ``(*ids.shape, num_sinks)`` of active sinks; IDs of shape (B,) or (B, T)."""
+    """Bool mask ``(*ids.shape, num_sinks)`` of active sinks; IDs of shape (B,) or (B, T).
+
+    Always runs eagerly, also inside ``torch.compile``: the hash relies on int64 wraparound,
+    which is undefined behaviour in the C++ that inductor generates. Compiled on CPU (torch
+    2.13), ``arange(S) * constant`` gave wrong masks and corrupted the heap. Masks are built once
+    per forward, so running them eagerly costs one graph break at the start of the forward.
+    """
     if scheme == "hash":
         return hash_mask(sequence_ids, num_sinks, active_prob, salt=salt, layer=layer)
     if scheme == "reference":
