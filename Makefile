@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo quick-demo bench clean
+.PHONY: install test demo quick-demo bench bench-compile clean
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ quick-demo: install
 
 # Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
 bench: install
-	$(PY) benchmarks/bench.py --no-compile --out benchmarks/bench.json
+	$(PY) benchmarks/bench.py --out benchmarks/bench.json
+
+# torch.compile of the patched model against eager and against the compiled plain model.
+bench-compile: install
+	$(PY) benchmarks/bench.py --compile --reps 12 --out benchmarks/compile.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

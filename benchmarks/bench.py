@@ -10,11 +10,14 @@ Variants (same total MLP width everywhere):
                hidden activation (a forward pre-hook on the output projection; benchmark only)
 
 Reports train step (forward + backward + AdamW) time and bytes saved for backward as ratios to
-vanilla, eval forward (sinks dropped) against the remove_sinks() model, mask construction time
-per step, remove_sinks() time and peak extra memory on a GPT-2-small shape, and torch.compile
-against eager. Prints a table and writes bench.json.
+vanilla, the in-step ratio (each step's time against the same step less the time spent in
+hf_memsinks code, see InStepClock), eval forward (sinks dropped) against the remove_sinks()
+model, mask construction time per step, and remove_sinks() time and peak extra memory on a
+GPT-2-small shape. Prints a table and writes bench.json. With --compile: torch.compile of the
+patched model against eager and against the compiled plain model instead.
 
-usage: python benchmarks/bench.py [--reps N] [--sizes small,medium] [--shapes gpt2,llama,gpt_neox] [--out bench.json]
+usage: python benchmarks/bench.py [--reps N] [--sizes small,medium] [--shapes gpt2,llama,gpt_neox]
+                                  [--compile] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.architectures import find_mlp_sites, spec_for  # noqa: E402
+from hf_memsinks.layers import _MaskSinks, _SinkInProjection, _SinkOutProjection  # noqa: E402
 from hf_memsinks.masks import reference_mask  # noqa: E402
 
 SIZES = {
     "small": dict(layers=4, hidden=256, mlp=1024, batch=8, seq=256),
     "medium": dict(layers=6, hidden=512, mlp=2048, batch=8, seq=256),
+    "tiny": dict(layers=2, hidden=64, mlp=256, batch=2, seq=32),  # for the script's own test
 }
 VOCAB = 2048
 MEMSINK = MemSinkConfig(sink_fraction=0.3, sink_active_prob=0.3)
@@ -80,6 +85,65 @@ def add_reference_hooks(model, per_token_ids: dict, general: int):
         site.out_proj.register_forward_pre_hook(hook)
 
 
+class InStepClock:
+    """Exclusive time spent in hf_memsinks code, measured inside the timed steps themselves.
+
+    On this shared host, throughput drifts by +-20% over seconds (a fixed matmul repeated shows
+    it, one thread or two), so two step timings taken seconds apart differ by more than the 1-2%
+    in question. Our share of a step is measured within that step, so the drift cancels:
+    ``step / (step - ours)`` is the ratio to the same step without our code. Ours = the patched
+    model's forward wrapper (IDs, mask build), the patched projections' forwards minus the base
+    layer forward they call (masking, dispatch), and the masked backward. The wrappers cost well
+    under a microsecond a call and wrap the base layers of every variant alike.
+    """
+
+    def __init__(self):
+        self.ours = 0.0
+        self.model_wrapper = 0.0  # the part of ``ours`` spent in the model-level forward wrapper
+        self._children: list[float] = []  # per open frame: time spent in wrapped callees
+
+    def wrap(self, fn, ours: bool, model_wrapper: bool = False):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            self._children.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t0
+                inner = self._children.pop()
+                if ours:
+                    self.ours += elapsed - inner
+                if model_wrapper:
+                    self.model_wrapper += elapsed - inner
+                if self._children:
+                    self._children[-1] += elapsed
+        return timed
+
+    def install(self, patched) -> None:
+        """Wrap our code paths (class-wide, once) and the base classes they call into."""
+        if getattr(InStepClock, "_installed", None) is not None:
+            return
+        InStepClock._installed = self
+        model_cls, base_cls = type(patched), patched._memsink_base_class
+        model_cls.forward = self.wrap(model_cls.forward, ours=True, model_wrapper=True)
+        base_cls.forward = self.wrap(base_cls.forward, ours=False)
+        for cls in (_SinkInProjection, _SinkOutProjection):
+            cls.forward = self.wrap(cls.forward, ours=True)
+        _MaskSinks.backward = staticmethod(self.wrap(_MaskSinks.backward, ours=True))
+        bases = {m._memsink_base_class for m in patched.modules() if hasattr(m, "memsink_role")}
+        for cls in bases:
+            cls.forward = self.wrap(cls.forward, ours=False)
+
+    def measured(self, step, shares: list[float], attr: str = "ours"):
+        """``step`` that appends (time in ``attr``) / (step time) of each call to ``shares``."""
+        def run():
+            self.ours = self.model_wrapper = 0.0
+            t0 = time.perf_counter()
+            step()
+            shares.append(getattr(self, attr) / (time.perf_counter() - t0))
+        return run
+
+
 def saved_bytes(model, batch) -> int:
     """Bytes of distinct tensors autograd saves for backward during one training forward."""
     seen: dict[tuple, int] = {}
@@ -109,6 +173,38 @@ def median_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def paired_ratio(fn, baseline, pairs: int) -> float:
+    """Median of fn-time / baseline-time over pairs run back to back in ABBA order: for calls
+    of a fraction of a second the host's drift is the same for both halves of a pair."""
+    fn(), baseline()
+    ratios = []
+    for i in range(pairs):
+        times = {}
+        for name, f in (("fn", fn), ("base", baseline)) if i % 2 == 0 else (("base", baseline), ("fn", fn)):
+            t0 = time.perf_counter()
+            f()
+            times[name] = time.perf_counter() - t0
+        ratios.append(times["fn"] / times["base"])
+    return statistics.median(ratios)
+
+
+def eval_mlp_fns(patched, removed, size: dict):
+    """Layer 0's MLP of the patched model in eval (sinks dropped) and of the removed model, on
+    one input: the only code that differs between the two models' eval forwards."""
+    spec = spec_for(patched.config.model_type)
+    name = find_mlp_sites(patched, spec)[0].name
+    x = torch.randn(size["batch"], size["seq"], size["hidden"], generator=torch.Generator().manual_seed(1))
+    patched.eval()
+    removed.eval()
+
+    def call(mlp):
+        def run():
+            with torch.no_grad():
+                mlp(x)
+        return run
+    return call(patched.get_submodule(name)), call(removed.get_submodule(name))
 
 
 def train_step_fn(model, batch):
@@ -151,11 +247,14 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
     seq_batch = {**plain_batch, "sequence_ids": seq_ids}
     tok_batch = {**plain_batch, "sequence_ids": tok_ids}
 
+    clock = InStepClock()
+    clock.install(patched)
+    shares = {"memsinks": [], "memsinks_tok": []}
     steps = median_times({
         "vanilla": train_step_fn(vanilla, plain_batch),
         "vanilla_copy": train_step_fn(build(shape, size), plain_batch),
-        "memsinks": train_step_fn(patched, seq_batch),
-        "memsinks_tok": train_step_fn(copy.deepcopy(patched), tok_batch),
+        "memsinks": clock.measured(train_step_fn(patched, seq_batch), shares["memsinks"]),
+        "memsinks_tok": clock.measured(train_step_fn(copy.deepcopy(patched), tok_batch), shares["memsinks_tok"]),
         "reference": train_step_fn(reference, plain_batch),
     }, reps)
     memory = {
@@ -164,8 +263,11 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
         "memsinks_tok": saved_bytes(patched, tok_batch),
         "reference": saved_bytes(reference, plain_batch),
     }
-    evals = median_times({"removed": eval_fn(removed, plain_batch), "memsinks_drop": eval_fn(patched, plain_batch)},
+    wrapper_shares: list[float] = []
+    evals = median_times({"removed": eval_fn(removed, plain_batch),
+                          "memsinks_drop": clock.measured(eval_fn(patched, plain_batch), wrapper_shares, "model_wrapper")},
                          reps * 2)
+    eval_mlp_ratio = paired_ratio(*eval_mlp_fns(patched, removed, size), pairs=8 * reps)
 
     def mask_time(ids, per_layer_ref=False, n=20):
         t0 = time.perf_counter()
@@ -181,8 +283,15 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
     out = {
         "shape": shape, "size": size_name, **size, "general": general, "sinks": sinks,
         "step_s": steps, "step_ratio": {k: v / steps["vanilla"] for k, v in steps.items()},
+        # (each list's first entry is median_times' warmup step)
+        "in_step_share": {k: statistics.median(v[1:]) for k, v in shares.items()},
+        "in_step_ratio": {k: 1 / (1 - statistics.median(v[1:])) for k, v in shares.items()},
         "saved_bytes": memory, "saved_bytes_ratio": {k: v / memory["vanilla"] for k, v in memory.items()},
         "eval_s": evals, "eval_ratio_drop_to_removed": evals["memsinks_drop"] / evals["removed"],
+        # The two eval forwards differ only in the MLPs and the model-level forward wrapper:
+        "eval_mlp_ratio_drop_to_removed": eval_mlp_ratio,
+        "eval_wrapper_share": statistics.median(wrapper_shares[1:]),
+        "eval_ratio_bound": 1 + max(0.0, eval_mlp_ratio - 1) + statistics.median(wrapper_shares[1:]),
         "mask_ms_per_step": {"memsinks": 1e3 * mask_time(seq_ids), "memsinks_tok": 1e3 * mask_time(tok_ids),
                              "reference": 1e3 * mask_time(tok_ids, per_layer_ref=True)},
     }
@@ -222,20 +331,28 @@ def bench_remove_sinks() -> dict:
             "parameters_after": params, "model_mib": params * 4 / 2**20}
 
 
-def bench_compile(reps: int) -> dict:
-    """torch.compile of the patched model against eager, small gpt2 shape, train steps."""
+def bench_compile(shape: str, reps: int) -> dict:
+    """torch.compile (default inductor) of the patched model against the same model eager and
+    against the compiled plain model, small size, per-sequence IDs, train steps, paired ratios."""
     size = SIZES["small"]
     b, t = size["batch"], size["seq"]
-    tokens = torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": tokens, "labels": tokens, "sequence_ids": torch.arange(1, b + 1)}
-    eager = get_memsink_model(build("gpt2", size), MEMSINK)
-    compiled_model = get_memsink_model(build("gpt2", size), MEMSINK)
-    compiled = torch.compile(compiled_model)
-    t0 = time.perf_counter()
-    train_step_fn(compiled, batch)()  # compile
-    compile_s = time.perf_counter() - t0
-    steps = median_times({"eager": train_step_fn(eager, batch), "compiled": train_step_fn(compiled, batch)}, reps)
-    return {"compile_s": compile_s, "step_s": steps, "compiled_to_eager": steps["compiled"] / steps["eager"]}
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (b, t), generator=g)
+    plain_batch = {"input_ids": tokens, "labels": tokens}
+    batch = {**plain_batch, "sequence_ids": torch.randint(1, 2**62, (b,), generator=g)}
+    eager = get_memsink_model(build(shape, size), MEMSINK)
+    compiled = torch.compile(get_memsink_model(build(shape, size), MEMSINK))
+    compiled_vanilla = torch.compile(build(shape, size))
+    fns = {"eager": train_step_fn(eager, batch), "compiled": train_step_fn(compiled, batch),
+           "compiled_vanilla": train_step_fn(compiled_vanilla, plain_batch)}
+    compile_s = {}
+    for name in ("compiled", "compiled_vanilla"):
+        t0 = time.perf_counter()
+        fns[name]()  # first call compiles
+        compile_s[name] = time.perf_counter() - t0
+    return {"shape": shape, "compile_s": compile_s, "pairs": 2 * reps,
+            "compiled_to_eager": paired_ratio(fns["compiled"], fns["eager"], 2 * reps),
+            "compiled_to_compiled_vanilla": paired_ratio(fns["compiled"], fns["compiled_vanilla"], 2 * reps)}
 
 
 def _in_subprocess(args: list[str]) -> dict:
@@ -249,12 +366,18 @@ def _in_subprocess(args: list[str]) -> dict:
         return json.loads(Path(f.name).read_text())
 
 
+def _versions() -> dict:
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "machine": platform.machine()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--sizes", default="small,medium")
     parser.add_argument("--shapes", default="gpt2,llama,gpt_neox")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead of the main table: torch.compile against eager (small size, per shape)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
@@ -267,10 +390,20 @@ def main(argv=None) -> None:
         elif kind == "remove":
             result = bench_remove_sinks()
         else:
-            result = bench_compile(args.reps)
+            result = bench_compile(rest[0], args.reps)
         Path(args.part_out).write_text(json.dumps(result))
         return
     start = time.time()
+    if args.compile:
+        rows = []
+        for shape in args.shapes.split(","):
+            print(f"compiling {shape} small ...", flush=True)
+            rows.append(_in_subprocess(["--part", f"compile:{shape}", "--reps", str(args.reps)]))
+        result = {"compile": rows, "reps": args.reps, "seconds": time.time() - start, "versions": _versions()}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(compile_table(result))
+        print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+        return
     rows = []
     for size in args.sizes.split(","):
         for shape in args.shapes.split(","):
@@ -278,37 +411,48 @@ def main(argv=None) -> None:
             rows.append(_in_subprocess(["--part", f"one:{shape}:{size}", "--reps", str(args.reps)]))
             Path(args.out).write_text(json.dumps({"rows": rows, "partial": True}, indent=2))
     removal = _in_subprocess(["--part", "remove"])
-    compiled = None if args.no_compile else _in_subprocess(["--part", "compile", "--reps", str(args.reps)])
-    result = {
-        "rows": rows, "remove_sinks_gpt2_small": removal, "compile": compiled,
-        "reps": args.reps, "seconds": time.time() - start,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(), "threads": torch.get_num_threads(),
-                     "machine": platform.machine()},
-    }
+    result = {"rows": rows, "remove_sinks_gpt2_small": removal, "reps": args.reps,
+              "seconds": time.time() - start, "versions": _versions()}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
 
 
+def compile_table(result: dict) -> str:
+    lines = ["| shape | compiled / eager (memsinks) | compiled memsinks / compiled vanilla | compile s (memsinks / vanilla) |",
+             "|---|---|---|---|"]
+    for r in result["compile"]:
+        c = r["compile_s"]
+        lines.append(f"| {r['shape']} | {r['compiled_to_eager']:.3f} | {r['compiled_to_compiled_vanilla']:.3f} | "
+                     f"{c['compiled']:.0f} / {c['compiled_vanilla']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    lines = ["| shape | size | step vanilla copy (noise) | step memsinks (B,) | step memsinks (B,T) | step reference | "
-             "saved bytes (B,) | saved bytes (B,T) | saved bytes reference | eval drop / removed | "
-             "mask ms (B,) / (B,T) / reference |",
+    lines = ["Training step, ratio to vanilla (end to end: medians of interleaved steps; in-step: within the step)",
+             "",
+             "| shape | size | vanilla copy (noise) | memsinks (B,) | memsinks (B,T) | reference | in-step (B,) | "
+             "in-step (B,T) | saved bytes (B,) | saved bytes (B,T) | saved bytes reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        s, m, k = r["step_ratio"], r["saved_bytes_ratio"], r["mask_ms_per_step"]
-        lines.append(f"| {r['shape']} | {r['size']} | {s['vanilla_copy']:.3f} | {s['memsinks']:.3f} | {s['memsinks_tok']:.3f} | "
-                     f"{s['reference']:.3f} | {m['memsinks']:.4f} | {m['memsinks_tok']:.4f} | {m['reference']:.4f} | "
-                     f"{r['eval_ratio_drop_to_removed']:.3f} | {k['memsinks']:.2f} / {k['memsinks_tok']:.2f} / "
-                     f"{k['reference']:.2f} |")
+        s, m, i = r["step_ratio"], r["saved_bytes_ratio"], r["in_step_ratio"]
+        lines.append(f"| {r['shape']} | {r['size']} | {s['vanilla_copy']:.3f} | {s['memsinks']:.3f} | "
+                     f"{s['memsinks_tok']:.3f} | {s['reference']:.3f} | {i['memsinks']:.4f} | {i['memsinks_tok']:.4f} | "
+                     f"{m['memsinks']:.4f} | {m['memsinks_tok']:.4f} | {m['reference']:.4f} |")
+    lines += ["", "Eval forward with sinks dropped, ratio to the remove_sinks() model; mask construction per step",
+              "",
+              "| shape | size | eval end to end | eval MLP (paired) | forward wrapper share | eval bound | "
+              "mask ms (B,) / (B,T) / reference |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        k = r["mask_ms_per_step"]
+        lines.append(f"| {r['shape']} | {r['size']} | {r['eval_ratio_drop_to_removed']:.3f} | "
+                     f"{r['eval_mlp_ratio_drop_to_removed']:.3f} | {r['eval_wrapper_share']:.5f} | "
+                     f"{r['eval_ratio_bound']:.3f} | {k['memsinks']:.2f} / {k['memsinks_tok']:.2f} / {k['reference']:.2f} |")
     rm = result["remove_sinks_gpt2_small"]
     peak = "n/a" if rm["peak_extra_mib"] is None else f"{rm['peak_extra_mib']:.0f} MiB"
     lines.append(f"\nremove_sinks() on GPT-2-small shape: {rm['seconds']:.3f} s, peak extra memory {peak} "
                  f"(model {rm['model_mib']:.0f} MiB)")
-    if result.get("compile"):
-        c = result["compile"]
-        lines.append(f"torch.compile train step / eager: {c['compiled_to_eager']:.3f} (compile {c['compile_s']:.0f} s)")
     return "\n".join(lines)
 
 
