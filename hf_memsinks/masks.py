@@ -73,7 +73,8 @@ def _wrap(value: int) -> int:
 def reference_mask(sequence_ids: torch.Tensor, num_sinks: int, active_prob: float) -> torch.Tensor:
     """The published function, bit for bit: ``P_j = a**j % M`` (int64 power, wrapping),
     active iff ``((s * 65536 * P_j) % M) / M < p``. ID 0 would activate every sink there, so it
-    is rejected; -1 is our reserved "no sequence" ID."""
+    is rejected (a check that reads the IDs on the host: one device sync per forward, which the
+    default hash scheme does not have); -1 is our reserved "no sequence" ID."""
     ids = _as_ids(sequence_ids)
     if bool((ids == 0).any()):
         raise ValueError(

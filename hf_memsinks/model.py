@@ -474,9 +474,10 @@ def _memsink_class(base: type) -> type:
     def forward(self, *args, sequence_ids=None, **kwargs):
         ids = self._memsink_ids(sequence_ids, args, kwargs)
         _sync_adapter_wrappers(self._memsink_slots)
-        if self.training and takes_use_cache and "use_cache" not in kwargs:
-            # A KV cache is never needed in training, and its presence turns off Transformers'
-            # packed-sequence attention masks (position_ids restarting per document).
+        if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
+            # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
+            # attention masks, which a KV cache turns off; no cache is needed in training. Only
+            # then: the packed-sequence check reads a tensor on the host (a device sync).
             kwargs["use_cache"] = False
         self._memsink_state.begin_forward(ids, self.training)
         return base.forward(self, *args, **kwargs)
