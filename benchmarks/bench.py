@@ -70,16 +70,20 @@ def build(shape: str, size: dict, seed: int = 0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def add_reference_hooks(model, per_token_ids: dict, general: int):
+def reference_full_mask(ids: torch.Tensor, general: int, sinks: int, like: torch.Tensor) -> torch.Tensor:
+    """The published mask for one layer: float ``(*ids.shape, general + sinks)``, general part 1."""
+    active = reference_mask(ids, sinks, MEMSINK.sink_active_prob)
+    ones = torch.ones(*ids.shape, general, dtype=like.dtype, device=like.device)
+    return torch.cat([ones, active.to(like.dtype)], -1)
+
+
+def add_reference_hooks(model, per_token_ids: torch.Tensor, general: int):
     """The published masking: per layer, per forward, a full-width float mask multiplied in."""
     sites = find_mlp_sites(model, spec_for(model.config.model_type))
 
     def hook(module, args):
         h = args[0]
-        ids = per_token_ids["ids"]
-        sinks = reference_mask(ids, h.shape[-1] - general, MEMSINK.sink_active_prob)
-        mask = torch.cat([torch.ones(*ids.shape, general, dtype=h.dtype, device=h.device), sinks.to(h.dtype)], -1)
-        return (h * mask,) + tuple(args[1:])
+        return (h * reference_full_mask(per_token_ids, general, h.shape[-1] - general, h),) + tuple(args[1:])
 
     for site in sites:
         site.out_proj.register_forward_pre_hook(hook)
@@ -239,8 +243,7 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
     patched = get_memsink_model(build(shape, size), MEMSINK)
     reference = build(shape, size)
     general, sinks = MEMSINK.num_sinks_for(size["mlp"])
-    holder = {"ids": tok_ids}
-    add_reference_hooks(reference, holder, general)
+    add_reference_hooks(reference, tok_ids, general)
     removed = copy.deepcopy(patched).remove_sinks()
 
     plain_batch = {"input_ids": tokens, "labels": tokens}
@@ -274,24 +277,24 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
         for _ in range(n):
             if per_layer_ref:
                 for _ in range(size["layers"]):
-                    m = reference_mask(ids, sinks, MEMSINK.sink_active_prob)
-                    torch.cat([torch.ones(*ids.shape, general), m.float()], -1)
+                    reference_full_mask(ids, general, sinks, like=torch.empty(0))
             else:
                 sink_mask(ids, sinks, MEMSINK.sink_active_prob)
         return (time.perf_counter() - t0) / n
 
+    in_step_share = {k: statistics.median(v[1:]) for k, v in shares.items()}  # v[0]: median_times' warmup
+    eval_wrapper_share = statistics.median(wrapper_shares[1:])
     out = {
         "shape": shape, "size": size_name, **size, "general": general, "sinks": sinks,
         "step_s": steps, "step_ratio": {k: v / steps["vanilla"] for k, v in steps.items()},
-        # (each list's first entry is median_times' warmup step)
-        "in_step_share": {k: statistics.median(v[1:]) for k, v in shares.items()},
-        "in_step_ratio": {k: 1 / (1 - statistics.median(v[1:])) for k, v in shares.items()},
+        "in_step_share": in_step_share,
+        "in_step_ratio": {k: 1 / (1 - v) for k, v in in_step_share.items()},
         "saved_bytes": memory, "saved_bytes_ratio": {k: v / memory["vanilla"] for k, v in memory.items()},
         "eval_s": evals, "eval_ratio_drop_to_removed": evals["memsinks_drop"] / evals["removed"],
         # The two eval forwards differ only in the MLPs and the model-level forward wrapper:
         "eval_mlp_ratio_drop_to_removed": eval_mlp_ratio,
-        "eval_wrapper_share": statistics.median(wrapper_shares[1:]),
-        "eval_ratio_bound": 1 + max(0.0, eval_mlp_ratio - 1) + statistics.median(wrapper_shares[1:]),
+        "eval_wrapper_share": eval_wrapper_share,
+        "eval_ratio_bound": 1 + max(0.0, eval_mlp_ratio - 1) + eval_wrapper_share,
         "mask_ms_per_step": {"memsinks": 1e3 * mask_time(seq_ids), "memsinks_tok": 1e3 * mask_time(tok_ids),
                              "reference": 1e3 * mask_time(tok_ids, per_layer_ref=True)},
     }

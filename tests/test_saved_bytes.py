@@ -25,7 +25,7 @@ def test_saved_bytes_ratios(shape):
     patched = bench.get_memsink_model(bench.build(shape, SIZE), bench.MEMSINK)
     reference = bench.build(shape, SIZE)
     general, sinks = bench.MEMSINK.num_sinks_for(SIZE["mlp"])
-    bench.add_reference_hooks(reference, {"ids": tok_ids}, general)
+    bench.add_reference_hooks(reference, tok_ids, general)
 
     base = bench.saved_bytes(vanilla, plain)
     per_seq = bench.saved_bytes(patched, {**plain, "sequence_ids": seq_ids})

@@ -125,8 +125,8 @@ def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bo
 
 def _curve_point(model, setting: Setting, step: int, n: int) -> dict:
     pad = setting.pad_id
-    rep = document_losses(model, setting.repeated[:n] if n < len(setting.repeated) else setting.repeated, pad_id=pad)
-    ctl = document_losses(model, setting.control[:n] if n < len(setting.control) else setting.control, pad_id=pad)
+    rep = document_losses(model, setting.repeated[:n], pad_id=pad)
+    ctl = document_losses(model, setting.control[:n], pad_id=pad)
     val = document_losses(model, setting.validation[:n], pad_id=pad)
     return {"step": step, "repeated_loss": rep.mean().item(), "control_loss": ctl.mean().item(),
             "val_loss": val.mean().item()}
