@@ -128,9 +128,10 @@ class InStepClock:
         if getattr(InStepClock, "_installed", None) is not None:
             return
         InStepClock._installed = self
-        model_cls, base_cls = type(patched), patched._memsink_base_class
-        model_cls.forward = self.wrap(model_cls.forward, ours=True, model_wrapper=True)
-        base_cls.forward = self.wrap(base_cls.forward, ours=False)
+        for module in {patched, patched.base_model}:  # the model's and the backbone's forward wrappers
+            model_cls, base_cls = type(module), module._memsink_base_class
+            model_cls.forward = self.wrap(model_cls.forward, ours=True, model_wrapper=True)
+            base_cls.forward = self.wrap(base_cls.forward, ours=False)
         for cls in (_SinkInProjection, _SinkOutProjection):
             cls.forward = self.wrap(cls.forward, ours=True)
         _MaskSinks.backward = staticmethod(self.wrap(_MaskSinks.backward, ours=True))

@@ -18,115 +18,12 @@ zeros where sinks were, when the model config cannot express a narrower MLP) and
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .architectures import neuron_dim
-from .config import MemSinkConfig
-from .masks import sink_mask
-
-EVAL_MODES = ("drop", "expected", "activate", "exclude")
-PAPER_MODE_NAMES = {"dropout": "drop", "all": "expected", "activate_seq": "activate", "exclude_seq_ids": "exclude"}
-
-
-class SinkState:
-    """What the current forward asks of the sinks; one per model, shared by its projections.
-
-    ``kind`` is decided once per forward: ``"general"`` (training without IDs: sinks off,
-    general x1), ``"drop"`` (evaluation default: sinks off, general x eval scale), ``"mask"``
-    (sinks follow the sequence IDs) or ``"coef"`` (each sink times a constant: expected value,
-    optionally with some IDs' sinks excluded). Masks are built lazily once per forward and layer
-    key (one key for all layers unless ``per_layer_masks``) and cached until the next forward.
-    """
-
-    def __init__(self, config: MemSinkConfig):
-        self.config = config
-        self.eval_mode = "drop"
-        self.eval_ids: torch.Tensor | None = None
-        self.kind = "drop"
-        self.ids: torch.Tensor | None = None
-        self._cache: dict = {}
-        self.masked_sites: set[tuple[int, int]] = set()  # (layer, num_sinks) of every output projection
-
-    # ---- per forward ----------------------------------------------------------------------------
-
-    def begin_forward(self, ids: torch.Tensor | None, training: bool) -> None:
-        if training:
-            self.kind = "mask" if ids is not None else "general"
-        elif self.eval_mode == "drop":
-            self.kind = "drop"
-        elif self.eval_mode == "activate":
-            ids = self.eval_ids if self.eval_ids is not None else ids
-            if ids is None:
-                raise ValueError("sink mode 'activate' needs sequence IDs: pass sequence_ids= to forward/generate")
-            self.kind = "mask"
-        else:
-            self.kind = "coef"
-        self.ids = ids
-        self._cache = {}
-        if self.kind == "mask":
-            self._build_masks()
-
-    @torch.compiler.disable
-    def _build_masks(self) -> None:
-        """Every layer's mask now, not lazily in the first MLP: under torch.compile this (eager,
-        see :func:`~hf_memsinks.masks.sink_mask`) step is then one graph break before the model."""
-        for layer, num_sinks in self.masked_sites:
-            self.keep_mask(layer, num_sinks)
-
-    @property
-    def skip_sinks(self) -> bool:
-        return self.kind in ("general", "drop")
-
-    @property
-    def general_scale(self) -> float:
-        return self.config.general_eval_scale if self.kind == "drop" else 1.0
-
-    def _layer_key(self, layer: int) -> int | None:
-        return layer if self.config.per_layer_masks else None
-
-    def _mask(self, ids: torch.Tensor, num_sinks: int, layer: int | None) -> torch.Tensor:
-        c = self.config
-        return sink_mask(ids, num_sinks, c.sink_active_prob, salt=c.salt, layer=layer, scheme=c.mask_scheme)
-
-    def keep_mask(self, layer: int, num_sinks: int) -> torch.Tensor:
-        """Bool ``(B, 1, S)`` or ``(B, T, S)``: which sinks this forward's IDs activate."""
-        key = ("mask", self._layer_key(layer), num_sinks)
-        if key not in self._cache:
-            mask = self._mask(self.ids, num_sinks, key[1])
-            self._cache[key] = mask.unsqueeze(1) if self.ids.dim() == 1 else mask
-        return self._cache[key]
-
-    def coefficients(self, layer: int, num_general: int, num_sinks: int, like: torch.Tensor) -> torch.Tensor:
-        """Full-width ``(G + S,)`` multipliers for the constant-coefficient eval modes."""
-        key = ("coef", self._layer_key(layer), num_general, num_sinks, like.dtype, like.device)
-        if key not in self._cache:
-            sinks = torch.full((num_sinks,), self.config.sink_active_prob, device=like.device)
-            if self.eval_mode == "exclude":
-                excluded = self._mask(self.eval_ids.to(like.device), num_sinks, key[1]).reshape(-1, num_sinks)
-                sinks = sinks * ~excluded.any(0)
-            general = torch.ones(num_general, device=like.device)
-            self._cache[key] = torch.cat([general, sinks]).to(like.dtype)
-        return self._cache[key]
-
-    # ---- snapshots, so activation checkpointing replays a layer with its own forward's IDs --------
-
-    def snapshot(self) -> tuple:
-        return (self.kind, self.ids, self._cache)
-
-    @contextlib.contextmanager
-    def restored(self, snap: tuple) -> Iterator[None]:
-        saved = self.snapshot()
-        self.kind, self.ids, self._cache = snap
-        try:
-            yield
-        finally:
-            self.kind, self.ids, self._cache = saved
-
+from .state import ForwardSinks, SinkState
 
 class _MaskSinks(torch.autograd.Function):
     """``h`` with its sink part multiplied by a bool mask. Saves only the (shared, compact) mask
@@ -296,7 +193,8 @@ class _SinkProjection:
 
 class _SinkInProjection(_SinkProjection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._memsink_state.skip_sinks or self.memsink_wrapped:
+        call = self._memsink_state.call_for_projection(self.training)
+        if not call.skip_sinks or self.memsink_wrapped:
             return super().forward(x)  # every neuron: exactly the plain module's computation
         weight, bias = self._linear_weight(), self.bias
         spans = self._ranges()[0]
@@ -310,30 +208,33 @@ class _SinkOutProjection(_SinkProjection):
         if self._memsink_prepared:  # an adapter wrapper's pre-hook already applied the sinks
             self._memsink_prepared = False
             return super().forward(h)
-        if state.skip_sinks:
+        call = state.call_for_projection(self.training)
+        if call.skip_sinks:
             h = h[..., :g] if h.shape[-1] != g else h
-            scale = state.general_scale
+            scale = state.general_scale(call)
             return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, :g], self.bias)
-        return super().forward(self.sink_input(h))
+        return super().forward(self.sink_input(h, call))
 
-    def sink_input(self, h: torch.Tensor) -> torch.Tensor:
-        """The full-width input this forward's sinks allow: sink part masked (training, activate)
-        or weighted (expected, exclude); with sinks off, zero sinks and scaled general part."""
+    def sink_input(self, h: torch.Tensor, call: ForwardSinks | None = None) -> torch.Tensor:
+        """The full-width input the current call's sinks allow: sink part masked (training,
+        activate) or weighted (expected, exclude); with sinks off, zero sinks and scaled general part."""
         state, g = self._memsink_state, self.memsink_general
-        if state.skip_sinks:
+        if call is None:
+            call = state.call_for_projection(self.training)
+        if call.skip_sinks:
             general = h[..., :g]
-            scale = state.general_scale
+            scale = state.general_scale(call)
             general = general * scale if scale != 1.0 else general
             return torch.cat([general, general.new_zeros(*general.shape[:-1], self.memsink_sinks)], dim=-1)
-        if state.kind == "mask":
-            keep = state.keep_mask(self.memsink_layer, self.memsink_sinks)
+        if call.kind == "mask":
+            keep = state.keep_mask(call, self.memsink_layer, self.memsink_sinks)
             if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
                 shape = h.shape
                 h = _MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, g, False).reshape(shape)
             else:
                 h = _MaskSinks.apply(h, keep, g, _maskable_in_place(h))
         else:
-            h = h * state.coefficients(self.memsink_layer, g, self.memsink_sinks, h)
+            h = h * state.coefficients(call, self.memsink_layer, g, self.memsink_sinks, h)
         return h
 
 

@@ -21,15 +21,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .architectures import MLPSite, find_mlp_sites, neuron_dim, select_layers, spec_for
 from .config import MemSinkConfig, find_config_file
-from .layers import (
-    EVAL_MODES,
-    PAPER_MODE_NAMES,
-    SinkState,
-    is_patched_projection,
-    patch_projection,
-    unpatch_projection,
-)
+from .layers import is_patched_projection, patch_projection, unpatch_projection
 from .masks import sink_mask
+from .state import EVAL_MODES, PAPER_MODE_NAMES, SinkState, with_call_of_forward
 
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
 
@@ -102,7 +96,11 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
     model._memsink_sites = patched
     model._memsink_width_attr = spec.width_attr
     model._memsink_original_widths = original_widths
-    model._memsink_slots = _projection_slots(model)
+    state.slots = _projection_slots(model)
+    backbone = model.base_model
+    if backbone is not model:  # callers that run the backbone directly (fused LM heads) pass IDs to it
+        backbone.__class__ = _memsink_class(type(backbone), backbone=True)
+        backbone._memsink_state = state
     _rewrap_checkpointing(model)
     return model
 
@@ -209,73 +207,58 @@ def _rewrap_checkpointing(model: nn.Module) -> None:
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if func is not None and not hasattr(func, "_memsink_original"):
-            module._gradient_checkpointing_func = _with_sink_state(func, model._memsink_state)
+            module._gradient_checkpointing_func = with_call_of_forward(func, model._memsink_state)
 
 
-def _with_sink_state(func, state: SinkState):
-    """A checkpoint function whose recomputation in backward sees the forward's sink state."""
+def _checked_ids(sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``sequence_ids`` validated against the batch and moved to its device (None stays None)."""
+    if sequence_ids is None:
+        return None
+    ref = kwargs.get("input_ids", args[0] if args else None)
+    if ref is None:
+        ref = kwargs.get("inputs_embeds")
+    ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"sequence_ids must hold integers, got dtype {ids.dtype}")
+    if ref is not None:
+        batch, length = ref.shape[0], ref.shape[1]
+        if ids.dim() == 1:
+            if ids.shape[0] != batch:
+                raise ValueError(f"sequence_ids has {ids.shape[0]} IDs for a batch of {batch} sequences")
+        elif ids.dim() == 2:
+            if ids.shape[0] != batch:
+                raise ValueError(f"sequence_ids has {ids.shape[0]} rows for a batch of {batch} sequences")
+            if ids.shape[1] != length:
+                cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+                if cached and ids.shape[1] > length:
+                    ids = ids[:, -length:]  # generation step: new tokens continue the last document
+                else:
+                    raise ValueError(
+                        f"per-token sequence_ids have length {ids.shape[1]} but the inputs have {length} tokens"
+                    )
+        else:
+            raise ValueError(f"sequence_ids must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
+        ids = ids.to(ref.device, non_blocking=True)
+    return ids.long()
 
-    def checkpoint_with_sink_state(function, *args, **kwargs):
-        snap = state.snapshot()
 
-        def run(*a, **k):
-            with state.restored(snap):
-                return function(*a, **k)
+class _CheckpointingSeesCalls:
+    """Activation checkpointing enabled after patching: replays must see their own call's IDs."""
 
-        return func(run, *args, **kwargs)
-
-    checkpoint_with_sink_state._memsink_original = func
-    return checkpoint_with_sink_state
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        func = with_call_of_forward(gradient_checkpointing_func, self._memsink_state)
+        return self._memsink_base_class._set_gradient_checkpointing(
+            self, enable=enable, gradient_checkpointing_func=func, **kwargs
+        )
 
 
 # ---- the patched model class ----------------------------------------------------------------------
 
 
-class MemSinkModelMixin:
+class MemSinkModelMixin(_CheckpointingSeesCalls):
     """Methods every patched model gains. Mixed in ahead of the model's own class."""
-
-    # -- forward --
-
-    def _memsink_ids(self, sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """Validate ``sequence_ids`` against the batch and move them to its device."""
-        state: SinkState = self._memsink_state
-        if not self.training and state.eval_mode == "activate" and state.eval_ids is not None:
-            sequence_ids = state.eval_ids
-        ref = kwargs.get("input_ids", args[0] if args else None)
-        if ref is None:
-            ref = kwargs.get("inputs_embeds")
-        if sequence_ids is None:
-            if self.training and self.memsink_config.require_sequence_ids:
-                raise ValueError(
-                    "this memsink model is in training mode and needs sequence_ids: pass "
-                    "model(..., sequence_ids=ids) with ids of shape (batch,) or (batch, seq_len), one ID per "
-                    "document (hf_memsinks.data adds them to a dataset). To train general neurons only on "
-                    "unlabeled data, use MemSinkConfig(require_sequence_ids=False) or ID -1."
-                )
-            return None
-        ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"sequence_ids must hold integers, got dtype {ids.dtype}")
-        if ref is not None:
-            batch, length = ref.shape[0], ref.shape[1]
-            if ids.dim() == 1:
-                if ids.shape[0] != batch:
-                    raise ValueError(f"sequence_ids has {ids.shape[0]} IDs for a batch of {batch} sequences")
-            elif ids.dim() == 2:
-                if ids.shape[0] != batch:
-                    raise ValueError(f"sequence_ids has {ids.shape[0]} rows for a batch of {batch} sequences")
-                if ids.shape[1] != length:
-                    cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
-                    if cached and ids.shape[1] > length:
-                        ids = ids[:, -length:]  # generation step: new tokens continue the last document
-                    else:
-                        raise ValueError(
-                            f"per-token sequence_ids have length {ids.shape[1]} but the inputs have {length} tokens"
-                        )
-            else:
-                raise ValueError(f"sequence_ids must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
-            ids = ids.to(ref.device, non_blocking=True)
-        return ids.long()
 
     # -- evaluation modes --
 
@@ -337,7 +320,7 @@ class MemSinkModelMixin:
         (``"exclude"`` mode folded into plain weights). The config loses every trace of sinks.
         Copy the model first (``copy.deepcopy``) to keep the patched one.
         """
-        for parent, attr, proj in self._memsink_slots:
+        for parent, attr, proj in self._memsink_state.slots:
             if parent._modules.get(attr) is not proj:
                 raise RuntimeError(
                     "an adapter still wraps this model's MLP projections: call merge_and_unload() (PEFT) "
@@ -355,9 +338,13 @@ class MemSinkModelMixin:
         with torch.no_grad():
             for site in sites:
                 _fold_site(site, config, ids, external[site.name])
+        backbone = self.base_model
+        if backbone is not self:
+            del backbone._memsink_state
+            backbone.__class__ = backbone._memsink_base_class
         base = self._memsink_base_class
         for attr in ("memsink_config", "_memsink_state", "_memsink_sites", "_memsink_width_attr",
-                     "_memsink_original_widths", "_memsink_slots"):
+                     "_memsink_original_widths"):
             delattr(self, attr)
         self.__class__ = base
         for module in self.modules():
@@ -379,16 +366,6 @@ class MemSinkModelMixin:
             layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
             MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout}).save_pretrained(save_directory)
         return self._memsink_base_class.save_pretrained(self, save_directory, *args, **kwargs)
-
-    # -- activation checkpointing: replays must see the IDs of their own forward --
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
-        if gradient_checkpointing_func is None:
-            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
-        func = _with_sink_state(gradient_checkpointing_func, self._memsink_state)
-        return self._memsink_base_class._set_gradient_checkpointing(
-            self, enable=enable, gradient_checkpointing_func=func, **kwargs
-        )
 
 
 def _already_removed(*args, **kwargs):
@@ -456,31 +433,44 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-_MODEL_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-def _memsink_class(base: type) -> type:
-    """``base`` with :class:`MemSinkModelMixin` in front and a forward that takes ``sequence_ids``.
+def _memsink_class(base: type, backbone: bool = False) -> type:
+    """``base`` with a forward that takes ``sequence_ids`` and runs as one sink call.
+
+    For the model: :class:`MemSinkModelMixin` in front. For its backbone (``model.base_model``):
+    only the forward and checkpointing support, and a forward without IDs inside the model's own
+    call (the usual path) joins that call. Every other forward starts its own call, so it sees its
+    own IDs or, in training without any, raises.
 
     The subclass keeps ``base``'s name (so ``config.architectures`` is unchanged) and exposes
     ``base.forward``'s signature plus ``sequence_ids``, which is what ``Trainer`` reads to decide
     which dataset columns to keep and what ``generate`` reads to validate its kwargs.
     """
-    if base in _MODEL_CLASSES:
-        return _MODEL_CLASSES[base]
+    if (base, backbone) in _MODEL_CLASSES:
+        return _MODEL_CLASSES[base, backbone]
 
     takes_use_cache = "use_cache" in inspect.signature(base.forward).parameters
 
     def forward(self, *args, sequence_ids=None, **kwargs):
-        ids = self._memsink_ids(sequence_ids, args, kwargs)
-        _sync_adapter_wrappers(self._memsink_slots)
+        state: SinkState = self._memsink_state
+        if backbone and sequence_ids is None and state.current() is not None:
+            return base.forward(self, *args, **kwargs)
+        if not self.training and state.eval_mode == "activate" and state.eval_ids is not None:
+            sequence_ids = state.eval_ids
+        ids = _checked_ids(sequence_ids, args, kwargs)
+        _sync_adapter_wrappers(state.slots)
         if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
             # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
             # attention masks, which a KV cache turns off; no cache is needed in training. Only
             # then: the packed-sequence check reads a tensor on the host (a device sync).
             kwargs["use_cache"] = False
-        self._memsink_state.begin_forward(ids, self.training)
-        return base.forward(self, *args, **kwargs)
+        previous = state.enter(ids, self.training)
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            state.leave(previous)
 
     signature = inspect.signature(base.forward)
     params = [p for p in signature.parameters.values() if p.name != "sequence_ids"]
@@ -493,13 +483,14 @@ def _memsink_class(base: type) -> type:
         "            hf_memsinks: the ID of each sequence (or token), which selects its sink neurons. -1 means\n"
         "            no sequence (no sink active). Required in training mode.\n"
     )
-    cls = type(base.__name__, (MemSinkModelMixin, base), {
+    mixin = _CheckpointingSeesCalls if backbone else MemSinkModelMixin
+    cls = type(base.__name__, (mixin, base), {
         "forward": forward,
         "_memsink_base_class": base,
         "__module__": __name__,
         "__qualname__": base.__qualname__,
     })
-    _MODEL_CLASSES[base] = cls
+    _MODEL_CLASSES[base, backbone] = cls
     return cls
 
 

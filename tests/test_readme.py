@@ -16,7 +16,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     usage = [b for b in blocks if "path/or/hub-name" in b]
-    assert len(usage) == 3
+    assert len(usage) == 4
     namespace = {}
     for block in usage:
         exec(block.replace("path/or/hub-name", str(tmp_path / "base")), namespace)

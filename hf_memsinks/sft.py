@@ -1,0 +1,150 @@
+"""TRL's ``SFTTrainer`` with sequence IDs that reach the model.
+
+Plain ``SFTTrainer`` drops every dataset column but its own (``input_ids``, ``labels``,
+``seq_lengths``), packs only ``input_ids`` and ``labels``, and builds batches with its own
+collators, so ``sequence_ids`` never reach a patched model: training silently moves general
+neurons only. :class:`MemSinkSFTTrainer` is ``SFTTrainer`` with three small changes and TRL's
+defaults otherwise (fused LM head, padding-free packing, assistant-only loss, ``peft_config``):
+
+* the ``sequence_ids`` column is kept through dataset preparation; with packing it becomes a
+  per-token column before TRL's own ``pack_dataset``, so every packed token keeps its document's ID;
+* batches get ``sequence_ids`` next to TRL's keys: ``(batch,)``, or ``(batch, seq_len)`` for
+  packed or padding-free rows, ``-1`` on padding;
+* with ``peft_config``, the sinks stay fully trainable next to the adapter (:func:`train_sinks`).
+
+TRL's fused LM head calls the backbone directly with the batch's keys; the patched backbone
+takes ``sequence_ids`` too, so the masks act on that path as on the plain forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names, pack_dataset
+
+from .adapters import train_sinks
+from .data import ID_COLUMN
+from .masks import NO_SEQUENCE
+from .model import is_memsink_model
+
+
+class SequenceIdCollator:
+    """Wraps a collator: the batch it builds plus the examples' ``sequence_ids``.
+
+    An example's ID is one integer or one per token. Rows the inner collator pads get ``-1``;
+    when it concatenates the examples into one padding-free row, the IDs follow each example.
+    Examples without IDs (an evaluation set) leave the batch as the inner collator made it.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __getattr__(self, name: str) -> Any:  # TRL reads options of its collator
+        inner = self.__dict__.get("collator")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids = [example.get(ID_COLUMN) for example in examples]
+        batch = self.collator([{k: v for k, v in e.items() if k != ID_COLUMN} for e in examples])
+        if ID_COLUMN in batch or all(i is None for i in ids):
+            return batch
+        if any(i is None for i in ids):
+            raise ValueError(f"some examples of this batch have no {ID_COLUMN!r}: give every training example one")
+        rows, length = batch["input_ids"].shape
+        per_token = any(isinstance(i, (list, tuple)) for i in ids)
+        if rows == 1 and len(examples) > 1:  # padding-free: the examples were concatenated into one row
+            tokens = [_per_token(i, len(e["input_ids"])) for i, e in zip(ids, examples)]
+            batch[ID_COLUMN] = _padded([sum(tokens, [])], length)
+        elif per_token:
+            batch[ID_COLUMN] = _padded([_per_token(i, len(e["input_ids"])) for i, e in zip(ids, examples)], length)
+        else:
+            batch[ID_COLUMN] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+
+def _per_token(ids, length: int) -> list[int]:
+    if isinstance(ids, (list, tuple)):
+        if len(ids) != length:
+            raise ValueError(f"an example has {len(ids)} per-token sequence IDs for {length} tokens")
+        return list(ids)
+    return [ids] * length
+
+
+def _padded(rows: list[list[int]], length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), NO_SEQUENCE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = torch.tensor(row[:length], dtype=torch.long)
+    return out
+
+
+class MemSinkSFTTrainer(SFTTrainer):
+    """``trl.SFTTrainer`` for a model patched with sinks; the training dataset needs a
+    ``sequence_ids`` column (:func:`hf_memsinks.data.add_sequence_ids` adds one).
+
+    Args:
+        train_sinks_with_adapter: with ``peft_config``, keep the sink neurons trainable next to
+            the adapter while the general neurons change only through it (default True).
+        *args, **kwargs: as for ``SFTTrainer``.
+    """
+
+    def __init__(self, *args, train_sinks_with_adapter: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if not is_memsink_model(inner):
+            raise ValueError(
+                "MemSinkSFTTrainer needs a model patched with sinks: get_memsink_model(model, MemSinkConfig()) "
+                "or AutoMemSinkModelForCausalLM.from_pretrained(...) before building the trainer"
+            )
+        if inner is not self.model and train_sinks_with_adapter:
+            train_sinks(self.model)
+        self.data_collator = SequenceIdCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ID_COLUMN]
+
+    def _reject_skip_prepare_without_labels(self, datasets, data_collator):
+        inner = data_collator.collator if isinstance(data_collator, SequenceIdCollator) else data_collator
+        return super()._reject_skip_prepare_without_labels(datasets, inner)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = get_dataset_column_names(dataset)
+        if ID_COLUMN not in columns:
+            if dataset_name == "train":
+                raise ValueError(
+                    f"the training dataset has no {ID_COLUMN!r} column (it has {columns}): add one with "
+                    "hf_memsinks.data.add_sequence_ids(dataset, by='content') or by='metadata', column=..."
+                )
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if not packing or "seq_lengths" in columns:  # (already packed: TRL's preparation is idempotent)
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+        # TRL packs only input_ids and labels: tokenize and label with TRL (no truncation, as when
+        # packing), give every token its document's ID, then pack the three columns with TRL's packer.
+        max_length, args.max_length = args.max_length, None
+        try:
+            dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        finally:
+            args.max_length = max_length
+
+        def per_token(batch):
+            return {ID_COLUMN: [_per_token(i, len(t)) for i, t in zip(batch[ID_COLUMN], batch["input_ids"])]}
+
+        map_kwargs = {}
+        if isinstance(dataset, Dataset):  # IterableDataset.map takes neither
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
+        dataset = dataset.map(per_token, batched=True, **map_kwargs)
+        dataset = dataset.select_columns(["input_ids", "labels", ID_COLUMN])
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+        if args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
