@@ -70,6 +70,7 @@ class SinkState:
         self.eval_mode = "drop"
         self.eval_ids: torch.Tensor | None = None
         self.masked_sites: set[tuple[int, int]] = set()  # (layer, num_sinks) of every output projection
+        self.slots: list = []  # (parent, attribute, projection) of every patched projection, to notice adapters
         self._local = threading.local()
 
     # A thread-local cannot be copied or pickled, and a copy must not share the original's calls.

@@ -139,6 +139,17 @@ def test_packed_batches_carry_each_documents_ids(tmp_path):
         assert ids[0, a:b].unique().numel() == 1 and int(ids[0, a]) in (11, 22, 33)
 
 
+def test_plain_sft_trainer_stops_instead_of_training_general_neurons_only(tmp_path):
+    from trl import SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, disable_tqdm=True)
+    trainer = SFTTrainer(model=patched_llama(), args=args, train_dataset=text_dataset(IDS),
+                         processing_class=tokenizer())
+    with pytest.raises(ValueError, match="needs sequence_ids"):  # its fused head calls the backbone without IDs
+        trainer.train()
+
+
 def test_sft_without_ids_column_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="add_sequence_ids"):
         train(patched_llama(), text_dataset((1,)).remove_columns("sequence_ids"), tmp_path)
