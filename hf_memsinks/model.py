@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .architectures import MLPSite, find_mlp_sites, neuron_dim, select_layers, spec_for
 from .config import MemSinkConfig, find_config_file
+from .ids import check_sequence_ids
 from .layers import (
     EVAL_MODES,
     PAPER_MODE_NAMES,
@@ -240,6 +241,12 @@ class MemSinkModelMixin:
         """Validate ``sequence_ids`` against the batch and move them to its device."""
         state: SinkState = self._memsink_state
         if not self.training and state.eval_mode == "activate" and state.eval_ids is not None:
+            if sequence_ids is not None:  # one place for the IDs: never silently replace the caller's
+                raise ValueError(
+                    "sink mode 'activate' was set with its own sequence IDs, and this forward also got "
+                    "sequence_ids: give them in one place (set_sink_mode('activate') without IDs uses "
+                    "each forward's)"
+                )
             sequence_ids = state.eval_ids
         ref = kwargs.get("input_ids", args[0] if args else None)
         if ref is None:
@@ -253,9 +260,7 @@ class MemSinkModelMixin:
                     "unlabeled data, use MemSinkConfig(require_sequence_ids=False) or ID -1."
                 )
             return None
-        ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"sequence_ids must hold integers, got dtype {ids.dtype}")
+        ids = check_sequence_ids(sequence_ids, "sequence_ids", check_values="host")
         if ref is not None:
             batch, length = ref.shape[0], ref.shape[1]
             if ids.dim() == 1:
@@ -295,10 +300,9 @@ class MemSinkModelMixin:
         if sequence_ids is not None:
             if mode in ("drop", "expected"):
                 raise ValueError(f"sink mode {mode!r} takes no sequence IDs")
-            ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise TypeError(f"sequence IDs must be integers, got dtype {ids.dtype}")
-            ids = ids.long()
+            ids = check_sequence_ids(sequence_ids, "set_sink_mode(sequence_ids=)")
+            if ids.dim() > 2:
+                raise ValueError(f"set_sink_mode(sequence_ids=) must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
         elif mode == "exclude":
             raise ValueError("sink mode 'exclude' needs the sequence IDs whose sinks to exclude")
         self._memsink_state.eval_mode = mode
@@ -346,7 +350,7 @@ class MemSinkModelMixin:
         config: MemSinkConfig = self.memsink_config
         ids = None
         if forget_ids is not None:
-            ids = torch.as_tensor(forget_ids if not isinstance(forget_ids, torch.Tensor) else forget_ids).long().reshape(-1)
+            ids = check_sequence_ids(forget_ids, "remove_sinks(forget_ids=)").reshape(-1)
             if ids.numel() == 0:
                 raise ValueError("forget_ids is empty; pass None to drop every sink")
         sites: list[_PatchedSite] = self._memsink_sites
