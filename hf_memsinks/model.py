@@ -31,6 +31,7 @@ from .layers import (
     unpatch_projection,
 )
 from .masks import sink_mask
+from .saving import atomic_save
 
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
 
@@ -376,13 +377,28 @@ class MemSinkModelMixin:
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save like any Transformers model, plus ``memsink_config.json``. Plain
         ``AutoModelForCausalLM`` loads the result as the sink-free model (sink tensors unused);
-        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks."""
+        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks.
+
+        Atomic (:func:`hf_memsinks.saving.atomic_save`): everything is written into a staging
+        directory next to ``save_directory`` and swapped in at once, so a crash at any point leaves
+        the previous checkpoint there loadable; files of that directory which this save does not
+        write are kept."""
         is_main = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main:
-            os.makedirs(save_directory, exist_ok=True)
-            layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
-            MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout}).save_pretrained(save_directory)
-        return self._memsink_base_class.save_pretrained(self, save_directory, *args, **kwargs)
+        base_save = self._memsink_base_class.save_pretrained
+        if not is_main:
+            return base_save(self, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+            kwargs["repo_id"] = os.path.basename(os.path.abspath(os.fspath(save_directory)))
+        layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
+        memsink_config = MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout})
+        result = []
+
+        def write(directory: str) -> None:
+            memsink_config.save_pretrained(directory)
+            result.append(base_save(self, directory, *args, **kwargs))
+
+        atomic_save(save_directory, write)
+        return result[0]
 
     # -- activation checkpointing: replays must see the IDs of their own forward --
 
