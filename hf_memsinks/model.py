@@ -79,6 +79,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
             f"the saved sink layout names MLPs {sorted(layout)} but this model's selected MLPs are "
             f"{sorted(s.name for s in sites)}: the checkpoint does not match the base model"
         )
+    _check_width_attr(model, spec.width_attr)
     original_widths = {s.name: s.width for s in all_sites}
     patched: list[_PatchedSite] = []
     for site in sites:
@@ -107,6 +108,22 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
     model._memsink_slots = _projection_slots(model)
     _rewrap_checkpointing(model)
     return model
+
+
+def _check_width_attr(model: PreTrainedModel, width_attr: str | None) -> None:
+    """A width field the model config lacks (a misspelling) would be set on the config as a new,
+    ignored attribute, leaving the real width wrong in saved checkpoints."""
+    if width_attr is None or hasattr(model.config, width_attr):
+        return
+    import difflib
+
+    fields = [k for k in model.config.to_dict() if isinstance(getattr(model.config, k, None), (int, type(None)))]
+    near = difflib.get_close_matches(width_attr, fields, n=1)
+    raise ValueError(
+        f"MemSinkConfig.target_modules: width_attr {width_attr!r} is not a field of {type(model.config).__name__}"
+        + (f" (did you mean {near[0]!r}?)" if near else "")
+        + "; name the config field holding the MLP width, or None if the model hard-codes it"
+    )
 
 
 def _projection_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -400,6 +417,13 @@ class MemSinkModelMixin:
         atomic_save(save_directory, write)
         return result[0]
 
+    # -- pickling (torch.save(model), copy.deepcopy, multiprocessing) --
+
+    def __reduce_ex__(self, protocol):
+        """The class is made at patch time, so pickle cannot find it by name: rebuild it from the
+        original class (importable) on load, then restore the instance state as usual."""
+        return _new_patched_model, (self._memsink_base_class,), self.__dict__
+
     # -- activation checkpointing: replays must see the IDs of their own forward --
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
@@ -409,6 +433,12 @@ class MemSinkModelMixin:
         return self._memsink_base_class._set_gradient_checkpointing(
             self, enable=enable, gradient_checkpointing_func=func, **kwargs
         )
+
+
+def _new_patched_model(base: type) -> PreTrainedModel:
+    """Unpickling: an empty instance of the patched class of ``base`` (state is set next)."""
+    cls = _memsink_class(base)
+    return cls.__new__(cls)
 
 
 def _already_removed(*args, **kwargs):
@@ -547,15 +577,38 @@ class AutoMemSinkModelForCausalLM:
         to ``AutoModelForCausalLM.from_pretrained``."""
         path = pretrained_model_name_or_path
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        if os.path.isfile(path):
+            raise ValueError(f"{path} is a file; pass the checkpoint directory (the one with config.json)")
         local = os.path.join(os.fspath(path), hub_kwargs.get("subfolder", "")) if os.path.isdir(path) else None
+        if local is None and _looks_local(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
         config_file = find_config_file(local or path, **({} if local else hub_kwargs))
         if config_file is None:
+            sink_keys = _sink_tensor_keys(local) if local is not None else []
+            if sink_keys and memsink_config is None:
+                raise ValueError(
+                    f"{path} holds sink tensors ({sink_keys[0]}, ...) but no memsink_config.json: it is a memsink "
+                    "checkpoint whose config was lost. Restore memsink_config.json (it holds the sink layout); "
+                    "memsink_config=MemSinkConfig(...) works only with the exact settings of the training run, "
+                    "and is checked against these tensors"
+                )
             if memsink_config is None:
+                if local is not None and not os.path.isfile(os.path.join(local, "config.json")):
+                    raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+                if local is None:
+                    raise FileNotFoundError(
+                        f"{path} is not a local directory, and no memsink_config.json was found for it on the Hub "
+                        "(no such model, or no network). For a plain model pass memsink_config=MemSinkConfig(...)"
+                    )
                 raise ValueError(
                     f"{path} holds no memsink_config.json, so it is a plain model: pass "
                     "memsink_config=MemSinkConfig(...) to patch it with sinks"
                 )
-            return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+            if not sink_keys:
+                return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+            model = get_memsink_model(_load_ignoring_sinks(path, *model_args, **kwargs), memsink_config)
+            _load_sink_tensors(model, local, hub_kwargs, described_by="the memsink_config passed")
+            return model
         if memsink_config is not None:
             raise ValueError(
                 f"{path} is already a memsink checkpoint (it has {os.path.basename(config_file)}); "
@@ -563,9 +616,34 @@ class AutoMemSinkModelForCausalLM:
             )
         saved = MemSinkConfig.from_pretrained(config_file)
         model = _load_ignoring_sinks(path, *model_args, **kwargs)
-        get_memsink_model(model, saved)
-        _load_sink_tensors(model, local or path, hub_kwargs)
+        try:
+            get_memsink_model(model, saved)
+        except ValueError as err:
+            raise ValueError(f"{config_file} does not match the weights of {path}: {err}") from None
+        _load_sink_tensors(model, local or path, hub_kwargs, described_by=config_file)
         return model
+
+
+def _looks_local(path) -> bool:
+    """A path that cannot be a Hub repo id (``name`` or ``org/name``): absolute, relative with
+    ``./``, ``~``, more than one ``/``, or characters repo ids do not have."""
+    text = os.fspath(path)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+            or not all(c.isalnum() or c in "-_./" for c in text))
+
+
+def _sink_tensor_keys(path: str) -> list[str]:
+    """Sink tensor names in the local safetensors files of ``path`` (headers only)."""
+    from safetensors import safe_open
+
+    keys = []
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys += [k for k in f.keys() if k.endswith(SINK_KEY_MARKERS)]
+        except Exception as err:  # safetensors' own error types
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    return keys
 
 
 def _load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
@@ -611,17 +689,32 @@ def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
     return files
 
 
-def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict) -> None:
+def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict, described_by: str = "memsink_config.json") -> None:
+    """Load the checkpoint's sink tensors; every sink the config describes must be there with
+    its shape, and no other: a mismatch is an error naming the config and the checkpoint."""
     from safetensors import safe_open
 
     tensors = {}
     for file in _checkpoint_files(path, hub_kwargs):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith(SINK_KEY_MARKERS):
-                    tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(SINK_KEY_MARKERS):
+                        tensors[key] = f.get_tensor(key)
+        except Exception as err:  # safetensors' own error types
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     expected = set(model.sink_parameters())
-    missing = expected - set(tensors)
-    if missing:
-        raise ValueError(f"the checkpoint at {path} lacks sink tensors {sorted(missing)[:5]}...")
-    model.load_state_dict(tensors, strict=False)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"{described_by} does not match the sink tensors of {path}: "
+            + (f"it describes sinks the checkpoint lacks ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+               if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"the checkpoint has sinks it does not describe ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
+               if extra else "")
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{described_by} does not match the sink tensors of {path}: {err}") from None
