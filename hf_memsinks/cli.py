@@ -117,6 +117,10 @@ def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overw
     from .saving import atomic_save
 
     _check_export_target(checkpoint, out, overwrite)
+    if forget_ids is not None:
+        from .ids import check_sequence_ids
+
+        check_sequence_ids(forget_ids, "--forget-ids")
     model = AutoMemSinkModelForCausalLM.from_pretrained(checkpoint)
     cfg = model.memsink_config
     model.remove_sinks(forget_ids=forget_ids)

@@ -583,8 +583,8 @@ class AutoMemSinkModelForCausalLM:
         if local is None and _looks_local(path):
             raise FileNotFoundError(f"{path}: no such checkpoint directory")
         config_file = find_config_file(local or path, **({} if local else hub_kwargs))
+        sink_keys = _sink_tensor_keys(local) if local is not None else []  # also: every weights file readable
         if config_file is None:
-            sink_keys = _sink_tensor_keys(local) if local is not None else []
             if sink_keys and memsink_config is None:
                 raise ValueError(
                     f"{path} holds sink tensors ({sink_keys[0]}, ...) but no memsink_config.json: it is a memsink "
