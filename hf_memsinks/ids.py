@@ -14,9 +14,10 @@ Callers: the patched model's forward (``sequence_ids=``), ``set_sink_mode`` / ``
   typical slip, and a negative ID would otherwise switch sinks on like a real document.
 
 Values are read on the host. For a tensor that already lives on an accelerator, reading its
-values would synchronise the device on every forward, so ``check_values="host"`` (what forward
-uses) checks dtype and range only for host tensors; the mask functions treat *every* negative ID
-as "no sequence", so an unchecked ``-100`` on a GPU still switches no sink on.
+values would synchronise the device on every forward (and inside ``torch.compile`` it would break
+the graph), so ``check_values="host"`` (what forward uses) reads values only of host tensors in
+eager mode; the mask functions treat *every* negative ID as "no sequence", so an unchecked
+``-100`` on a GPU still switches no sink on.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def check_sequence_ids(value: Any, name: str = "sequence_ids", *, check_values: 
     ``name`` and what is wrong.
 
     ``check_values``: ``"always"`` reads the values (range, negative IDs) wherever they are;
-    ``"host"`` only when they are on the CPU (no device synchronisation: forward's choice).
+    ``"host"`` only when they are on the CPU and no ``torch.compile`` trace is running (no device
+    synchronisation and no graph break: forward's choice).
     """
     if isinstance(value, torch.Tensor):
         t = value
@@ -117,7 +119,7 @@ def check_sequence_ids(value: Any, name: str = "sequence_ids", *, check_values: 
         raise _type_error(name, f"a {type(value).__name__}")
     if t.dtype != torch.long:
         t = t.long()
-    if check_values == "always" or t.device.type == "cpu":
+    if check_values == "always" or (t.device.type == "cpu" and not torch.compiler.is_compiling()):
         if t.numel() and bool((t < NO_SEQUENCE).any()):
             bad = int(t[t < NO_SEQUENCE].flatten()[0])
             raise ValueError(

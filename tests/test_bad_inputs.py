@@ -288,6 +288,9 @@ CASES = [
     Case("collator bool id", collate(True), TypeError, "example 0.*bool"),
     Case("packing collator 5.7", collate(5.7, packing=True), TypeError, "example 0.*5.7"),
     Case("collator -1 and big ids kept", collator_keeps_minus_one_and_large_ids),
+    Case("unchecked negative ids activate no sink", lambda c: [
+        assert_(not __import__("hf_memsinks").sink_mask(torch.tensor([-100, -2, -1]), 64, 0.9, scheme=s).any())
+        for s in ("hash", "reference")]),
     Case("add_sequence_ids float column", lambda c: add_sequence_ids(
         __import__("datasets").Dataset.from_dict({"doc": [1.0, 2.5]}), by="ids", column="doc"), TypeError,
         "row 0 of column 'doc'"),
@@ -369,6 +372,10 @@ CASES = [
 ]
 
 
+def assert_(condition: bool) -> None:
+    assert condition
+
+
 def with_ckpt_path(c: Ctx, edit) -> Path:
     ck = c.copy_ckpt()
     edit(c, ck)
@@ -410,3 +417,17 @@ def test_cli_user_error_in_a_real_process_is_one_line():
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "hf-memsinks: error: override 'train.steps=abc': 'train.steps' must be int, got 'abc'"
+
+
+def _logits_in_child(model, x):
+    with torch.no_grad():
+        return model.eval()(input_ids=x).logits, type(model).__mro__[1].__name__
+
+
+def test_patched_model_crosses_a_spawned_process(ctx: Ctx):
+    """multiprocessing (spawn) pickles the patched model to the child and back."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got, base = pool.apply(_logits_in_child, (ctx.model, ctx.x))
+    assert base == "MemSinkModelMixin" and torch.equal(got, ctx.logits(ctx.model))
