@@ -118,7 +118,14 @@ class MemSinkConfig:
             fail("target_modules", "must be a dict like {'mlp': 'mlp', 'in_proj': ['up_proj'], 'out_proj': 'down_proj'}")
         unknown = set(tm) - TARGET_MODULE_KEYS
         if unknown:
-            fail("target_modules", f"unknown keys {sorted(unknown)}; allowed: {sorted(TARGET_MODULE_KEYS)}")
+            import difflib
+
+            hints = [f"{k!r} (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(str(k), TARGET_MODULE_KEYS, n=1))
+                     else repr(k) for k in sorted(unknown, key=str)]
+            fail("target_modules", f"unknown keys {', '.join(hints)}; allowed: {sorted(TARGET_MODULE_KEYS)}")
+        width_attr = tm.get("width_attr")
+        if width_attr is not None and (not isinstance(width_attr, str) or not width_attr.isidentifier()):
+            fail("target_modules", "'width_attr' must be the name of a model config field, or None")
         if not isinstance(tm.get("out_proj"), str) or not tm["out_proj"]:
             fail("target_modules", "needs 'out_proj': the name of the MLP's output (down) projection")
         in_proj = tm.get("in_proj")
@@ -187,7 +194,11 @@ class MemSinkConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"MemSinkConfig: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+            import difflib
+
+            hints = [f"{k!r} (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(k, names, n=1)) else repr(k)
+                     for k in sorted(unknown)]
+            raise ValueError(f"MemSinkConfig: unknown fields {', '.join(hints)}; known: {sorted(names)}")
         return cls(**data)
 
     def to_json_string(self) -> str:
@@ -197,7 +208,10 @@ class MemSinkConfig:
 
     @classmethod
     def from_json_string(cls, text: str) -> "MemSinkConfig":
-        return cls.from_dict(json.loads(text))
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a memsink config is a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)
@@ -210,8 +224,13 @@ class MemSinkConfig:
         file = find_config_file(path, **hub_kwargs)
         if file is None:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {path!s}: it is not a hf_memsinks checkpoint")
-        with open(file) as f:
-            return cls.from_json_string(f.read())
+        try:
+            with open(file, encoding="utf-8") as f:
+                return cls.from_json_string(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err}): this checkpoint's memsink config is corrupt") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{file}: {err}") from None
 
 
 def find_config_file(path: str | os.PathLike, **hub_kwargs) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from .ids import check_sequence_ids
 from .masks import NO_SEQUENCE
 
 ID_COLUMN = "sequence_ids"
@@ -79,11 +80,28 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
     (default ``"text"``, else ``"input_ids"``), so exact repeats share an ID. ``by="near_duplicates"``:
     MinHash LSH over word shingles (``datasketch``) with Jaccard ``threshold``; each cluster of
     near-duplicates takes the content ID of its first row, so lightly edited repeats share an ID.
+    ``by="ids"``: ``column`` already holds integer IDs (document numbers from your pipeline); they
+    are validated (integers, ``>= 0`` or ``-1``; see :mod:`hf_memsinks.ids`: no float, bool or
+    string) and copied to ``output_column`` (or only validated, when ``column == output_column``).
     Metadata and content IDs are a batched ``map`` (streams, parallel with ``num_proc``).
     """
     from datasets import Dataset  # noqa: F401  (datasets is an optional dependency)
 
     names = list(dataset.column_names)
+    if by == "ids":
+        if column is None or column not in names:
+            raise ValueError(f"by='ids' needs column=<a column of integer IDs> (have {names})")
+
+        def validate(batch, indices):
+            values = batch[column]
+            for value, index in zip(values, indices):
+                check_sequence_ids(value, f"row {index} of column {column!r}")
+            return {} if column == output_column else {output_column: values}
+
+        if output_column in names and output_column != column:
+            raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
+        return dataset.map(validate, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
+                           desc=desc or f"check sequence IDs in {column!r}")
     if output_column in names:
         raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
     if column is None:
@@ -104,7 +122,7 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
     if by == "near_duplicates":
         return _add_near_duplicate_ids(dataset, column, output_column, threshold, num_perm, shingle_size,
                                        batch_size, num_proc, desc)
-    raise ValueError(f"unknown by={by!r}; use 'metadata', 'content' or 'near_duplicates'")
+    raise ValueError(f"unknown by={by!r}; use 'metadata', 'content', 'near_duplicates' or 'ids'")
 
 
 _MINHASH_SCHEME = "affine64"  # datasketch >= 2.0 asks for the scheme by name
@@ -199,14 +217,14 @@ def _feature_ids(feature: dict, index: int, id_column: str, length: int) -> int 
     ids = feature[id_column]
     if ids is None:
         raise ValueError(f"example {index} has a null {id_column!r}")
-    if isinstance(ids, (int, np.integer)) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
-        return int(ids)
-    ids = _as_list(ids)
-    if any(i is None for i in ids):
-        raise ValueError(f"example {index} has a null in its per-token {id_column!r}")
-    if len(ids) != length:
-        raise ValueError(f"example {index} has {len(ids)} per-token sequence IDs for {length} tokens")
-    return [int(i) for i in ids]
+    checked = check_sequence_ids(ids, f"example {index}'s {id_column!r}")
+    if checked.dim() == 0:
+        return int(checked)
+    if checked.dim() != 1:
+        raise ValueError(f"example {index}'s {id_column!r} must be one ID or one per token, got shape {tuple(checked.shape)}")
+    if len(checked) != length:
+        raise ValueError(f"example {index} has {len(checked)} per-token sequence IDs for {length} tokens")
+    return checked.tolist()
 
 
 @dataclass

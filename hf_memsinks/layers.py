@@ -139,8 +139,21 @@ class _SinkProjection:
         parts = self.general_and_sink_parts()
         return parts["bias"][1] if "bias" in parts else None
 
+    def memsink_layout(self) -> dict:
+        """What the checkpoint tensors of this projection mean: its neuron layout and the mask
+        settings that decide which sinks belong to which sequence ID. Saved in the state dict's
+        metadata and compared on load, so weights never land on the wrong neurons."""
+        c = self._memsink_state.config
+        return {"role": self.memsink_role, "general": self.memsink_general, "sinks": self.memsink_sinks,
+                "chunks": self.memsink_chunks, "sink_active_prob": c.sink_active_prob, "salt": c.salt,
+                "mask_scheme": c.mask_scheme, "per_layer_masks": c.per_layer_masks,
+                "layer": self.memsink_layer if c.per_layer_masks else None}
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and isinstance(metadata.get(prefix[:-1]), dict):
+            metadata[prefix[:-1]]["memsink"] = self.memsink_layout()
         for name, dim in self._param_dims().items():
             tensor = getattr(self, name).detach()
             if hasattr(tensor, "full_tensor"):
@@ -154,6 +167,16 @@ class _SinkProjection:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         general_spans, sink_spans = self._ranges()
         dims = self._param_dims()
+        saved, mine = (local_metadata or {}).get("memsink"), self.memsink_layout()
+        if saved is not None and saved != mine:
+            differ = ", ".join(f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in mine if saved.get(k) != mine[k])
+            error_msgs.append(
+                f"sink layout mismatch for {prefix[:-1]}: the state dict was saved with another sink layout than "
+                f"this model's (state dict vs this model: {differ}); its tensors would land on the wrong neurons"
+            )
+            for key in [prefix + n for n in dims] + [prefix + "sink_" + n for n in dims]:
+                state_dict.pop(key, None)
+            return
         for name, dim in dims.items():
             param = getattr(self, name)
             for part, spans, width in (
@@ -165,14 +188,31 @@ class _SinkProjection:
                     missing_keys.append(key)
                     continue
                 value = state_dict.pop(key)
-                if part == name and value.shape[dim] != len(general_spans) * self.memsink_general:
-                    # Zero-padded general part: take the general positions only.
-                    value = self._parts(value, dim)[0]
                 expected = sum(n for _, n in spans)
-                if value.shape[dim] != expected or value.dim() != param.dim():
+                full = param.shape[dim]
+                layout = f"general={self.memsink_general}, sinks={self.memsink_sinks}"
+                others = lambda t: [d for i, d in enumerate(t.shape) if i != dim]  # noqa: E731
+                if value.dim() != param.dim() or others(value) != others(param):
+                    error_msgs.append(f"size mismatch for {key}: the state dict has shape {tuple(value.shape)}, this "
+                                      f"model ({layout}) expects {tuple(param.shape)} up to the neuron dim {dim}")
+                    continue
+                if part == name and value.shape[dim] == full != expected:
+                    # Zero-padded general part (config cannot describe a narrower MLP): take the
+                    # general positions; the sink positions must hold the padding zeros.
+                    if any(bool(value.narrow(dim, a, n).any()) for a, n in sink_spans):
+                        error_msgs.append(
+                            f"{key}: the state dict's tensor has nonzero values where this model ({layout}) keeps "
+                            "its sinks, so it was not saved with this sink layout"
+                        )
+                        continue
+                    value = self._parts(value, dim)[0]
+                if value.shape[dim] != expected:
+                    what = "general" if part == name else "sink"
                     error_msgs.append(
-                        f"size mismatch for {key}: checkpoint has {tuple(value.shape)}, the patched "
-                        f"model expects {expected} along dim {dim}"
+                        f"size mismatch for {key}: the state dict has {value.shape[dim]} {what} neurons along dim {dim} "
+                        f"(shape {tuple(value.shape)}), this model ({layout}) expects {expected}"
+                        + (f" (or {full} zero-padded)" if part == name and full != expected else "")
+                        + ": it was saved with another sink layout"
                     )
                     continue
                 offset = 0
@@ -189,6 +229,10 @@ class _SinkProjection:
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, general={self.memsink_general}, sinks={self.memsink_sinks}"
+
+    def __reduce_ex__(self, protocol):
+        """Pickle by the original class and role: the subclass is made at patch time."""
+        return _new_patched_projection, (self._memsink_base_class, self.memsink_role), self.__dict__
 
 
 class _SinkInProjection(_SinkProjection):
@@ -249,6 +293,12 @@ def _subclass(base: type, role: str) -> type:
         cls.__module__ = __name__
         _SUBCLASSES[key] = cls
     return _SUBCLASSES[key]
+
+
+def _new_patched_projection(base: type, role: str) -> nn.Module:
+    """Unpickling: an empty instance of the patched class of ``base`` (state is set next)."""
+    cls = _subclass(base, role)
+    return cls.__new__(cls)
 
 
 def is_patched_projection(module: nn.Module) -> bool:

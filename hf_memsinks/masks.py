@@ -5,7 +5,10 @@ repetition of a document computes the same one. Integer arithmetic wraps (two's 
 which torch does identically on CPU and GPU, and the final test is an integer comparison, so no
 floating-point rounding can differ between devices.
 
-``NO_SEQUENCE`` (-1) is reserved: it activates no sink (padding, unlabeled text).
+``NO_SEQUENCE`` (-1) is reserved: it activates no sink (padding, unlabeled text). Other negative
+IDs are refused where IDs enter the library (:mod:`hf_memsinks.ids`); should one reach a mask
+unchecked (a tensor on an accelerator, whose values forward does not read back), it activates no
+sink either.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def hash_mask(
     z = _mix64(per_id.unsqueeze(-1) ^ sink_keys)  # (..., S)
     threshold = int(round(active_prob * 2.0**53))
     active = _shift_right(z, 11) < threshold
-    return active & (ids != NO_SEQUENCE).unsqueeze(-1)
+    return active & (ids >= 0).unsqueeze(-1)  # every negative ID: no sequence
 
 
 def _wrap(value: int) -> int:
@@ -89,7 +92,7 @@ def reference_mask(sequence_ids: torch.Tensor, num_sinks: int, active_prob: floa
     active = residue.to(torch.float32) / torch.tensor(REFERENCE_M, dtype=torch.float32) < torch.tensor(
         active_prob, dtype=torch.float32
     )
-    return active & (ids != NO_SEQUENCE).unsqueeze(-1)
+    return active & (ids >= 0).unsqueeze(-1)  # every negative ID: no sequence
 
 
 @torch.compiler.disable

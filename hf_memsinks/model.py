@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .architectures import MLPSite, find_mlp_sites, neuron_dim, select_layers, spec_for
 from .config import MemSinkConfig, find_config_file
+from .ids import check_sequence_ids
 from .layers import is_patched_projection, patch_projection, unpatch_projection
 from .masks import sink_mask
-from .state import EVAL_MODES, PAPER_MODE_NAMES, SinkState, with_call_of_forward
+from .saving import atomic_save
+from .state import EVAL_MODES, PAPER_MODE_NAMES, ReplayInCall, SinkState
 
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
 
@@ -71,6 +73,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
             f"the saved sink layout names MLPs {sorted(layout)} but this model's selected MLPs are "
             f"{sorted(s.name for s in sites)}: the checkpoint does not match the base model"
         )
+    _check_width_attr(model, spec.width_attr)
     original_widths = {s.name: s.width for s in all_sites}
     patched: list[_PatchedSite] = []
     for site in sites:
@@ -103,6 +106,22 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         backbone._memsink_state = state
     _rewrap_checkpointing(model)
     return model
+
+
+def _check_width_attr(model: PreTrainedModel, width_attr: str | None) -> None:
+    """A width field the model config lacks (a misspelling) would be set on the config as a new,
+    ignored attribute, leaving the real width wrong in saved checkpoints."""
+    if width_attr is None or hasattr(model.config, width_attr):
+        return
+    import difflib
+
+    fields = [k for k in model.config.to_dict() if isinstance(getattr(model.config, k, None), (int, type(None)))]
+    near = difflib.get_close_matches(width_attr, fields, n=1)
+    raise ValueError(
+        f"MemSinkConfig.target_modules: width_attr {width_attr!r} is not a field of {type(model.config).__name__}"
+        + (f" (did you mean {near[0]!r}?)" if near else "")
+        + "; name the config field holding the MLP width, or None if the model hard-codes it"
+    )
 
 
 def _projection_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -207,7 +226,7 @@ def _rewrap_checkpointing(model: nn.Module) -> None:
     for module in model.modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         if func is not None and not hasattr(func, "_memsink_original"):
-            module._gradient_checkpointing_func = with_call_of_forward(func, model._memsink_state)
+            module._gradient_checkpointing_func = ReplayInCall(func, model._memsink_state)
 
 
 def _checked_ids(sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -217,9 +236,7 @@ def _checked_ids(sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor |
     ref = kwargs.get("input_ids", args[0] if args else None)
     if ref is None:
         ref = kwargs.get("inputs_embeds")
-    ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"sequence_ids must hold integers, got dtype {ids.dtype}")
+    ids = check_sequence_ids(sequence_ids, "sequence_ids", check_values="host")
     if ref is not None:
         batch, length = ref.shape[0], ref.shape[1]
         if ids.dim() == 1:
@@ -242,13 +259,19 @@ def _checked_ids(sequence_ids: Any, args: tuple, kwargs: dict) -> torch.Tensor |
     return ids.long()
 
 
-class _CheckpointingSeesCalls:
-    """Activation checkpointing enabled after patching: replays must see their own call's IDs."""
+class _PatchedClass:
+    """What the patched model and its patched backbone share: activation checkpointing enabled
+    after patching (replays must see their own call's IDs) and pickling."""
+
+    def __reduce_ex__(self, protocol):
+        """The class is made at patch time, so pickle cannot find it by name: rebuild it from the
+        original class (importable) on load, then restore the instance state as usual."""
+        return _new_patched_model, (self._memsink_base_class, not isinstance(self, MemSinkModelMixin)), self.__dict__
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
         if gradient_checkpointing_func is None:
             from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
-        func = with_call_of_forward(gradient_checkpointing_func, self._memsink_state)
+        func = ReplayInCall(gradient_checkpointing_func, self._memsink_state)
         return self._memsink_base_class._set_gradient_checkpointing(
             self, enable=enable, gradient_checkpointing_func=func, **kwargs
         )
@@ -257,7 +280,7 @@ class _CheckpointingSeesCalls:
 # ---- the patched model class ----------------------------------------------------------------------
 
 
-class MemSinkModelMixin(_CheckpointingSeesCalls):
+class MemSinkModelMixin(_PatchedClass):
     """Methods every patched model gains. Mixed in ahead of the model's own class."""
 
     # -- evaluation modes --
@@ -278,10 +301,9 @@ class MemSinkModelMixin(_CheckpointingSeesCalls):
         if sequence_ids is not None:
             if mode in ("drop", "expected"):
                 raise ValueError(f"sink mode {mode!r} takes no sequence IDs")
-            ids = sequence_ids if isinstance(sequence_ids, torch.Tensor) else torch.as_tensor(sequence_ids)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise TypeError(f"sequence IDs must be integers, got dtype {ids.dtype}")
-            ids = ids.long()
+            ids = check_sequence_ids(sequence_ids, "set_sink_mode(sequence_ids=)")
+            if ids.dim() > 2:
+                raise ValueError(f"set_sink_mode(sequence_ids=) must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
         elif mode == "exclude":
             raise ValueError("sink mode 'exclude' needs the sequence IDs whose sinks to exclude")
         self._memsink_state.eval_mode = mode
@@ -329,7 +351,7 @@ class MemSinkModelMixin(_CheckpointingSeesCalls):
         config: MemSinkConfig = self.memsink_config
         ids = None
         if forget_ids is not None:
-            ids = torch.as_tensor(forget_ids if not isinstance(forget_ids, torch.Tensor) else forget_ids).long().reshape(-1)
+            ids = check_sequence_ids(forget_ids, "remove_sinks(forget_ids=)").reshape(-1)
             if ids.numel() == 0:
                 raise ValueError("forget_ids is empty; pass None to drop every sink")
         sites: list[_PatchedSite] = self._memsink_sites
@@ -359,13 +381,34 @@ class MemSinkModelMixin(_CheckpointingSeesCalls):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save like any Transformers model, plus ``memsink_config.json``. Plain
         ``AutoModelForCausalLM`` loads the result as the sink-free model (sink tensors unused);
-        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks."""
+        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks.
+
+        Atomic (:func:`hf_memsinks.saving.atomic_save`): everything is written into a staging
+        directory next to ``save_directory`` and swapped in at once, so a crash at any point leaves
+        the previous checkpoint there loadable; files of that directory which this save does not
+        write are kept."""
         is_main = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main:
-            os.makedirs(save_directory, exist_ok=True)
-            layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
-            MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout}).save_pretrained(save_directory)
-        return self._memsink_base_class.save_pretrained(self, save_directory, *args, **kwargs)
+        base_save = self._memsink_base_class.save_pretrained
+        if not is_main:
+            return base_save(self, save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+            kwargs["repo_id"] = os.path.basename(os.path.abspath(os.fspath(save_directory)))
+        layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in self._memsink_sites}
+        memsink_config = MemSinkConfig.from_dict({**self.memsink_config.to_dict(), "sink_layout": layout})
+        result = []
+
+        def write(directory: str) -> None:
+            memsink_config.save_pretrained(directory)
+            result.append(base_save(self, directory, *args, **kwargs))
+
+        atomic_save(save_directory, write)
+        return result[0]
+
+
+def _new_patched_model(base: type, backbone: bool = False) -> PreTrainedModel:
+    """Unpickling: an empty instance of the patched class of ``base`` (state is set next)."""
+    cls = _memsink_class(base, backbone)
+    return cls.__new__(cls)
 
 
 def _already_removed(*args, **kwargs):
@@ -458,6 +501,12 @@ def _memsink_class(base: type, backbone: bool = False) -> type:
         if backbone and sequence_ids is None and state.current() is not None:
             return base.forward(self, *args, **kwargs)
         if not self.training and state.eval_mode == "activate" and state.eval_ids is not None:
+            if sequence_ids is not None:  # one place for the IDs: never silently replace the caller's
+                raise ValueError(
+                    "sink mode 'activate' was set with its own sequence IDs, and this forward also got "
+                    "sequence_ids: give them in one place (set_sink_mode('activate') without IDs uses "
+                    "each forward's)"
+                )
             sequence_ids = state.eval_ids
         ids = _checked_ids(sequence_ids, args, kwargs)
         _sync_adapter_wrappers(state.slots)
@@ -483,7 +532,7 @@ def _memsink_class(base: type, backbone: bool = False) -> type:
         "            hf_memsinks: the ID of each sequence (or token), which selects its sink neurons. -1 means\n"
         "            no sequence (no sink active). Required in training mode.\n"
     )
-    mixin = _CheckpointingSeesCalls if backbone else MemSinkModelMixin
+    mixin = _PatchedClass if backbone else MemSinkModelMixin
     cls = type(base.__name__, (mixin, base), {
         "forward": forward,
         "_memsink_base_class": base,
@@ -518,15 +567,38 @@ class AutoMemSinkModelForCausalLM:
         to ``AutoModelForCausalLM.from_pretrained``."""
         path = pretrained_model_name_or_path
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        if os.path.isfile(path):
+            raise ValueError(f"{path} is a file; pass the checkpoint directory (the one with config.json)")
         local = os.path.join(os.fspath(path), hub_kwargs.get("subfolder", "")) if os.path.isdir(path) else None
+        if local is None and _looks_local(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
         config_file = find_config_file(local or path, **({} if local else hub_kwargs))
+        sink_keys = _sink_tensor_keys(local) if local is not None else []  # also: every weights file readable
         if config_file is None:
+            if sink_keys and memsink_config is None:
+                raise ValueError(
+                    f"{path} holds sink tensors ({sink_keys[0]}, ...) but no memsink_config.json: it is a memsink "
+                    "checkpoint whose config was lost. Restore memsink_config.json (it holds the sink layout); "
+                    "memsink_config=MemSinkConfig(...) works only with the exact settings of the training run, "
+                    "and is checked against these tensors"
+                )
             if memsink_config is None:
+                if local is not None and not os.path.isfile(os.path.join(local, "config.json")):
+                    raise FileNotFoundError(f"{path} is not a model directory: it has no config.json")
+                if local is None:
+                    raise FileNotFoundError(
+                        f"{path} is not a local directory, and no memsink_config.json was found for it on the Hub "
+                        "(no such model, or no network). For a plain model pass memsink_config=MemSinkConfig(...)"
+                    )
                 raise ValueError(
                     f"{path} holds no memsink_config.json, so it is a plain model: pass "
                     "memsink_config=MemSinkConfig(...) to patch it with sinks"
                 )
-            return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+            if not sink_keys:
+                return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+            model = get_memsink_model(_load_ignoring_sinks(path, *model_args, **kwargs), memsink_config)
+            _load_sink_tensors(model, local, hub_kwargs, described_by="the memsink_config passed")
+            return model
         if memsink_config is not None:
             raise ValueError(
                 f"{path} is already a memsink checkpoint (it has {os.path.basename(config_file)}); "
@@ -534,9 +606,34 @@ class AutoMemSinkModelForCausalLM:
             )
         saved = MemSinkConfig.from_pretrained(config_file)
         model = _load_ignoring_sinks(path, *model_args, **kwargs)
-        get_memsink_model(model, saved)
-        _load_sink_tensors(model, local or path, hub_kwargs)
+        try:
+            get_memsink_model(model, saved)
+        except ValueError as err:
+            raise ValueError(f"{config_file} does not match the weights of {path}: {err}") from None
+        _load_sink_tensors(model, local or path, hub_kwargs, described_by=config_file)
         return model
+
+
+def _looks_local(path) -> bool:
+    """A path that cannot be a Hub repo id (``name`` or ``org/name``): absolute, relative with
+    ``./``, ``~``, more than one ``/``, or characters repo ids do not have."""
+    text = os.fspath(path)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+            or not all(c.isalnum() or c in "-_./" for c in text))
+
+
+def _sink_tensor_keys(path: str) -> list[str]:
+    """Sink tensor names in the local safetensors files of ``path`` (headers only)."""
+    from safetensors import safe_open
+
+    keys = []
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys += [k for k in f.keys() if k.endswith(SINK_KEY_MARKERS)]
+        except Exception as err:  # safetensors' own error types
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    return keys
 
 
 def _load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
@@ -582,17 +679,32 @@ def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
     return files
 
 
-def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict) -> None:
+def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict, described_by: str = "memsink_config.json") -> None:
+    """Load the checkpoint's sink tensors; every sink the config describes must be there with
+    its shape, and no other: a mismatch is an error naming the config and the checkpoint."""
     from safetensors import safe_open
 
     tensors = {}
     for file in _checkpoint_files(path, hub_kwargs):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith(SINK_KEY_MARKERS):
-                    tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(SINK_KEY_MARKERS):
+                        tensors[key] = f.get_tensor(key)
+        except Exception as err:  # safetensors' own error types
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     expected = set(model.sink_parameters())
-    missing = expected - set(tensors)
-    if missing:
-        raise ValueError(f"the checkpoint at {path} lacks sink tensors {sorted(missing)[:5]}...")
-    model.load_state_dict(tensors, strict=False)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"{described_by} does not match the sink tensors of {path}: "
+            + (f"it describes sinks the checkpoint lacks ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+               if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"the checkpoint has sinks it does not describe ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
+               if extra else "")
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{described_by} does not match the sink tensors of {path}: {err}") from None

@@ -14,7 +14,7 @@ directly (TRL's fused LM head, Liger kernels, reward heads) with its own ``seque
 own; called without any it raises in training rather than reuse another call's masks; threads
 running forwards of one model at once (``nn.DataParallel`` replicas) each see their own call.
 Activation checkpointing replays a layer in backward, outside the call: the checkpoint function is
-wrapped to re-enter the call that ran the layer (:func:`with_call_of_forward`).
+wrapped to re-enter the call that ran the layer (:class:`ReplayInCall`).
 
 A ``threading.local`` rather than a ``contextvars.ContextVar``: dynamo traces attribute reads of a
 thread-local (so a compiled model reads its call's masks inside the graph) but not ``ContextVar.get``.
@@ -168,12 +168,17 @@ class SinkState:
         return coef
 
 
-def with_call_of_forward(checkpoint_func, state: SinkState):
+class ReplayInCall:
     """A checkpoint function whose replay of a layer (in backward, outside the forward call, maybe
-    in another thread) runs inside the call that first ran the layer."""
+    in another thread) runs inside the call that first ran the layer. A class, not a closure, so a
+    model with checkpointing on still pickles."""
 
-    def checkpoint_with_sink_call(function, *args, **kwargs):
-        call = state.current()
+    def __init__(self, checkpoint_func, state: SinkState):
+        self._memsink_original = checkpoint_func
+        self.state = state
+
+    def __call__(self, function, *args, **kwargs):
+        state, call = self.state, self.state.current()
 
         def run(*a, **k):
             previous = state.swap(call)
@@ -182,7 +187,4 @@ def with_call_of_forward(checkpoint_func, state: SinkState):
             finally:
                 state.swap(previous)
 
-        return checkpoint_func(run, *args, **kwargs)
-
-    checkpoint_with_sink_call._memsink_original = checkpoint_func
-    return checkpoint_with_sink_call
+        return self._memsink_original(run, *args, **kwargs)

@@ -13,7 +13,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
+from .ids import check_sequence_ids
 from .layers import is_patched_projection
+from .saving import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,13 @@ class MemSinkCallback(TrainerCallback):
 
     ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
     (see ``remove_sinks``). The tokenizer (``processing_class``) is saved alongside when given.
+    The export is atomic (:func:`hf_memsinks.saving.atomic_save`): files it does not write in
+    ``export_dir`` are kept, and a crash leaves the previous export loadable.
     """
 
     def __init__(self, export_dir: str | os.PathLike | None = None, forget_ids=None, log_statistics: bool = True):
         self.export_dir = None if export_dir is None else os.fspath(export_dir)
-        self.forget_ids = forget_ids
+        self.forget_ids = None if forget_ids is None else check_sequence_ids(forget_ids, "MemSinkCallback(forget_ids=)")
         self.log_statistics = log_statistics
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs):
@@ -70,8 +74,27 @@ class MemSinkCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.export_dir is None or model is None or not state.is_world_process_zero:
             return
+        self._check_export_dir()
         plain = copy.deepcopy(_unwrap(model)).remove_sinks(self.forget_ids)
-        plain.save_pretrained(self.export_dir)
-        if processing_class is not None:
-            processing_class.save_pretrained(self.export_dir)
+
+        def write(directory: str) -> None:
+            plain.save_pretrained(directory)
+            if processing_class is not None:
+                processing_class.save_pretrained(directory)
+
+        atomic_save(self.export_dir, write)  # a crash leaves the previous export loadable
         logger.info("saved the sink-free model to %s", self.export_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.export_dir is not None and state.is_world_process_zero:
+            self._check_export_dir()  # fail before training, not after it
+
+    def _check_export_dir(self) -> None:
+        d = self.export_dir
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ValueError(f"MemSinkCallback(export_dir={d!r}) exists and is not a directory")
+        if os.path.isdir(d) and any("memsink" in n.lower() for n in os.listdir(d)):
+            raise ValueError(
+                f"MemSinkCallback(export_dir={d!r}) holds a memsink checkpoint (memsink_config.json): the "
+                "sink-free export would not be clean there; choose another directory"
+            )

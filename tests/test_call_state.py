@@ -1,8 +1,9 @@
 """Masks belong to the forward call that made them: a backbone run on its own uses its own IDs or
 raises, a layer run outside any call never reuses one, threads forwarding one model at once each
-see their own masks, and deep copies of a patched model work."""
+see their own masks, and deep copies and pickles of a patched model work."""
 
 import copy
+import io
 import threading
 
 import pytest
@@ -108,11 +109,21 @@ def test_threads_forwarding_one_model_each_get_their_own_masks(training):
     assert errors == []
 
 
-def test_patched_model_deep_copies_with_its_own_state():
+@pytest.mark.parametrize("how", ["pickle", "deepcopy with checkpointing"])
+def test_patched_model_copies_and_pickles_with_its_own_state(how):
     model = patched().train()
-    x, ids = batch(2, 6), torch.tensor([3, 4])
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        torch.testing.assert_close(other(input_ids=x, sequence_ids=ids).logits,
-                                   model(input_ids=x, sequence_ids=ids).logits, rtol=0, atol=0)
+    if how == "pickle":  # (checkpointing's input-grad hook is a local function: plain models do not pickle either)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    else:
+        model.activation_checkpointing_enable()
+        other = copy.deepcopy(model)
+    assert type(other.base_model).__name__ == "LlamaModel" and other.base_model._memsink_state is other._memsink_state
     assert other._memsink_state is not model._memsink_state
+    x, ids = batch(2, 6), torch.tensor([3, 4])
+    for m in (model, other):
+        m(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)

@@ -41,6 +41,81 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Every key a config may have, with its type: a misspelled key is an error naming the nearest valid
+# one (not a setting silently ignored), a value of the wrong type an error naming the key.
+_INT, _FLOAT, _STR = "int", "float", "str"
+SCHEMA: dict[str, Any] = {
+    "name": _STR, "seed": _INT, "threads": (_INT, None), "device": _STR, "save_models": bool,
+    "corpus": {"source": _STR, "text_field": _STR, "split": _STR},
+    "tokenizer": {"vocab_size": _INT, "path": (_STR, None)},
+    "data": {k: _INT for k in ("max_length", "repeated_natural", "repeated_canaries", "repetitions", "control",
+                                "validation", "canary_length")},
+    "model": {"type": _STR, "layers": _INT, "hidden": _INT, "heads": _INT, "mlp": _INT},
+    "train": {"steps": _INT, "batch_size": _INT, "lr": _FLOAT, "min_lr_ratio": _FLOAT, "warmup": _INT,
+              "weight_decay": _FLOAT, "eval_every": _INT, "curve_docs": _INT},
+    "eval": {"prefix": _INT, "suffix": _INT, "batch_size": _INT},
+    "memsinks": "memsinks",  # MemSinkConfig's fields, checked by MemSinkConfig
+    "posthoc": {"fractions": list},
+    "runs": list,
+}
+
+
+def _nearest(key: str, valid, section: str = "") -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{section}{near[0]}'?)" if near else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    for k in kinds:
+        if k is None and value is None:
+            return True
+        if k == _INT and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if k == _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if k == _STR and isinstance(value, str):
+            return True
+        if k in (bool, list) and isinstance(value, k):
+            return True
+    return False
+
+
+def check_config(cfg: dict, where: str = "config") -> None:
+    """Every key known, every value of its type (see :data:`SCHEMA`)."""
+    import dataclasses
+
+    for key, value in cfg.items():
+        if key not in SCHEMA:
+            raise ValueError(f"{where}: unknown key {key!r}{_nearest(key, SCHEMA)}")
+        kind = SCHEMA[key]
+        if kind == "memsinks":
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: 'memsinks' must be a mapping of MemSinkConfig fields, got {value!r}")
+            fields = {f.name for f in dataclasses.fields(MemSinkConfig)} - {"sink_layout"}
+            for k in value:
+                if k not in fields:
+                    raise ValueError(f"{where}: unknown key 'memsinks.{k}'{_nearest(k, fields, 'memsinks.')}")
+        elif isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {key!r} must be a section (a mapping), got {value!r}")
+            for k, v in value.items():
+                if k not in kind:
+                    raise ValueError(f"{where}: unknown key '{key}.{k}'{_nearest(k, kind, key + '.')}")
+                if not _type_ok(v, kind[k]):
+                    want = " or ".join("null" if t is None else getattr(t, "__name__", t)
+                                       for t in (kind[k] if isinstance(kind[k], tuple) else (kind[k],)))
+                    raise ValueError(f"{where}: '{key}.{k}' must be {want}, got {v!r}")
+                if kind[k] == _INT and v < (0 if k in ("warmup", "control", "repeated_natural", "repeated_canaries")
+                                            else 1):
+                    raise ValueError(f"{where}: '{key}.{k}' must be a positive integer, got {v!r}")
+        elif not _type_ok(value, kind):
+            want = getattr(kind, "__name__", kind)
+            raise ValueError(f"{where}: {key!r} must be {want}, got {value!r}")
+
+
 # ---- config ---------------------------------------------------------------------------------------
 
 
@@ -53,8 +128,15 @@ def _merge(base: dict, override: dict) -> dict:
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """YAML config merged over the defaults; ``overrides`` are ``dotted.key=value`` (YAML values)."""
-    with open(path, encoding="utf-8") as f:
-        cfg = _merge(DEFAULTS, yaml.safe_load(f) or {})
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config sections, got {type(loaded).__name__}")
+    check_config(loaded, str(path))
+    cfg = _merge(DEFAULTS, loaded)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=200)")
@@ -65,7 +147,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: not a valid YAML value ({' '.join(str(err).split())})") from None
+        check_config(cfg, f"override {item!r}")
     for section in ("data", "train"):
         if section not in cfg:
             raise ValueError(f"config {path} has no {section!r} section")
