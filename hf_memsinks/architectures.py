@@ -1,4 +1,6 @@
-"""Where each architecture keeps its MLPs. The only per-model knowledge in the package.
+"""Where a model keeps its MLPs: the user's ``target_modules``, a table of exceptions, else
+discovery from the model's structure (:mod:`hf_memsinks.discovery`). The table is the only
+per-model knowledge in the package.
 
 Every supported MLP is ``out_proj(act(in_proj(x)) [* in_proj2(x)])``: input projections that
 produce the hidden neurons, elementwise ops, and one output projection that reads them. So the
@@ -31,33 +33,11 @@ class MLPSpec:
     kind: str = "mlp"  # "mlp": projection modules; "experts": batched expert weights (3-D parameters)
 
 
-_GATED = MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", "intermediate_size")
-
-ARCHITECTURES: dict[str, MLPSpec] = {
-    "gpt2": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
-    "gpt_bigcode": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
-    "gpt_neo": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
-    "gptj": MLPSpec("mlp", ("fc_in",), "fc_out", "n_inner"),
-    "gpt_neox": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "intermediate_size"),
-    "falcon": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "ffn_hidden_size"),
-    "bloom": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", None),
-    "mpt": MLPSpec("ffn", ("up_proj",), "down_proj", None),
-    "opt": MLPSpec("", ("fc1",), "fc2", "ffn_dim"),
-    "phi": MLPSpec("mlp", ("fc1",), "fc2", "intermediate_size"),
-    "phi3": MLPSpec("mlp", ("gate_up_proj",), "down_proj", "intermediate_size", in_proj_chunks=2),
-    "starcoder2": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
-    "gemma": _GATED,
-    "gemma2": _GATED,
-    "olmo": _GATED,
-    "olmo2": _GATED,
-    "stablelm": _GATED,
-    "granite": _GATED,
-    "smollm3": _GATED,
-}
+# Only what discovery from structure (hf_memsinks.discovery) cannot infer, keyed by model type.
+# Every type of the installed Transformers that discovery handles is absent on purpose: the
+# coverage run (tests/coverage_models.py) shows it finds the MLPs and width fields of the types
+# this table used to list (GPT-2's ``n_inner`` = None included).
+ARCHITECTURES: dict[str, MLPSpec] = {}
 
 
 def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
@@ -77,7 +57,7 @@ def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
         "MemSinkConfig(target_modules={'mlp': 'mlp', 'in_proj': ['gate_proj', 'up_proj'], "
         "'out_proj': 'down_proj', 'width_attr': 'intermediate_size'}) with the attribute names of "
         "one decoder layer (print(model) shows them; 'mlp': '' if the projections sit on the layer). "
-        f"Known model types: {', '.join(sorted(ARCHITECTURES))}."
+        f"Table entries: {', '.join(sorted(ARCHITECTURES)) or 'none'}."
     )
 
 

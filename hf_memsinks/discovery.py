@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import re
 import warnings
@@ -44,8 +45,9 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
     layers_path = decoder_layers_path(model)
     specs: list[MLPSpec] = []
     skipped: dict[str, str] = {}
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
     for layer in model.get_submodule(layers_path):
-        for spec in _layer_specs(layer, layers_path, skipped):
+        for spec in _layer_specs(layer, layers_path, skipped, hidden):
             if spec not in specs:
                 specs.append(spec)
     found: list[tuple[MLPSpec, list[MLPSite]]] = []
@@ -75,19 +77,22 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
 
 
 def decoder_layers_path(model: nn.Module) -> str:
-    """Path of the decoder-layer list: the largest ``nn.ModuleList`` under the decoder."""
+    """Path of the decoder-layer list: among the model's ``nn.ModuleList``\ s, one as long as the
+    text config's layer count, under ``model.get_decoder()``, with the most parameters (in that
+    order of preference: a vision or audio tower can be larger than a tiny decoder)."""
     root = model
     with contextlib.suppress(Exception):
         decoder = model.get_decoder()
-        if isinstance(decoder, nn.Module):
+        if isinstance(decoder, nn.Module) and any(isinstance(m, nn.ModuleList) for m in decoder.modules()):
             root = decoder
     under_root = {id(m) for m in root.modules()}
-    best, best_size = None, -1
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    best, best_key = None, None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and id(module) in under_root:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = name, size
+        if isinstance(module, nn.ModuleList) and len(module):
+            key = (len(module) == count, id(module) in under_root, sum(p.numel() for p in module.parameters()))
+            if best_key is None or key > best_key:
+                best, best_key = name, key
     if best is None:
         raise NotImplementedError(
             f"{type(model).__name__} ({model.config.model_type}): found no list of decoder layers "
@@ -119,7 +124,17 @@ def _common_parent(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _layer_specs(layer: nn.Module, layers_path: str, skipped: dict[str, str]) -> list[MLPSpec]:
+def _in_module_list(layer: nn.Module, path: str) -> bool:
+    """Whether ``path`` goes through an ``nn.ModuleList`` inside the layer (an ``nn.Sequential``
+    MLP is fine; a list of expert MLPs is not)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit() and isinstance(layer.get_submodule(".".join(parts[:i])), nn.ModuleList):
+            return True
+    return False
+
+
+def _layer_specs(layer: nn.Module, layers_path: str, skipped: dict[str, str], hidden: int | None) -> list[MLPSpec]:
     specs = []
     for name, module in layer.named_modules():
         if name and not _NOT_MLP.search(name) and experts_width(module) is not None:
@@ -130,10 +145,11 @@ def _layer_specs(layer: nn.Module, layers_path: str, skipped: dict[str, str]) ->
     }
     for out_name, out in projections.items():
         width, dim = _features(out)
-        if width == dim:
+        if hidden is not None and dim != hidden:
             continue
         ins = [n for n, m in projections.items() if n != out_name and _features(m)[0] == dim
-               and _features(m)[1] in (width, 2 * width)]
+               and _features(m)[1] in (width, 2 * width)
+               and (width != dim or _parent(n) == _parent(out_name))]  # W = D: only within one module
         same_parent = [n for n in ins if _parent(n) == _parent(out_name)]
         ins = same_parent or ins
         plain = [n for n in ins if _features(projections[n])[1] == width]
@@ -143,7 +159,7 @@ def _layer_specs(layer: nn.Module, layers_path: str, skipped: dict[str, str]) ->
         mlp = _common_parent(ins + [out_name])
         cut = len(mlp) + 1 if mlp else 0
         spec = MLPSpec(mlp, tuple(n[cut:] for n in ins), out_name[cut:], None, chunks, layers=layers_path)
-        if any(part.isdigit() for part in (ins + [out_name])[0].split(".")):
+        if any(_in_module_list(layer, n) for n in ins + [out_name]):
             skipped[_describe(spec)] = ("its projections sit in a module list inside the layer (experts as separate "
                                         "modules?): tokens are routed, so per-token sink masks cannot follow them")
             continue
@@ -162,7 +178,8 @@ def _describe(spec: MLPSpec) -> str:
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=x)
+    takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    out = model(input_ids=x, **({"use_cache": False} if takes_cache else {}))
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -175,6 +192,8 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
     if site.kind == "experts":
         check_experts_forward(site.out_proj, site.name)
     cut = max(1, site.width // 4)
+    if site.kind == "experts":  # keep widths grouped_mm can run (multiples of 8)
+        cut = max(8, cut // 8 * 8) if site.width > 8 else cut
     embeddings = model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
     device = next(model.parameters()).device
@@ -196,7 +215,8 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
                 with _edited(site, cut, "delete"):
                     deleted = _logits(model, x)
             except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                return f"the model's forward fails with it edited: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                return ("the model's forward fails with fewer of its neurons (something else is sized by its width, such "
+                        f"as a norm over the hidden neurons): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     finally:
         for h in hooks:
             h.remove()
@@ -289,11 +309,13 @@ def _no_mlp_message(model: nn.Module, layers_path: str, rejected: dict[str, str]
 # ---- 4. width fields --------------------------------------------------------------------------------
 
 
-def _int_fields(config, prefix: str = "", depth: int = 0) -> list[tuple[str, int]]:
+def _int_fields(config, prefix: str = "", depth: int = 0) -> list[tuple[str, int | None]]:
+    """Integer fields, and unset (None) ones named like a width (GPT-2's ``n_inner``: None means
+    4 x hidden), of the config and its sub-configs."""
     fields = []
     for key, value in config.to_dict().items():
         attr = getattr(config, key, None)
-        if isinstance(attr, int) and not isinstance(attr, bool):
+        if (isinstance(attr, int) and not isinstance(attr, bool)) or (attr is None and _WIDTH_NAMES.search(key)):
             fields.append((prefix + key, attr))
         elif depth == 0 and hasattr(attr, "to_dict") and hasattr(attr, "model_type"):
             fields += _int_fields(attr, f"{prefix}{key}.", 1)
@@ -329,22 +351,30 @@ def _quiet() -> Iterator[None]:
 def _width_fields(model: nn.Module, specs: list[MLPSpec], sites: list[MLPSite]) -> dict[str, str]:
     """Site name -> config field that sets its width (sites without one are left out)."""
     widths = {s.name: s.width for s in sites}
-    candidates = [(path, v) for path, v in _int_fields(model.config) if v in set(widths.values())]
-    candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[0].count(".")))
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] for p in m.parameters(recurse=False)}
+                   for s in sites}
+    candidates = [(path, v) for path, v in _int_fields(model.config) if v is None or v in set(widths.values())]
+    candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[1] is None, c[0].count(".")))
     assigned: dict[str, str] = {}
     for path, value in candidates[:_MAX_FIELD_TRIES]:
-        if all(n in assigned for n, w in widths.items() if w == value):
+        if value is not None and all(n in assigned for n, w in widths.items() if w == value):
             continue
-        new_value = value + 8
+        new_value = (value if value is not None else max(widths.values())) + 8
         config = copy.deepcopy(model.config)
         try:
             set_field(config, path, new_value)
             with _quiet(), torch.device("meta"):
                 meta = type(model)(config)
             rebuilt = {s.name: s.width for spec in specs for s in find_mlp_sites(meta, spec)}
+            reshaped = {n for n, p in meta.named_parameters() if shapes.get(n) != p.shape}
         except Exception:  # noqa: BLE001 - a field the model cannot be built with is not the width
             continue
         changed = {n: w for n, w in rebuilt.items() if widths.get(n) != w}
-        if changed and all(w == new_value and widths.get(n) == value and n not in assigned for n, w in changed.items()):
+        if reshaped - set().union(*(site_params[n] for n in changed)):
+            continue  # the field also sizes something that is not one of these MLPs
+        if changed and all(w == new_value and (value is None or widths.get(n) == value) and n not in assigned
+                           for n, w in changed.items()):
             assigned.update((n, path) for n in changed)
     return assigned

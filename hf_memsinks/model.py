@@ -12,6 +12,7 @@ import contextlib
 import glob
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -33,7 +34,8 @@ from .layers import (
 )
 from .masks import sink_mask
 
-SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
+SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.experts):
+                    ".sink_gate_up_proj", ".sink_gate_up_proj_bias", ".sink_up_proj", ".sink_up_proj_bias", ".sink_down_proj")
 
 
 @dataclass
@@ -81,13 +83,14 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
             f"{sorted(s.name for s in sites)}: the checkpoint does not match the base model"
         )
     original_widths = {s.name: s.width for s in all_sites}
+    has_experts = any(s.kind == "experts" for s in all_sites)
     patched: list[_PatchedSite] = []
     for site in sites:
         if layout is not None:
             general, sinks = layout[site.name]["general"], layout[site.name]["sinks"]
         else:
             general, sinks = config.num_sinks_for(site.width)
-            if site.kind == "experts" and config.num_sink_neurons is None:
+            if has_experts and config.num_sink_neurons is None:  # grouped_mm needs aligned widths
                 general, sinks = aligned_split(general, sinks, config.mode)
         if site.width == general:
             _grow_site(site, sinks, config, random_init=layout is None)
@@ -589,7 +592,7 @@ def _load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
     base = mapping[type(config)]
     ignoring = type(base.__name__, (base,), {
         "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or [])
-        + [r"\.sink_weight$", r"\.sink_bias$"],
+        + [re.escape(marker) + "$" for marker in SINK_KEY_MARKERS],
         "__module__": base.__module__,
     })
     model = ignoring.from_pretrained(path, *model_args, **kwargs)
@@ -617,6 +620,25 @@ def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
     return files
 
 
+def _undo_key_renames(tensors: dict, expected: set[str]) -> dict:
+    """Map sink keys that Transformers' save-time weight conversions renamed (Mixtral writes
+    ``mlp`` as ``block_sparse_moe``) back to the model's names: same layer numbers, same module
+    and tensor name, and only one such key."""
+    def signature(key: str) -> tuple:
+        parts = key.split(".")
+        return tuple(p for p in parts if p.isdigit()), tuple(parts[-2:])
+
+    by_signature: dict[tuple, list[str]] = {}
+    for key in tensors:
+        by_signature.setdefault(signature(key), []).append(key)
+    out = dict(tensors)
+    for key in expected - set(tensors):
+        found = by_signature.get(signature(key), [])
+        if len(found) == 1:
+            out[key] = out.pop(found[0])
+    return out
+
+
 def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict) -> None:
     from safetensors import safe_open
 
@@ -627,6 +649,7 @@ def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict) -> None:
                 if key.endswith(SINK_KEY_MARKERS):
                     tensors[key] = f.get_tensor(key)
     expected = set(model.sink_parameters())
+    tensors = _undo_key_renames(tensors, expected)
     missing = expected - set(tensors)
     if missing:
         raise ValueError(f"the checkpoint at {path} lacks sink tensors {sorted(missing)[:5]}...")
