@@ -10,8 +10,9 @@
    modules as in BERT); and batched mixture-of-experts modules (:mod:`hf_memsinks.experts`).
 3. **Check**: sinks need the hidden neurons to be independent of each other, and removal needs
    the model to run with fewer of them. So for each kind of candidate, one model forward with the
-   last quarter of its neurons deleted must equal one with their output weights zeroed, and
-   perturbing those weights must change the output (the projections are on the forward path).
+   last quarter of its neurons deleted (an odd number, so whole attention heads never pass)
+   must equal one with their output weights zeroed, and perturbing those weights must change
+   the output (the projections are on the forward path).
    Candidates that fail are dropped; if none pass, the error lists what was found and why.
 4. **Width field**: a config field (by value, names like ``*intermediate*`` first) is the MLP's
    width if building the model on the meta device with that field changed changes exactly those
@@ -191,9 +192,11 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
     """Why ``site`` is not an MLP whose neurons can be removed one by one (None: it is)."""
     if site.kind == "experts":
         check_experts_forward(site.out_proj, site.name)
-    cut = max(1, site.width // 4)
-    if site.kind == "experts":  # keep widths grouped_mm can run (multiples of 8)
-        cut = max(8, cut // 8 * 8) if site.width > 8 else cut
+    # An odd number of neurons: deleting whole attention heads (a multiple of head_dim) would
+    # pass for neurons; experts keep widths grouped_mm can run (multiples of 8).
+    cut = max(1, site.width // 4) | 1
+    if site.kind == "experts":
+        cut = max(8, site.width // 4 // 8 * 8) if site.width > 8 else 1
     embeddings = model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
     device = next(model.parameters()).device

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -255,6 +256,8 @@ def run(model_type: str) -> dict:
         with _quiet():
             sites = mlp_sites(model)
         row["mlps"] = len(sites)
+        row["found"] = sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)")
+                               for s in sites})
         row["found_by"] = "table" if model_type in ARCHITECTURES else "structure"
         row["experts"] = any(s.kind == "experts" for s in sites)
         row["width_fields"] = sorted({s.width_attr or "(none: zero-padded)" for s in sites})
