@@ -204,6 +204,8 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
     modules = site.in_proj + [site.out_proj]
     calls = [0] * len(modules)
     hooks = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(modules)]
+    shapes = []
+    hooks.append(site.out_proj.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape))))
     was_training = model.training
     model.eval()
     try:
@@ -213,6 +215,10 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
                     perturbed = _logits(model, x)
                 if not all(calls):
                     return "its projections are not used by the model's forward"
+                batch_first = all(s[0] == x.shape[0] or (len(s) == 2 and s[0] % x.shape[0] == 0) for s in shapes)
+                if site.kind != "experts" and not batch_first:
+                    return (f"its hidden activations have shape {shapes[0]} for a batch of {tuple(x.shape)}: sink "
+                            "masks need the batch first, (batch, tokens, width) or (batch * tokens, width)")
                 with _edited(site, cut, "zero"):
                     zeroed = _logits(model, x)
                 with _edited(site, cut, "delete"):
