@@ -184,18 +184,28 @@ def baseline(model) -> None:
         raise RuntimeError(f"plain save and reload: {bad}")
 
 
-def check(model_type: str, seq_id: int = 7) -> dict:
+def check(model_type: str, seq_id: int = 7, model=None) -> dict:
     """Patch with the default config, train one step with one ID, compare with remove_sinks(),
     save and reload with plain Transformers. Returns facts; raises AssertionError on a failure."""
     from hf_memsinks import MemSinkConfig, get_memsink_model
+    from hf_memsinks.architectures import ARCHITECTURES
     from hf_memsinks.masks import sink_mask
 
-    model = build_tiny(model_type)
+    model = build_tiny(model_type) if model is None else model
     base_class = type(model)
     config = MemSinkConfig()
     x = tokens(model)
     with _quiet():
         patched = get_memsink_model(model, config)
+    sites = patched._memsink_sites
+    facts = {
+        "mlps": len(sites),
+        "found": sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)") for s in sites}),
+        "found_by": "table" if model_type in ARCHITECTURES else "structure",
+        "experts": any(s.kind == "experts" for s in sites),
+        "width_fields": sorted({s.width_attr or "(none: zero-padded)" for s in sites}),
+    }
+    with _quiet():
         patched.train()
         patched.zero_grad()
         out = patched(input_ids=x, labels=x, sequence_ids=torch.tensor([seq_id, seq_id]), **_no_cache(patched))
@@ -232,6 +242,7 @@ def check(model_type: str, seq_id: int = 7) -> dict:
     diff = (again - expected).abs().max().item()
     assert diff < 1e-5, f"reloaded model's logits differ by {diff:.2e}"
     return {
+        **facts,
         "no_grad_share": round(zero / total, 3),
         "expected_no_grad_share": round(inactive_share / total, 3),
     }
@@ -239,8 +250,6 @@ def check(model_type: str, seq_id: int = 7) -> dict:
 
 def run(model_type: str) -> dict:
     """One row of the coverage table: status built / pass / fail and why."""
-    from hf_memsinks.architectures import ARCHITECTURES, mlp_sites
-
     row = {"model_type": model_type}
     try:
         model = build_tiny(model_type)
@@ -253,15 +262,7 @@ def run(model_type: str) -> dict:
         return {**row, "status": "not built", "reason": f"unpatched model: {type(e).__name__}: {_first_line(e)}"}
     start = time.time()
     try:
-        with _quiet():
-            sites = mlp_sites(model)
-        row["mlps"] = len(sites)
-        row["found"] = sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)")
-                               for s in sites})
-        row["found_by"] = "table" if model_type in ARCHITECTURES else "structure"
-        row["experts"] = any(s.kind == "experts" for s in sites)
-        row["width_fields"] = sorted({s.width_attr or "(none: zero-padded)" for s in sites})
-        row.update(check(model_type))
+        row.update(check(model_type, model=model))
         row["status"] = "pass"
     except Exception as e:  # noqa: BLE001
         row["status"] = "fail"
