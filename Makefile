@@ -1,11 +1,11 @@
-# Two commands: `make demo` and `make test`. Both create .venv through `make install` when missing.
+# Two commands: `make demo` and `make test` (plus `make coverage`, `make bench`). Both create .venv through `make install` when missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo quick-demo bench bench-compile clean
+.PHONY: install test coverage demo quick-demo bench bench-compile clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Every causal-LM type of the installed Transformers, tiny and random (~5 min on 2 CPU cores):
+# docs/coverage.json and README's "Supported model types" section. `make test` runs a subset.
+coverage: install
+	$(PY) tests/coverage_models.py
 
 # The memorization benchmark on the embedded corpus (~10 min on 2 CPU cores): runs/demo/report.md + plots.
 demo: install

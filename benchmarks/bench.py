@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
-from hf_memsinks.architectures import find_mlp_sites, spec_for  # noqa: E402
+from hf_memsinks.architectures import mlp_sites  # noqa: E402
 from hf_memsinks.layers import _MaskSinks, _SinkInProjection, _SinkOutProjection  # noqa: E402
 from hf_memsinks.masks import reference_mask  # noqa: E402
 
@@ -79,7 +79,7 @@ def reference_full_mask(ids: torch.Tensor, general: int, sinks: int, like: torch
 
 def add_reference_hooks(model, per_token_ids: torch.Tensor, general: int):
     """The published masking: per layer, per forward, a full-width float mask multiplied in."""
-    sites = find_mlp_sites(model, spec_for(model.config.model_type))
+    sites = mlp_sites(model)
 
     def hook(module, args):
         h = args[0]
@@ -198,8 +198,7 @@ def paired_ratio(fn, baseline, pairs: int) -> float:
 def eval_mlp_fns(patched, removed, size: dict):
     """Layer 0's MLP of the patched model in eval (sinks dropped) and of the removed model, on
     one input: the only code that differs between the two models' eval forwards."""
-    spec = spec_for(patched.config.model_type)
-    name = find_mlp_sites(patched, spec)[0].name
+    name = patched._memsink_sites[0].name
     x = torch.randn(size["batch"], size["seq"], size["hidden"], generator=torch.Generator().manual_seed(1))
     patched.eval()
     removed.eval()

@@ -1,4 +1,6 @@
-"""Where each architecture keeps its MLPs. The only per-model knowledge in the package.
+"""Where a model keeps its MLPs: the user's ``target_modules``, a table of exceptions, else
+discovery from the model's structure (:mod:`hf_memsinks.discovery`). The table is the only
+per-model knowledge in the package.
 
 Every supported MLP is ``out_proj(act(in_proj(x)) [* in_proj2(x)])``: input projections that
 produce the hidden neurons, elementwise ops, and one output projection that reads them. So the
@@ -27,35 +29,15 @@ class MLPSpec:
     out_proj: str
     width_attr: str | None
     in_proj_chunks: int = 1
+    layers: str | None = None  # path of the decoder-layer list (None: search the whole model)
+    kind: str = "mlp"  # "mlp": projection modules; "experts": batched expert weights (3-D parameters)
 
 
-_GATED = MLPSpec("mlp", ("gate_proj", "up_proj"), "down_proj", "intermediate_size")
-
-ARCHITECTURES: dict[str, MLPSpec] = {
-    "gpt2": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
-    "gpt_bigcode": MLPSpec("mlp", ("c_fc",), "c_proj", "n_inner"),
-    "gpt_neo": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
-    "gptj": MLPSpec("mlp", ("fc_in",), "fc_out", "n_inner"),
-    "gpt_neox": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "intermediate_size"),
-    "falcon": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "ffn_hidden_size"),
-    "bloom": MLPSpec("mlp", ("dense_h_to_4h",), "dense_4h_to_h", None),
-    "mpt": MLPSpec("ffn", ("up_proj",), "down_proj", None),
-    "opt": MLPSpec("", ("fc1",), "fc2", "ffn_dim"),
-    "phi": MLPSpec("mlp", ("fc1",), "fc2", "intermediate_size"),
-    "phi3": MLPSpec("mlp", ("gate_up_proj",), "down_proj", "intermediate_size", in_proj_chunks=2),
-    "starcoder2": MLPSpec("mlp", ("c_fc",), "c_proj", "intermediate_size"),
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
-    "gemma": _GATED,
-    "gemma2": _GATED,
-    "olmo": _GATED,
-    "olmo2": _GATED,
-    "stablelm": _GATED,
-    "granite": _GATED,
-    "smollm3": _GATED,
-}
+# Only what discovery from structure (hf_memsinks.discovery) cannot infer, keyed by model type.
+# Every type of the installed Transformers that discovery handles is absent on purpose: the
+# coverage run (tests/coverage_models.py) shows it finds the MLPs and width fields of the types
+# this table used to list (GPT-2's ``n_inner`` = None included).
+ARCHITECTURES: dict[str, MLPSpec] = {}
 
 
 def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
@@ -75,7 +57,7 @@ def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
         "MemSinkConfig(target_modules={'mlp': 'mlp', 'in_proj': ['gate_proj', 'up_proj'], "
         "'out_proj': 'down_proj', 'width_attr': 'intermediate_size'}) with the attribute names of "
         "one decoder layer (print(model) shows them; 'mlp': '' if the projections sit on the layer). "
-        f"Known model types: {', '.join(sorted(ARCHITECTURES))}."
+        f"Table entries: {', '.join(sorted(ARCHITECTURES)) or 'none'}."
     )
 
 
@@ -88,6 +70,9 @@ class MLPSite:
     in_proj: list[nn.Module]
     out_proj: nn.Module
     width: int
+    chunks: int = 1
+    width_attr: str | None = None  # config field holding this MLP's width (dotted for sub-configs)
+    kind: str = "mlp"  # "experts": ``out_proj`` is the experts module, ``in_proj`` empty
 
 
 def neuron_dim(module: nn.Module, role: str) -> int:
@@ -96,6 +81,17 @@ def neuron_dim(module: nn.Module, role: str) -> int:
     if role == "in":
         return 1 if transposed else 0
     return 0 if transposed else 1
+
+
+def mlp_sites(model: nn.Module, target_modules: dict | None = None) -> list[MLPSite]:
+    """Every MLP of ``model``: named by ``target_modules`` or the table, else found from the
+    model's structure (:mod:`hf_memsinks.discovery`)."""
+    model_type = getattr(model.config, "model_type", None)
+    if target_modules is not None or model_type in ARCHITECTURES:
+        return find_mlp_sites(model, spec_for(model_type, target_modules))
+    from .discovery import discover_sites
+
+    return discover_sites(model)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -120,21 +116,31 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
     """Every decoder layer's MLP, in layer order."""
     sites: list[MLPSite] = []
     seen: set[int] = set()
-    for name, module in model.named_modules():
+    if spec.layers is not None:
+        prefix = spec.layers + "." if spec.layers else ""
+        candidates = [(f"{prefix}{i}", layer) for i, layer in enumerate(model.get_submodule(spec.layers))]
+    else:
+        candidates = list(model.named_modules())
+    for name, module in candidates:
         mlp = _get(module, spec.mlp) if spec.mlp else module
         if mlp is None:
             continue
-        out_proj = getattr(mlp, spec.out_proj, None)
-        in_proj = [getattr(mlp, n, None) for n in spec.in_proj]
+        if spec.kind == "experts":
+            from .experts import experts_width
+
+            if id(mlp) not in seen and experts_width(mlp) is not None:
+                seen.add(id(mlp))
+                sites.append(MLPSite(f"{name}.{spec.mlp}" if spec.mlp else name, _layer_index(name), [], mlp,
+                                     experts_width(mlp), width_attr=spec.width_attr, kind="experts"))
+            continue
+        out_proj = _get(mlp, spec.out_proj)
+        in_proj = [_get(mlp, n) for n in spec.in_proj]
         if not isinstance(out_proj, nn.Module) or any(not isinstance(m, nn.Module) for m in in_proj):
             continue
         if id(out_proj) in seen:
             continue
         seen.add(id(out_proj))
         mlp_name = f"{name}.{spec.mlp}" if spec.mlp else name
-        numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
-        if not numbers:
-            raise ValueError(f"cannot tell the decoder-layer index of {name!r}: no numeric part in its path")
         _check_projection(out_proj, f"{mlp_name}.{spec.out_proj}")
         for n, m in zip(spec.in_proj, in_proj):
             _check_projection(m, f"{mlp_name}.{n}")
@@ -147,13 +153,21 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
                     + (f" x {spec.in_proj_chunks} chunks" if spec.in_proj_chunks > 1 else "")
                     + ": check target_modules / in_proj_chunks"
                 )
-        sites.append(MLPSite(mlp_name, int(numbers[-1]), in_proj, out_proj, width))
+        sites.append(MLPSite(mlp_name, _layer_index(name), in_proj, out_proj, width,
+                             chunks=spec.in_proj_chunks, width_attr=spec.width_attr))
     if not sites:
         raise ValueError(
             f"found no MLP with projections {spec.in_proj} -> {spec.out_proj} under attribute {spec.mlp!r}; "
             "set MemSinkConfig.target_modules to this model's names"
         )
     return sorted(sites, key=lambda s: s.layer)
+
+
+def _layer_index(name: str) -> int:
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", name)
+    if not numbers:
+        raise ValueError(f"cannot tell the decoder-layer index of {name!r}: no numeric part in its path")
+    return int(numbers[-1])
 
 
 def select_layers(sites: list[MLPSite], layers: list[int] | None) -> list[MLPSite]:

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-AUDIT_WORDS = ("sink_weight", "sink_bias", "memsink", "sink_layout", "sink_fraction", "sink_active_prob")
+AUDIT_WORDS = ("sink_weight", "sink_bias", "sink_gate_up_proj", "sink_up_proj", "sink_down_proj", "memsink", "sink_layout", "sink_fraction", "sink_active_prob")
 
 
 class CLIError(ValueError):

@@ -12,6 +12,7 @@ import contextlib
 import glob
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -19,15 +20,18 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .architectures import MLPSite, find_mlp_sites, neuron_dim, select_layers, spec_for
+from .architectures import MLPSite, mlp_sites, neuron_dim, select_layers
 from .config import MemSinkConfig, find_config_file
+from .discovery import set_field
+from .experts import aligned_split, fold_experts, grow_experts, is_patched_experts, patch_experts
 from .ids import check_sequence_ids
 from .layers import is_patched_projection, patch_projection, unpatch_projection
 from .masks import sink_mask
 from .saving import atomic_save
 from .state import EVAL_MODES, PAPER_MODE_NAMES, ReplayInCall, SinkState
 
-SINK_KEY_MARKERS = (".sink_weight", ".sink_bias")
+SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.experts):
+                    ".sink_gate_up_proj", ".sink_gate_up_proj_bias", ".sink_up_proj", ".sink_up_proj_bias", ".sink_down_proj")
 
 
 @dataclass
@@ -41,6 +45,8 @@ class _PatchedSite:
     general: int
     sinks: int
     chunks: int
+    width_attr: str | None = None
+    kind: str = "mlp"  # "experts": out_proj is a batched experts module (hf_memsinks.experts)
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -64,8 +70,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         raise TypeError(f"get_memsink_model needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_memsink_model(model):
         raise ValueError("this model already has memsinks; patch a model only once")
-    spec = spec_for(model.config.model_type, config.target_modules)
-    all_sites = find_mlp_sites(model, spec)
+    all_sites = mlp_sites(model, config.target_modules)
     sites = select_layers(all_sites, config.layers)
     layout = config.sink_layout
     if layout is not None and set(layout) != {s.name for s in sites}:
@@ -73,23 +78,33 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
             f"the saved sink layout names MLPs {sorted(layout)} but this model's selected MLPs are "
             f"{sorted(s.name for s in sites)}: the checkpoint does not match the base model"
         )
-    _check_width_attr(model, spec.width_attr)
+    if config.target_modules is not None:
+        _check_width_attr(model, config.target_modules.get("width_attr"))
     original_widths = {s.name: s.width for s in all_sites}
+    has_experts = any(s.kind == "experts" for s in all_sites)
     patched: list[_PatchedSite] = []
     for site in sites:
         if layout is not None:
             general, sinks = layout[site.name]["general"], layout[site.name]["sinks"]
         else:
             general, sinks = config.num_sinks_for(site.width)
+            if has_experts and config.num_sink_neurons is None:  # grouped_mm needs aligned widths
+                general, sinks = aligned_split(general, sinks, config.mode)
         if site.width == general:
-            _grow_site(site, sinks, spec.in_proj_chunks, config, random_init=layout is None)
+            _grow_site(site, sinks, config, random_init=layout is None)
         elif site.width != general + sinks:
             raise ValueError(f"{site.name} has width {site.width}; the sink layout expects {general} or {general + sinks}")
-        patched.append(_PatchedSite(site.name, site.layer, site.in_proj, site.out_proj, general, sinks, spec.in_proj_chunks))
+        patched.append(_PatchedSite(site.name, site.layer, site.in_proj, site.out_proj, general, sinks, site.chunks,
+                                    site.width_attr, site.kind))
 
-    external = _plan_widths(model, spec.width_attr, {p.name: p.general for p in patched}, original_widths)
+    width_attrs = {s.name: s.width_attr for s in all_sites}
+    external = _plan_widths(model, {p.name: p.general for p in patched}, original_widths, width_attrs)
     state = SinkState(config)
     for p in patched:
+        if p.kind == "experts":
+            patch_experts(p.out_proj, general=p.general, sinks=p.sinks, layer=p.layer, state=state,
+                          external_width=external[p.name])
+            continue
         for module, role in [(m, "in") for m in p.in_proj] + [(p.out_proj, "out")]:
             patch_projection(module, role, general=p.general, sinks=p.sinks, chunks=p.chunks,
                              layer=p.layer, state=state, external_width=external[p.name])
@@ -97,7 +112,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
     model.memsink_config = config
     model._memsink_state = state
     model._memsink_sites = patched
-    model._memsink_width_attr = spec.width_attr
+    model._memsink_width_attr = width_attrs
     model._memsink_original_widths = original_widths
     state.slots = _projection_slots(model)
     backbone = model.base_model
@@ -168,11 +183,14 @@ def _masked_input_hook(proj: nn.Module):
     return hook
 
 
-def _grow_site(site: MLPSite, sinks: int, chunks: int, config: MemSinkConfig, random_init: bool) -> None:
+def _grow_site(site: MLPSite, sinks: int, config: MemSinkConfig, random_init: bool) -> None:
     """Append ``sinks`` neurons per chunk to the MLP: input rows random (like the existing ones),
     output columns zero, so the model's outputs do not change."""
-    width = site.width
+    width, chunks = site.width, site.chunks
     generator = torch.Generator().manual_seed(config.init_seed * 1_000_003 + site.layer)
+    if site.kind == "experts":
+        grow_experts(site.out_proj, width, sinks, generator, random_init)
+        return
     for module in site.in_proj:
         dim = neuron_dim(module, "in")
         weight = module.weight.data
@@ -199,26 +217,35 @@ def _grow_site(site: MLPSite, sinks: int, chunks: int, config: MemSinkConfig, ra
     out.weight = nn.Parameter(torch.cat([out.weight.data, zeros], dim), requires_grad=out.weight.requires_grad)
 
 
-def _plan_widths(model: PreTrainedModel, width_attr: str | None, widths: dict[str, int],
-                 original_widths: dict[str, int]) -> dict[str, int]:
+def _plan_widths(model: PreTrainedModel, widths: dict[str, int], original_widths: dict[str, int],
+                 width_attrs: dict[str, str | None]) -> dict[str, int]:
     """Make the model config describe MLPs of ``widths`` (patched MLPs; the rest keep theirs).
 
-    Sets the config's width field when one value fits every MLP; otherwise MLPs narrower than
-    the config's width are zero-padded to it in checkpoints (Bloom and MPT hard-code the width;
-    patching a subset of layers makes widths differ). Returns the checkpoint width per MLP.
+    Per config width field (``width_attrs``: MLP name -> field, dotted for sub-configs): set it
+    when one value fits every MLP it sizes; otherwise (no field, as Bloom and MPT hard-code the
+    width; or a subset of layers patched) MLPs are zero-padded to their original width in
+    checkpoints. Returns the checkpoint width per patched MLP.
     """
     all_widths = {**original_widths, **widths}
-    if width_attr is not None and len(set(all_widths.values())) == 1:
-        setattr(model.config, width_attr, next(iter(all_widths.values())))
-        return dict(widths)
-    configured = set(original_widths.values())  # what the (unchanged) config describes
-    if len(configured) == 1 and all(w <= next(iter(configured)) for w in widths.values()):
-        return {name: next(iter(configured)) for name in widths}
-    raise ValueError(
-        f"the config of {type(model).__name__} cannot describe MLPs of widths {sorted(set(all_widths.values()))}"
-        + ("" if width_attr else " (this architecture hard-codes its MLP width)")
-        + ": patch every layer, or use mode='split'"
-    )
+    by_field: dict[str | None, list[str]] = {}
+    for name in all_widths:
+        by_field.setdefault(width_attrs.get(name), []).append(name)
+    external: dict[str, int] = {}
+    for field, names in by_field.items():
+        values = {all_widths[n] for n in names}
+        if field is not None and len(values) == 1:
+            set_field(model.config, field, values.pop())
+            external.update((n, all_widths[n]) for n in names if n in widths)
+            continue
+        for name in (n for n in names if n in widths):
+            if widths[name] > original_widths[name]:
+                raise ValueError(
+                    f"the config of {type(model).__name__} cannot describe MLPs of widths {sorted(values)}"
+                    + ("" if field else " (this architecture hard-codes its MLP width)")
+                    + ": patch every layer, or use mode='split'"
+                )
+            external[name] = original_widths[name]
+    return external
 
 
 def _rewrap_checkpointing(model: nn.Module) -> None:
@@ -326,7 +353,7 @@ class MemSinkModelMixin(_PatchedClass):
         """Copies of every sink tensor, keyed like the checkpoint (``...c_fc.sink_weight``)."""
         out = {}
         for name, module in self.named_modules():
-            if is_patched_projection(module):
+            if is_patched_projection(module) or is_patched_experts(module):
                 for param, (_, sinks) in module.general_and_sink_parts().items():
                     out[f"{name}.sink_{param}"] = sinks
         return out
@@ -356,7 +383,7 @@ class MemSinkModelMixin(_PatchedClass):
                 raise ValueError("forget_ids is empty; pass None to drop every sink")
         sites: list[_PatchedSite] = self._memsink_sites
         widths = {s.name: s.general if ids is None else s.general + s.sinks for s in sites}
-        external = _plan_widths(self, self._memsink_width_attr, widths, self._memsink_original_widths)
+        external = _plan_widths(self, widths, self._memsink_original_widths, self._memsink_width_attr)
         with torch.no_grad():
             for site in sites:
                 _fold_site(site, config, ids, external[site.name])
@@ -436,6 +463,9 @@ def _fold_site(site: _PatchedSite, config: MemSinkConfig, forget_ids: torch.Tens
         forgotten = sink_mask(forget_ids, s, config.sink_active_prob, salt=config.salt, layer=layer,
                               scheme=config.mask_scheme).any(0)
         general_scale, sink_coef = 1.0, config.sink_active_prob * (~forgotten).float()
+    if site.kind == "experts":
+        fold_experts(site.out_proj, g, s, general_scale, sink_coef, width)
+        return
 
     def pad(tensor: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
         own = tensor.shape[dim] // chunks
@@ -651,7 +681,7 @@ def _load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
     base = mapping[type(config)]
     ignoring = type(base.__name__, (base,), {
         "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or [])
-        + [r"\.sink_weight$", r"\.sink_bias$"],
+        + [re.escape(marker) + "$" for marker in SINK_KEY_MARKERS],
         "__module__": base.__module__,
     })
     model = ignoring.from_pretrained(path, *model_args, **kwargs)
@@ -679,6 +709,25 @@ def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
     return files
 
 
+def _undo_key_renames(tensors: dict, expected: set[str]) -> dict:
+    """Map sink keys that Transformers' save-time weight conversions renamed (Mixtral writes
+    ``mlp`` as ``block_sparse_moe``) back to the model's names: same layer numbers, same module
+    and tensor name, and only one such key."""
+    def signature(key: str) -> tuple:
+        parts = key.split(".")
+        return tuple(p for p in parts if p.isdigit()), tuple(parts[-2:])
+
+    by_signature: dict[tuple, list[str]] = {}
+    for key in tensors:
+        by_signature.setdefault(signature(key), []).append(key)
+    out = dict(tensors)
+    for key in expected - set(tensors):
+        found = by_signature.get(signature(key), [])
+        if len(found) == 1:
+            out[key] = out.pop(found[0])
+    return out
+
+
 def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict, described_by: str = "memsink_config.json") -> None:
     """Load the checkpoint's sink tensors; every sink the config describes must be there with
     its shape, and no other: a mismatch is an error naming the config and the checkpoint."""
@@ -694,6 +743,7 @@ def _load_sink_tensors(model: PreTrainedModel, path, hub_kwargs: dict, described
         except Exception as err:  # safetensors' own error types
             raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     expected = set(model.sink_parameters())
+    tensors = _undo_key_renames(tensors, expected)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(

@@ -46,16 +46,18 @@ class ForwardSinks:
     ``kind``: ``"mask"`` (sinks follow ``ids``: training, or eval mode ``"activate"``),
     ``"general"`` (training without IDs: sinks off, general x1), ``"drop"`` (eval default: sinks
     off, general x eval scale) or ``"coef"`` (each sink times a constant: ``"expected"``,
-    ``"exclude"``). Masks are keyed by (layer key, number of sinks); coefficients are cached lazily.
+    ``"exclude"``). Masks are keyed by (layer key, number of sinks); coefficients are cached lazily;
+    ``rows`` holds, per MoE experts module, which token each of its expert rows belongs to.
     """
 
-    __slots__ = ("kind", "ids", "masks", "coefs")
+    __slots__ = ("kind", "ids", "masks", "coefs", "rows")
 
     def __init__(self, kind: str, ids: torch.Tensor | None = None):
         self.kind = kind
         self.ids = ids
         self.masks: dict = {}
         self.coefs: dict = {}
+        self.rows: dict = {}
 
     @property
     def skip_sinks(self) -> bool:

@@ -147,9 +147,11 @@ def test_from_pretrained_patches_a_plain_model_and_rejects_ambiguity(tmp_path):
 
 
 def test_unknown_architecture_error_and_explicit_module_names():
+    from coverage_models import build_tiny
+
+    with pytest.raises(NotImplementedError, match="(?s)'mamba'.*target_modules"):  # no MLP in a Mamba block
+        get_memsink_model(build_tiny("mamba"), CFG)
     model = tiny_model("cohere")
-    with pytest.raises(NotImplementedError, match="target_modules"):
-        get_memsink_model(model, CFG)
     names = {"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj",
              "width_attr": "intermediate_size"}
     cfg = MemSinkConfig(sink_fraction=0.25, target_modules=names)

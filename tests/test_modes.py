@@ -8,7 +8,7 @@ import torch
 from tiny_models import batch, tiny_model
 
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.architectures import ARCHITECTURES, find_mlp_sites, neuron_dim
+from hf_memsinks.architectures import mlp_sites, neuron_dim
 
 CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4)
 
@@ -22,7 +22,7 @@ def folded_copy(model_type, cfg, sink_coef, general_coef=1.0, seed=0):
     columns times ``general_coef`` and sink columns times ``sink_coef(layer, S)``: the math each
     eval mode should equal, computed without hf_memsinks' forward."""
     model = tiny_model(model_type, seed=seed)
-    for site in find_mlp_sites(model, ARCHITECTURES[model_type]):
+    for site in mlp_sites(model):
         general, sinks = cfg.num_sinks_for(site.width)
         coef = torch.cat([torch.full((general,), general_coef), sink_coef(site.layer, sinks).float()])
         dim = neuron_dim(site.out_proj, "out")

@@ -11,13 +11,13 @@ import copy
 
 import torch
 
-from ..architectures import find_mlp_sites, neuron_dim, spec_for
+from ..architectures import mlp_sites, neuron_dim
 from ..evaluation import pad_documents
 
 
 @torch.no_grad()
 def _mean_abs_activation(model, docs, pad_id: int, batch_size: int = 64) -> list[torch.Tensor]:
-    sites = find_mlp_sites(model, spec_for(model.config.model_type))
+    sites = mlp_sites(model)
     sums = [torch.zeros(s.width) for s in sites]
     count = 0
     current: dict[int, torch.Tensor] = {}
@@ -56,7 +56,7 @@ def zero_top_neurons(model, scores: list[torch.Tensor], fraction: float):
     if k == 0:
         return pruned
     threshold = flat.topk(k).values[-1]
-    sites = find_mlp_sites(pruned, spec_for(pruned.config.model_type))
+    sites = mlp_sites(pruned)
     with torch.no_grad():
         for site, score in zip(sites, scores):
             drop = score >= threshold

@@ -1,0 +1,309 @@
+"""Sinks in mixture-of-experts MLPs: every routed expert gets its own general and sink neurons.
+
+Transformers v5 keeps a layer's routed experts in one module with batched weights
+(``gate_up_proj``: ``(E, 2I, H)``, ``down_proj``: ``(E, H, I)``, or transposed, or ``up_proj``
+alone when ungated), declared by ``@use_experts_implementation(is_transposed=..., has_bias=...,
+has_gate=..., is_concatenated=...)``. Those flags are the whole layout, so this module needs no
+per-model knowledge.
+
+Each expert's hidden neurons are split like a dense MLP's: general first, sinks last (per
+gate/up chunk). A token's sink mask is its sequence ID's, whichever experts it is routed to.
+The patched module runs Transformers' own ``batched_mm`` experts function, in which rows are
+(token, top-k slot) pairs in token order, and masks the hidden activation where that function
+calls ``_apply_gate`` (gated) or ``act_fn`` (ungated). At patch time a forward of that path is
+checked against the module's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MemSinkConfig
+
+
+def experts_width(module: nn.Module) -> int | None:
+    """Hidden width of one expert if ``module`` holds batched experts in the declared layout."""
+    down = getattr(module, "down_proj", None)
+    if not hasattr(module, "has_gate") or not isinstance(down, nn.Parameter) or down.dim() != 3:
+        return None
+    return down.shape[1 if module.is_transposed else 2]
+
+
+def _layout(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """``{parameter: (neuron dim, chunks, rows per neuron)}`` for every tensor indexed by neurons."""
+    gated = module.has_gate
+    chunks, rows = (2, 1) if gated and module.is_concatenated else ((1, 2) if gated else (1, 1))
+    in_name = "gate_up_proj" if gated else "up_proj"
+    layout = {in_name: (2 if module.is_transposed else 1, chunks, rows)}
+    if module.has_bias:
+        layout[in_name + "_bias"] = (1, chunks, rows)
+    layout["down_proj"] = (1 if module.is_transposed else 2, 1, 1)
+    return layout
+
+
+def _spans(width: int, first: int, count: int, chunks: int, rows: int) -> list[tuple[int, int]]:
+    return [(k * width * rows + first * rows, count * rows) for k in range(chunks)]
+
+
+def _pick(tensor: torch.Tensor, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    parts = [tensor.narrow(dim, a, n) for a, n in spans]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _interleave(general: torch.Tensor, extra: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+    """Per chunk: general part, then ``extra`` (sinks or zero padding)."""
+    blocks = []
+    for a, b in zip(general.chunk(chunks, dim), extra.chunk(chunks, dim)):
+        blocks += [a, b]
+    return torch.cat(blocks, dim)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+# ---- patch-time changes: grow, fold ----------------------------------------------------------------
+
+
+def grow_experts(module: nn.Module, width: int, sinks: int, generator: torch.Generator, random_init: bool) -> None:
+    """Append ``sinks`` neurons to every expert: input rows random like the existing ones, output
+    columns zero (the model's outputs do not change)."""
+    for name, (dim, chunks, rows) in _layout(module).items():
+        tensor = getattr(module, name).data
+        shape = list(tensor.shape)
+        shape[dim] = sinks * rows * chunks
+        is_input_weight = name != "down_proj" and not name.endswith("_bias")
+        std = float(tensor.float().std()) if random_init and is_input_weight and tensor.numel() > 1 else 0.0
+        new = torch.randn(shape, generator=generator) * std if std > 0 else torch.zeros(shape)
+        new = new.to(device=tensor.device, dtype=tensor.dtype)
+        _set(module, name, _interleave(tensor, new, dim, chunks))
+    _set_width(module, width + sinks)
+
+
+def fold_experts(module: nn.Module, general: int, sinks: int, general_scale: float,
+                 sink_coef: torch.Tensor | None, width: int) -> None:
+    """Give the experts plain weights: general neurons only (``sink_coef`` None, the output
+    columns times ``general_scale``) or general plus sinks times ``sink_coef``, zero-padded to
+    ``width``; and the module its class back."""
+    total = general + sinks
+    for name, (dim, chunks, rows) in _layout(module).items():
+        tensor = getattr(module, name).data
+        kept = _pick(tensor, dim, _spans(total, 0, general, chunks, rows))
+        if sink_coef is not None:
+            sink_part = _pick(tensor, dim, _spans(total, general, sinks, chunks, rows))
+            if name == "down_proj":
+                shape = [1] * tensor.dim()
+                shape[dim] = sinks
+                sink_part = sink_part * sink_coef.to(sink_part).reshape(shape)
+            kept = _interleave(kept, sink_part, dim, chunks)
+        elif name == "down_proj" and general_scale != 1.0:
+            kept = kept * general_scale
+        own = kept.shape[dim] // (chunks * rows)
+        if own < width:
+            shape = list(kept.shape)
+            shape[dim] = (width - own) * rows * chunks
+            kept = _interleave(kept, kept.new_zeros(shape), dim, chunks)
+        _set(module, name, kept)
+    unpatch_experts(module)
+    _set_width(module, width)
+
+
+def aligned_split(general: int, sinks: int, mode: str, multiple: int = 8) -> tuple[int, int]:
+    """(general, sinks) with the widths an expert can have in grouped_mm (strides of 16 bytes):
+    split mode moves neurons from general to sinks until general is a multiple of ``multiple``;
+    add mode rounds the added sinks up."""
+    if mode == "split":
+        moved = general % multiple if general > multiple else 0
+        return general - moved, sinks + moved
+    return general, -(-sinks // multiple) * multiple
+
+
+def _set_width(module: nn.Module, width: int) -> None:
+    if isinstance(getattr(module, "intermediate_dim", None), int):
+        module.intermediate_dim = width
+
+
+# ---- the patched experts class ---------------------------------------------------------------------
+
+
+class _SinkExperts:
+    """Mixed in ahead of the experts module's own class; attributes set by :func:`patch_experts`."""
+
+    memsink_general: int
+    memsink_sinks: int
+    memsink_layer: int
+    memsink_external_width: int
+    _memsink_state: object
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Transformers' own experts function: ``grouped_mm`` (rows sorted by expert, as it sorts
+        them) when that is the model's experts implementation, else ``batched_mm`` (rows in token
+        order). The current call records which token each row of the hidden activation is."""
+        from transformers.integrations import moe
+
+        top_k = top_k_index.shape[-1]
+        call = self._memsink_state.current()
+        grouped = getattr(self.config, "_experts_implementation", None) == "grouped_mm"
+        if call is not None and call.kind == "mask":
+            if grouped:
+                _, perm = torch.sort(top_k_index.reshape(-1))  # the very sort grouped_mm does
+                row_tokens = perm // top_k
+            else:
+                row_tokens = torch.arange(hidden_states.shape[0] * top_k, device=hidden_states.device) // top_k
+            call.rows[id(self)] = (hidden_states.shape[0], row_tokens)
+        if grouped:
+            return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._memsink_apply(super()._apply_gate(gate_up))
+
+    @property
+    def act_fn(self):  # ungated experts: batched_mm calls act_fn on the hidden neurons
+        act = self._modules["act_fn"] if "act_fn" in self._modules else self.__dict__["act_fn"]
+        if self.has_gate:
+            return act
+        return lambda h: self._memsink_apply(act(h))
+
+    def _memsink_apply(self, h: torch.Tensor) -> torch.Tensor:
+        """``h``: ``(tokens * top_k, G + S)`` rows in token order. Sinks by this forward's IDs."""
+        state, g, s = self._memsink_state, self.memsink_general, self.memsink_sinks
+        call = state.call_for_projection(self.training)
+        if call.skip_sinks:
+            general = h[..., :g]
+            scale = state.general_scale(call)
+            general = general * scale if scale != 1.0 else general
+            return torch.cat([general, general.new_zeros(*general.shape[:-1], s)], -1)
+        if call.kind != "mask":
+            return h * state.coefficients(call, self.memsink_layer, g, s, h)
+        keep = state.keep_mask(call, self.memsink_layer, s)  # (B, 1, S) or (B, T, S)
+        if id(self) not in call.rows:
+            raise RuntimeError("MoE experts run outside a forward of the model cannot tell which sequence each row "
+                               "is: call the model or its backbone with sequence_ids")
+        tokens, row_tokens = call.rows[id(self)]
+        batch = keep.shape[0]
+        if tokens % batch or row_tokens.shape[0] != h.shape[0]:
+            raise RuntimeError(f"experts got {tokens} tokens for a batch of {batch} sequences: cannot tell their IDs")
+        keep = keep.expand(batch, tokens // batch, s).reshape(tokens, s)[row_tokens]
+        return torch.cat([h[..., :g], h[..., g:] * keep.to(h.dtype)], -1)
+
+    def __reduce_ex__(self, protocol):
+        """Pickle by the original class: the subclass is made at patch time."""
+        return _new_patched_experts, (self._memsink_base_class,), self.__dict__
+
+    # -- checkpoint format: general part under the original names, sinks under sink_* --
+
+    def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        total = self.memsink_general + self.memsink_sinks
+        out = {}
+        for name, (dim, chunks, rows) in _layout(self).items():
+            t = getattr(self, name)
+            out[name] = (_pick(t, dim, _spans(total, 0, self.memsink_general, chunks, rows)),
+                         _pick(t, dim, _spans(total, self.memsink_general, self.memsink_sinks, chunks, rows)))
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        pad = self.memsink_external_width - self.memsink_general
+        for name, (general, sinks) in self.general_and_sink_parts().items():
+            dim, chunks, rows = _layout(self)[name]
+            general = general.detach()
+            if pad:
+                shape = list(general.shape)
+                shape[dim] = pad * rows * chunks
+                general = _interleave(general, general.new_zeros(shape), dim, chunks)
+            destination[prefix + name] = general.contiguous()
+            destination[prefix + "sink_" + name] = sinks.detach().contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        g, s = self.memsink_general, self.memsink_sinks
+        layout = _layout(self)
+        for name, (dim, chunks, rows) in layout.items():
+            param = getattr(self, name)
+            for key, first, count in ((prefix + name, 0, g), (prefix + "sink_" + name, g, s)):
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                value = state_dict.pop(key)
+                if count == g and value.shape[dim] != g * rows * chunks:  # zero-padded general part
+                    value = _pick(value, dim, _spans(value.shape[dim] // (rows * chunks), 0, g, chunks, rows))
+                if value.shape[dim] != count * rows * chunks:
+                    error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(value.shape)}")
+                    continue
+                with torch.no_grad():
+                    offset = 0
+                    for start, n in _spans(g + s, first, count, chunks, rows):
+                        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
+                        offset += n
+        handled = {prefix + n for n in layout} | {prefix + "sink_" + n for n in layout}
+        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
+        before = len(missing_keys)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def is_patched_experts(module: nn.Module) -> bool:
+    return isinstance(module, _SinkExperts)
+
+
+def _experts_class(base: type) -> type:
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"MemSink{base.__name__}", (_SinkExperts, base), {"_memsink_base_class": base})
+    return _CLASSES[base]
+
+
+def _new_patched_experts(base: type) -> nn.Module:
+    """Unpickling: an empty instance of the patched class of ``base`` (state is set next)."""
+    cls = _experts_class(base)
+    return cls.__new__(cls)
+
+
+def patch_experts(module: nn.Module, *, general: int, sinks: int, layer: int, state, external_width: int) -> None:
+    module.__class__ = _experts_class(type(module))
+    module.memsink_general, module.memsink_sinks, module.memsink_layer = general, sinks, layer
+    module.memsink_external_width = external_width
+    module._memsink_state = state
+    state.masked_sites.add((layer, sinks))
+
+
+def unpatch_experts(module: nn.Module) -> None:
+    module.__class__ = module._memsink_base_class
+    for attr in ("memsink_general", "memsink_sinks", "memsink_layer", "memsink_external_width",
+                 "_memsink_state"):
+        module.__dict__.pop(attr, None)
+
+
+def check_experts_forward(module: nn.Module, name: str) -> None:
+    """The patched path (Transformers' batched_mm experts function) must reproduce the module's
+    own forward on random routing; otherwise the sinks would change the model."""
+    from transformers.integrations import moe
+
+    param = module.down_proj
+    hidden = param.shape[2 if module.is_transposed else 1]
+    experts = param.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, hidden, generator=g).to(param)
+    top_k = min(2, experts)
+    index = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(6)]).to(param.device)
+    weights = torch.rand(6, top_k, generator=g).to(param)
+    with torch.no_grad():
+        try:
+            own = module(x, index, weights)
+            grouped = getattr(module.config, "_experts_implementation", None) == "grouped_mm"
+            ours = (moe.grouped_mm_experts_forward if grouped else moe.batched_mm_experts_forward)(module, x, index, weights)
+        except Exception as e:  # noqa: BLE001 - reported with context below
+            raise NotImplementedError(
+                f"{name} ({type(module).__name__}) is a mixture-of-experts module whose forward does not take "
+                f"(hidden_states, top_k_index, top_k_weights) like Transformers' experts modules: {e}"
+            ) from e
+    if ours.shape != own.shape or not torch.allclose(ours, own, atol=1e-5, rtol=1e-4):
+        raise NotImplementedError(
+            f"{name} ({type(module).__name__}): Transformers' batched experts functions do not reproduce this "
+            "module's own forward, so hf_memsinks cannot put sinks in its experts. Patch its dense MLPs only "
+            "with MemSinkConfig(target_modules=...)."
+        )
