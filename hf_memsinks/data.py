@@ -208,7 +208,8 @@ def _as_list(value: Any) -> list:
     return list(value)
 
 
-def _feature_ids(feature: dict, index: int, id_column: str, length: int) -> int | list[int]:
+def example_ids(feature: dict, index: int, id_column: str, length: int) -> int | list[int]:
+    """Example ``index``'s validated ID: one int, or one per token (``length`` of them)."""
     if id_column not in feature:
         raise KeyError(
             f"example {index} in the batch has no {id_column!r}: add IDs with hf_memsinks.data.add_sequence_ids "
@@ -257,7 +258,7 @@ class MemSinkDataCollator:
         if not features:
             raise ValueError("empty batch")
         tokens = [_as_list(f["input_ids"]) for f in features]
-        ids = [_feature_ids(f, i, self.id_column, len(t)) for i, (f, t) in enumerate(zip(features, tokens))]
+        ids = [example_ids(f, i, self.id_column, len(t)) for i, (f, t) in enumerate(zip(features, tokens))]
         rows = [t[: self.max_length] if self.max_length else t for t in tokens]
         per_token = [isinstance(i, list) for i in ids]
         if any(per_token) and not all(per_token):
@@ -306,7 +307,7 @@ class MemSinkPackingCollator:
         pieces: list[tuple[list[int], list[int]]] = []  # (tokens, ids) per piece
         for i, f in enumerate(features):
             tokens = [int(t) for t in _as_list(f["input_ids"])]
-            ids = _feature_ids(f, i, self.id_column, len(tokens))
+            ids = example_ids(f, i, self.id_column, len(tokens))
             ids = ids if isinstance(ids, list) else [ids] * len(tokens)
             for start in range(0, len(tokens), self.max_length):
                 pieces.append((tokens[start:start + self.max_length], ids[start:start + self.max_length]))

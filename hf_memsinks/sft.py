@@ -26,7 +26,7 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
 from .adapters import train_sinks
-from .data import ID_COLUMN
+from .data import ID_COLUMN, example_ids
 from .masks import NO_SEQUENCE
 from .model import is_memsink_model
 
@@ -36,7 +36,8 @@ class SequenceIdCollator:
 
     An example's ID is one integer or one per token. Rows the inner collator pads get ``-1``;
     when it concatenates the examples into one padding-free row, the IDs follow each example.
-    Examples without IDs (an evaluation set) leave the batch as the inner collator made it.
+    Examples without IDs (an evaluation set) leave the batch as the inner collator made it; IDs
+    are validated as everywhere else (:func:`hf_memsinks.data.example_ids`).
     """
 
     def __init__(self, collator):
@@ -49,12 +50,10 @@ class SequenceIdCollator:
         return getattr(inner, name)
 
     def __call__(self, examples: list[dict]) -> dict:
-        ids = [example.get(ID_COLUMN) for example in examples]
         batch = self.collator([{k: v for k, v in e.items() if k != ID_COLUMN} for e in examples])
-        if ID_COLUMN in batch or all(i is None for i in ids):
+        if ID_COLUMN in batch or all(ID_COLUMN not in e for e in examples):
             return batch
-        if any(i is None for i in ids):
-            raise ValueError(f"some examples of this batch have no {ID_COLUMN!r}: give every training example one")
+        ids = [example_ids(e, i, ID_COLUMN, len(e["input_ids"])) for i, e in enumerate(examples)]
         rows, length = batch["input_ids"].shape
         per_token = any(isinstance(i, (list, tuple)) for i in ids)
         if rows == 1 and len(examples) > 1:  # padding-free: the examples were concatenated into one row
@@ -67,12 +66,8 @@ class SequenceIdCollator:
         return batch
 
 
-def _per_token(ids, length: int) -> list[int]:
-    if isinstance(ids, (list, tuple)):
-        if len(ids) != length:
-            raise ValueError(f"an example has {len(ids)} per-token sequence IDs for {length} tokens")
-        return list(ids)
-    return [ids] * length
+def _per_token(ids: int | list[int], length: int) -> list[int]:
+    return list(ids) if isinstance(ids, list) else [ids] * length
 
 
 def _padded(rows: list[list[int]], length: int) -> torch.Tensor:

@@ -170,6 +170,10 @@ def test_collator_ids_follow_examples():
     batch = collate([{"input_ids": [1, 2, 3], "sequence_ids": [7, 7, 8]}, {"input_ids": [4, 5], "sequence_ids": 9}])
     assert batch["sequence_ids"].tolist() == [[7, 7, 8, -1, -1], [9, 9, -1, -1, -1]]
     assert "sequence_ids" not in collate([{"input_ids": [1]}, {"input_ids": [2]}])
+    with pytest.raises(TypeError, match="example 1.*5.7"):  # the library's one ID validation
+        collate([{"input_ids": [1], "sequence_ids": 3}, {"input_ids": [2], "sequence_ids": 5.7}])
+    with pytest.raises(ValueError, match="example 0.*-100"):
+        collate([{"input_ids": [1], "sequence_ids": -100}, {"input_ids": [2], "sequence_ids": 4}])
 
 
 def test_dpo_trainer_is_refused_with_the_sequence_ids_error(tmp_path):
