@@ -60,7 +60,8 @@ def _docs(model, docs, cfg, pad_id, own_ids: bool) -> tuple[float, float]:
 def _row(model, setting, cfg, forget, keep, own_ids: bool, **info) -> dict:
     lf, ef = _docs(model, forget, cfg, setting.pad_id, own_ids)
     lk, ek = _docs(model, keep, cfg, setting.pad_id, own_ids)
-    val = document_losses(model, setting.validation, ids_for_documents(setting.validation) if own_ids else None,
+    docs = setting.validation[: int(cfg["forget"].get("val_docs") or len(setting.validation))]
+    val = document_losses(model, docs, ids_for_documents(docs) if own_ids else None,
                           batch_size=int(cfg["eval"]["batch_size"]), pad_id=setting.pad_id).mean().item()
     return {**info, "loss_F": lf, "loss_K": lk, "extraction_F": ef, "extraction_K": ek, "val_loss": val}
 

@@ -112,7 +112,7 @@ def _forgetting_lines(report: dict) -> list[str]:
              "random never-trained IDs (the control), nothing, or every sink. Served as: `activate` (each document with "
              "its own ID: own sinks on), `expected` (every remaining sink at its expected value: what "
              "`remove_sinks(forget_ids=...)` exports), `drop` (`remove_sinks()`), `plain` (standard models). "
-             "Val loss in `activate` with each validation document's own ID.", "",
+             f"Val loss on {f.get('val_docs', 'all')} validation documents (in `activate` with each one's own ID).", "",
              "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K | val loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(f["rows"], key=lambda r: r["n"]):
@@ -147,8 +147,8 @@ def write_forgetting_plot(report: dict, out: Path) -> Path | None:
     for i, regime in enumerate(f["regimes"]):
         color = ("tab:red", "tab:purple", "tab:orange")[i % 3]
         for deleted, style in (("F", "-"), ("random", "--"), ("nothing", ":")):
-            lines.append((f"memsinks {regime}, activate, {deleted if deleted != 'F' else 'F'}'s sinks deleted"
-                          if deleted != "nothing" else f"memsinks {regime}, activate, nothing deleted",
+            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted", "nothing": "nothing deleted"}[deleted]
+            lines.append((f"memsinks {regime}, activate, {what}",
                           dict(regime=regime, deleted=deleted, served="activate"), color, style))
     lines.append(("standard retrained without F", dict(method="standard retrained without F"), "tab:green", "-"))
     lines.append(("standard", dict(method="standard"), "black", ":"))

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     # Forget the first n repeated documents for each n in sizes; "memsinks" (over the main memsinks
     # section) is the regime trained for it: a small sink_active_prob keeps documents' sinks apart
     "forget": {"sizes": [1, 4, 16], "memsinks": {"sink_fraction": 0.5, "sink_active_prob": 0.05},
-               "posthoc_fractions": [0.05, 0.2], "retrain": True},
+               "posthoc_fractions": [0.05, 0.2], "retrain": True, "val_docs": 128},
     "runs": list(RUNS),
 }
 
@@ -405,7 +405,7 @@ def _forget(cfg, setting, base, models, metrics, memsink_cfg, train_run, memsink
     rows += forgetting.evaluate_standard(models["standard"], retrained, setting, cfg, sets, keep,
                                          [float(x) for x in f.get("posthoc_fractions", [])])
     timings["forget_eval"] = time.time() - t0
-    return {"sizes": sizes, "keep": len(keep), "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
+    return {"sizes": sizes, "keep": len(keep), "val_docs": min(int(f.get("val_docs") or 10**9), len(setting.validation)), "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
             "summary": forgetting.summarize(rows), "rows": rows}
 
 
