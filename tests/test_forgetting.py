@@ -71,7 +71,7 @@ def test_coverage_and_warning():
     ids = list(range(1000, 1016))
     assert sink_coverage(model, ids) == pytest.approx(expected_coverage(16, 0.3), abs=0.01)
     assert sink_coverage(model, ids) > COVERAGE_WARNING
-    with pytest.warns(UserWarning, match="no more targeted than remove_sinks"):
+    with pytest.warns(UserWarning, match="little more targeted than remove_sinks"):
         copy.deepcopy(model).remove_sinks(forget_ids=ids)
     with pytest.warns(UserWarning, match="1 - \\(1 - p\\)\\^n"):
         copy.deepcopy(model).forget_sinks(ids)
