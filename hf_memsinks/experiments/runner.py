@@ -392,8 +392,7 @@ def _forget(cfg, setting, base, models, metrics, memsink_cfg, train_run, memsink
     if "memsinks" in models:
         regimes[label(memsink_cfg)] = models["memsinks"]
     if targeted_cfg != memsink_cfg or "memsinks" not in models:
-        regimes[label(targeted_cfg)], _ = memsinks_run("memsinks (forget regime)", "forget_memsinks",
-                                                                        targeted_cfg)
+        regimes[label(targeted_cfg)], _ = memsinks_run("memsinks (forget regime)", "forget_memsinks", targeted_cfg)
     retrained = None
     if f.get("retrain", True):
         retrained = train_run("retrained without F", copy.deepcopy(base), setting.stream_without(sets[max(sizes)]),
@@ -405,7 +404,9 @@ def _forget(cfg, setting, base, models, metrics, memsink_cfg, train_run, memsink
     rows += forgetting.evaluate_standard(models["standard"], retrained, setting, cfg, sets, keep,
                                          [float(x) for x in f.get("posthoc_fractions", [])])
     timings["forget_eval"] = time.time() - t0
-    return {"sizes": sizes, "keep": len(keep), "val_docs": min(int(f.get("val_docs") or 10**9), len(setting.validation)), "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
+    val_docs = min(int(f.get("val_docs") or len(setting.validation)), len(setting.validation))
+    return {"sizes": sizes, "keep": len(keep), "val_docs": val_docs,
+            "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
             "summary": forgetting.summarize(rows), "rows": rows}
 
 
