@@ -77,6 +77,11 @@ def forget_sinks(model, sequence_ids) -> float:
     mode, where each document's memorization is reachable only through its own sinks, and the
     forgotten documents' is gone. Returns the share of all sinks deleted."""
     ids = _ids(sequence_ids)
+    if any(site.kind == "experts" for site in model._memsink_sites):
+        raise NotImplementedError(
+            "forget_sinks() edits dense MLP projections only; for a mixture-of-experts model use "
+            "remove_sinks(forget_ids=...), which slices every expert"
+        )
     coverage = coverage_warning(model, ids, "forget_sinks")
     for site in model._memsink_sites:
         gone = forgotten_sinks(model, site, ids).nonzero().squeeze(1)
