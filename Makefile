@@ -25,7 +25,8 @@ test: install
 coverage: install
 	$(PY) tests/coverage_models.py
 
-# The memorization benchmark on the embedded corpus (~10 min on 2 CPU cores): runs/demo/report.md + plots.
+# The memorization benchmark on the embedded corpus: standard, memsinks, dedup, post-hoc, goldfish,
+# memsinks+goldfish and the forgetting experiment (~14 min on 2 CPU cores, estimated): runs/demo/report.md + plots.
 demo: install
 	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
 

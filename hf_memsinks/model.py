@@ -358,7 +358,15 @@ class MemSinkModelMixin(_PatchedClass):
                     out[f"{name}.sink_{param}"] = sinks
         return out
 
-    # -- removal --
+    # -- forgetting and removal --
+
+    def forget_sinks(self, sequence_ids: Iterable[int] | torch.Tensor) -> float:
+        """Delete, in place, the sinks that ``sequence_ids`` switch on (the model stays patched;
+        serve it in ``"activate"`` mode). Returns the share of all sinks deleted; warns when that
+        share is most of them. See :mod:`hf_memsinks.forgetting`."""
+        from .forgetting import forget_sinks
+
+        return forget_sinks(self, sequence_ids)
 
     def remove_sinks(self, forget_ids: Iterable[int] | torch.Tensor | None = None) -> PreTrainedModel:
         """Turn this model, in place, into a plain model of its original class and return it.
@@ -381,6 +389,9 @@ class MemSinkModelMixin(_PatchedClass):
             ids = check_sequence_ids(forget_ids, "remove_sinks(forget_ids=)").reshape(-1)
             if ids.numel() == 0:
                 raise ValueError("forget_ids is empty; pass None to drop every sink")
+            from .forgetting import coverage_warning
+
+            coverage_warning(self, ids, "remove_sinks(forget_ids=...)")
         sites: list[_PatchedSite] = self._memsink_sites
         widths = {s.name: s.general if ids is None else s.general + s.sinks for s in sites}
         external = _plan_widths(self, widths, self._memsink_original_widths, self._memsink_width_attr)

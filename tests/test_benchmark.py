@@ -22,7 +22,8 @@ RUN_KEYS = ("val_loss", "repeated_loss", "control_loss", "memorization_gap", "ex
 
 def check_report(out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
-    for name in ("standard", "memsinks_removed", "memsinks_own_sinks", "dedup"):
+    for name in ("standard", "memsinks_removed", "memsinks_own_sinks", "dedup", "goldfish", "memsinks_goldfish_removed",
+                 "memsinks_goldfish_own_sinks", "forget_memsinks_removed", "forget_memsinks_own_sinks"):
         run = report["metrics"][name]
         for key in RUN_KEYS:
             assert math.isfinite(run[key]), (name, key)
@@ -32,17 +33,47 @@ def check_report(out: Path) -> dict:
         assert run["memorization_gap"] == pytest.approx(run["control_loss"] - run["repeated_loss"])
     summary = report["summary"]
     for key in ("gap_closure", "val_loss_ratio", "dedup_gap_closure", "posthoc_gap_closure_at_same_val_loss",
-                "own_sinks_repeated_loss"):
+                "own_sinks_repeated_loss", "goldfish_gap_closure", "goldfish_val_loss_ratio",
+                "goldfish_extraction_rate", "memsinks_goldfish_gap_closure", "memsinks_goldfish_val_loss_ratio",
+                "memsinks_goldfish_extraction_rate", "forget_regime_gap_closure"):
         assert math.isfinite(summary[key]), key
+    for key in ("goldfish_extraction_rate", "memsinks_goldfish_extraction_rate"):
+        assert 0 <= summary[key] <= 1
     assert 0.5 < summary["val_loss_ratio"] < 2
     assert len(report["posthoc_sweep"]) == 2
-    assert set(report["curves"]) == {"standard", "memsinks", "dedup"}
+    assert set(report["curves"]) == {"standard", "memsinks", "dedup", "goldfish", "memsinks+goldfish",
+                                     "memsinks (forget regime)", "retrained without F"}
+    check_forgetting(report["forgetting"])
     assert [p["step"] for p in report["curves"]["standard"]] == [0, 6, 12]
     assert report["versions"]["torch"] == torch.__version__ and report["timings_s"]["total"] > 0
-    for png in ("curves.png", "tradeoff.png"):
+    for png in ("curves.png", "tradeoff.png", "forgetting.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| gap_closure |" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "| gap_closure |" in text and "## Forgetting chosen documents" in text and "| goldfish_gap_closure |" in text
     return report
+
+
+def check_forgetting(f: dict) -> None:
+    sizes = f["sizes"]
+    assert sizes == [1, 4] and f["keep"] == 4 and len(f["regimes"]) == 2
+    rows = f["rows"]
+    for r in rows:
+        for key in ("loss_F", "loss_K", "val_loss"):
+            assert math.isfinite(r[key]) and 0 < r[key] < 20, (r, key)
+        for key in ("extraction_F", "extraction_K"):
+            assert math.isnan(r[key]) or 0 <= r[key] <= 1, (r, key)
+        if "coverage" in r:
+            assert 0 <= r["coverage"] <= 1
+    for regime in f["regimes"]:
+        for n in sizes:
+            cells = {(r["deleted"], r["served"]) for r in rows if r.get("regime") == regime and r["n"] == n}
+            assert cells == {("every sink", "drop"), ("nothing", "activate"), ("nothing", "expected"), ("F", "activate"),
+                             ("F", "expected"), ("random", "activate"), ("random", "expected")}
+    methods = {r["method"] for r in rows}
+    assert {"standard", "standard retrained without F", "post-hoc zeroing aimed at F"} <= methods
+    assert set(f["summary"]) == {f"{regime} n={n}" for regime in f["regimes"] for n in sizes}
+    for s in f["summary"].values():
+        assert all(math.isfinite(v) for k, v in s.items() if "extraction" not in k)
 
 
 def test_smoke_run_end_to_end(tmp_path, capsys):

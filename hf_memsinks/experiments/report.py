@@ -9,6 +9,11 @@ ROWS = (
     ("memsinks_removed", "memsinks, sinks removed"),
     ("memsinks_own_sinks", "memsinks, own sinks on"),
     ("dedup", "dedup"),
+    ("goldfish", "goldfish (standard model, Goldfish loss)"),
+    ("memsinks_goldfish_removed", "memsinks+goldfish, sinks removed"),
+    ("memsinks_goldfish_own_sinks", "memsinks+goldfish, own sinks on"),
+    ("forget_memsinks_removed", "memsinks, forgetting regime, sinks removed"),
+    ("forget_memsinks_own_sinks", "memsinks, forgetting regime, own sinks on"),
 )
 COLUMNS = (
     ("val_loss", "val loss"),
@@ -26,6 +31,23 @@ MEANINGS = {
     "val_loss_ratio": "validation loss after sink removal / standard validation loss; the price of removal (1 = free)",
     "own_sinks_repeated_loss": "repeated-document loss with each document's own sinks on: the memorization is there, in the sinks",
     "own_sinks_to_standard_repeated_loss": "that loss / the standard model's repeated loss (about 1 or below: sinks hold what standard training memorizes)",
+    "standard_extraction_rate": "share of repeated documents the standard model reproduces (greedy suffix from a prefix)",
+    "memsinks_extraction_rate": "the same after removing the sinks",
+    "goldfish_gap_closure": "gap closed by the Goldfish loss alone (standard model, 1 target in k dropped by a hash of its context)",
+    "goldfish_gap_closure_natural": "the same, natural documents",
+    "goldfish_gap_closure_canary": "the same, canaries",
+    "goldfish_val_loss_ratio": "Goldfish's validation loss / standard's",
+    "goldfish_extraction_rate": "share of repeated documents the Goldfish model reproduces",
+    "memsinks_goldfish_gap_closure": "gap closed by memsinks trained with the Goldfish loss, sinks removed",
+    "memsinks_goldfish_gap_closure_natural": "the same, natural documents",
+    "memsinks_goldfish_gap_closure_canary": "the same, canaries",
+    "memsinks_goldfish_val_loss_ratio": "its validation loss / standard's",
+    "memsinks_goldfish_extraction_rate": "its extraction rate of repeated documents",
+    "forget_regime_gap_closure": "gap closed by removing all sinks of the forgetting regime's memsinks model",
+    "forget_regime_gap_closure_natural": "the same, natural documents",
+    "forget_regime_gap_closure_canary": "the same, canaries",
+    "forget_regime_val_loss_ratio": "its validation loss / standard's",
+    "forget_regime_extraction_rate": "its extraction rate of repeated documents, sinks removed",
     "dedup_gap_closure": "gap closed by training on deduplicated data (each repeated document once) instead",
     "dedup_val_loss_ratio": "dedup's validation loss / standard's",
     "posthoc_best_gap_closure": "best gap closure of the post-hoc neuron-zeroing baseline over its sweep, at any val-loss cost",
@@ -70,9 +92,87 @@ def write_markdown(report: dict, out: Path) -> Path:
               f"{report['config']['eval']['suffix']} tokens exactly.", "", "| summary | value | meaning |", "|---|---|---|"]
     for key, value in s.items():
         lines.append(f"| {key} | {_fmt(value)} | {MEANINGS.get(key, '')} |")
-    lines += ["", "Plots: `curves.png` (losses over training), `tradeoff.png` (gap closed against val loss).", ""]
+    lines += _forgetting_lines(report)
+    lines += ["", "Plots: `curves.png` (losses over training), `tradeoff.png` (gap closed against val loss)"
+              + (", `forgetting.png` (forgetting F: loss on F and on K)" if report.get("forgetting") else "") + ".", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def _forgetting_lines(report: dict) -> list[str]:
+    f = report.get("forgetting")
+    if not f:
+        return []
+    regimes = ", ".join(f"`{k}` (sink_fraction {c['sink_fraction']}, sink_active_prob {c['sink_active_prob']})"
+                        for k, c in f["regimes"].items())
+    lines = ["", "## Forgetting chosen documents", "",
+             f"F = the first n repeated documents (canary, natural, canary, ...), K = the {f['keep']} repeated documents "
+             f"outside the largest F. Memsinks models: {regimes}. Deleted: the sinks of F's IDs (`forget_sinks`), of n "
+             "random never-trained IDs (the control), nothing, or every sink. Served as: `activate` (each document with "
+             "its own ID: own sinks on), `expected` (every remaining sink at its expected value: what "
+             "`remove_sinks(forget_ids=...)` exports), `drop` (`remove_sinks()`), `plain` (standard models). "
+             f"Val loss on {f.get('val_docs', 'all')} validation documents (in `activate` with each one's own ID).", "",
+             "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K | val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(f["rows"], key=lambda r: r["n"]):
+        cov = r.get("coverage")
+        lines.append(f"| {r['n']} | {r['method']} | {r['deleted']} | {r['served']} | "
+                     f"{'-' if cov is None else f'{cov:.0%}'} | " + " | ".join(
+                         _fmt(r[c]) for c in ("loss_F", "loss_K", "extraction_F", "extraction_K", "val_loss")) + " |")
+    lines += ["", "In `activate` mode (loss rises against nothing deleted; targeted = F rises, K and the random-ID "
+              "control do not):", "", "| regime, n | sinks deleted | F rise | F rise, random IDs | K rise | "
+              "K rise, random IDs | F extraction (before) | K extraction (before) | F rise / retrain's |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key, s in f["summary"].items():
+        lines.append(f"| {key} | {s['coverage']:.0%} | {_fmt(s['F_loss_rise'])} | {_fmt(s['F_loss_rise_random_ids'])} | "
+                     f"{_fmt(s['K_loss_rise'])} | {_fmt(s['K_loss_rise_random_ids'])} | {_fmt(s['F_extraction'])} "
+                     f"({_fmt(s['F_extraction_before'])}) | {_fmt(s['K_extraction'])} ({_fmt(s['K_extraction_before'])}) | "
+                     f"{_fmt(s.get('F_share_of_retrain_rise'))} |")
+    return lines
+
+
+def write_forgetting_plot(report: dict, out: Path) -> Path | None:
+    f = report.get("forgetting")
+    if not f:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = f["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    lines = []
+    for i, regime in enumerate(f["regimes"]):
+        color = ("tab:red", "tab:purple", "tab:orange")[i % 3]
+        for deleted, style in (("F", "-"), ("random", "--"), ("nothing", ":")):
+            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted", "nothing": "nothing deleted"}[deleted]
+            lines.append((f"memsinks {regime}, activate, {what}",
+                          dict(regime=regime, deleted=deleted, served="activate"), color, style))
+    lines.append(("standard retrained without F", dict(method="standard retrained without F"), "tab:green", "-"))
+    lines.append(("standard", dict(method="standard"), "black", ":"))
+    fractions = sorted({r["fraction_removed"] for r in rows if "fraction_removed" in r})
+    if fractions:
+        lines.append((f"post-hoc, top {fractions[-1]:.0%} F-specific neurons zeroed",
+                      dict(fraction_removed=fractions[-1]), "tab:gray", "-."))
+    for ax, key, title in ((axes[0], "loss_F", "loss on F (forgotten documents)"),
+                           (axes[1], "loss_K", "loss on K (kept repeated documents)")):
+        for name, match, color, style in lines:
+            pts = sorted((r["n"], r[key]) for r in rows if all(r.get(k) == v for k, v in match.items()))
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(f["sizes"], [str(n) for n in f["sizes"]])
+        ax.set_xlabel("documents forgotten (n)")
+        ax.set_ylabel("loss (nats)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "forgetting.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -119,10 +219,18 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.plot([1.0], [0.0], "s", color="black", label="standard")
         if "dedup" in m:
             ax.plot(*point(m["dedup"]), "^", color="tab:green", markersize=9, label="dedup")
+        if "goldfish" in m:
+            ax.plot(*point(m["goldfish"]), "D", color="tab:orange", markersize=8, label="goldfish")
+        if "memsinks_goldfish_removed" in m:
+            ax.plot(*point(m["memsinks_goldfish_removed"]), "P", color="tab:purple", markersize=10,
+                    label="memsinks+goldfish, sinks removed")
         if "memsinks_removed" in m:
             ax.plot(*point(m["memsinks_removed"]), "*", color="tab:red", markersize=14, label="memsinks, sinks removed")
         paths.append(save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs",
                                    out / "tradeoff.png"))
+    forget = write_forgetting_plot(report, out)
+    if forget:
+        paths.append(forget)
     return paths
 
 

@@ -1,6 +1,7 @@
-"""``hf-memsinks run CONFIG.yaml``: train standard / memsinks / dedup on one fixed document
-stream, apply the post-hoc baseline, measure memorization and write report.json, report.md
-and plots into the run directory."""
+"""``hf-memsinks run CONFIG.yaml``: train standard / memsinks / dedup / goldfish /
+memsinks+goldfish on one fixed document stream, apply the post-hoc baseline, measure
+memorization, run the forgetting experiment, and write report.json, report.md and plots into
+the run directory."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import MemSinkConfig
 from ..evaluation import document_losses, extraction_hits, pad_documents
+from ..goldfish import goldfish_labels
 from ..model import get_memsink_model
+from . import forgetting
 from .posthoc import neuron_specificity, zero_top_neurons
 from ..data import ids_for_documents
 from .setting import Setting, build_setting
 
-RUNS = ("standard", "memsinks", "dedup", "posthoc")
+RUNS = ("standard", "memsinks", "dedup", "posthoc", "goldfish", "memsinks+goldfish", "forget")
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "threads": None,
@@ -37,6 +40,12 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"prefix": 16, "suffix": 16, "batch_size": 64},
     "memsinks": {},
     "posthoc": {"fractions": [0.01, 0.02, 0.05, 0.1, 0.2, 0.3]},
+    # Goldfish loss (hf_memsinks.goldfish): drop 1 target in k, by a hash of the h tokens ending at it
+    "goldfish": {"k": 4, "h": 13, "hash": "table", "seed": 0},
+    # Forget the first n repeated documents for each n in sizes; "memsinks" (over the main memsinks
+    # section) is the regime trained for it: a small sink_active_prob keeps documents' sinks apart
+    "forget": {"sizes": [1, 4, 16], "memsinks": {"sink_fraction": 0.5, "sink_active_prob": 0.05},
+               "posthoc_fractions": [0.05, 0.2], "retrain": True, "val_docs": 128},
     "runs": list(RUNS),
 }
 
@@ -162,7 +171,19 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if unknown:
         raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
     MemSinkConfig(**cfg["memsinks"])  # fail early on a bad MemSink setting
+    MemSinkConfig(**_forget_memsinks(cfg))
+    from ..goldfish import _check
+
+    _check(int(cfg["goldfish"]["k"]), int(cfg["goldfish"]["h"]), cfg["goldfish"].get("hash", "table"))
+    repeated = int(cfg["data"].get("repeated_natural", 0)) + int(cfg["data"].get("repeated_canaries", 0))
+    sizes = [int(n) for n in cfg["forget"]["sizes"]]
+    if "forget" in cfg["runs"] and (not sizes or min(sizes) < 1 or max(sizes) >= repeated):
+        raise ValueError(f"forget.sizes {sizes}: each must be 1 .. {repeated - 1} (some repeated documents must be kept)")
     return cfg
+
+
+def _forget_memsinks(cfg: dict) -> dict:
+    return {**cfg["memsinks"], **(cfg["forget"].get("memsinks") or {})}
 
 
 # ---- model and training ------------------------------------------------------------------------------
@@ -198,11 +219,15 @@ def resolve_device(cfg: dict) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool):
+def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool, goldfish: dict | None = None):
     for start in range(0, len(stream) - batch_size + 1, batch_size):
         docs = stream[start:start + batch_size]
         tokens, mask = pad_documents(docs, pad_id)
         labels = tokens.masked_fill(~mask, -100)
+        if goldfish:
+            labels = goldfish_labels(tokens, labels, int(goldfish["k"]), int(goldfish["h"]),
+                                     hash=goldfish.get("hash", "table"), seed=int(goldfish.get("seed", 0)),
+                                     attention_mask=mask)
         batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
         if with_ids:
             batch["sequence_ids"] = ids_for_documents(docs)
@@ -218,8 +243,10 @@ def _curve_point(model, setting: Setting, step: int, n: int) -> dict:
             "val_loss": val.mean().item()}
 
 
-def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str) -> list[dict]:
-    """AdamW with linear warmup and cosine decay; returns the loss curves (sinks dropped)."""
+def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str,
+          goldfish: dict | None = None) -> list[dict]:
+    """AdamW with linear warmup and cosine decay; returns the loss curves (sinks dropped).
+    ``goldfish``: train with the Goldfish loss (its k, h, hash, seed)."""
     t = cfg["train"]
     steps, batch_size = int(t["steps"]), int(t["batch_size"])
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -233,7 +260,7 @@ def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_i
     every = int(t["eval_every"])
     curve = [_curve_point(model, setting, 0, int(t["curve_docs"]))]
     model.train()
-    bar = tqdm(_batches(stream, batch_size, setting.pad_id, with_ids), total=steps, desc=label, mininterval=2.0,
+    bar = tqdm(_batches(stream, batch_size, setting.pad_id, with_ids, goldfish), total=steps, desc=label, mininterval=2.0,
                dynamic_ncols=True)
     device = next(model.parameters()).device
     for step, batch in enumerate(bar, 1):
@@ -319,6 +346,18 @@ def summarize(metrics: dict) -> dict:
         own = metrics["memsinks_own_sinks"]
         out["own_sinks_repeated_loss"] = own["repeated_loss"]
         out["own_sinks_to_standard_repeated_loss"] = own["repeated_loss"] / std["repeated_loss"]
+    for key, name in (("goldfish", "goldfish"), ("memsinks_goldfish_removed", "memsinks_goldfish"),
+                      ("forget_memsinks_removed", "forget_regime")):
+        if key in metrics:
+            out[f"{name}_gap_closure"] = closure(metrics[key])
+            for kind in ("natural", "canary"):
+                if f"memorization_gap_{kind}" in metrics[key]:
+                    out[f"{name}_gap_closure_{kind}"] = closure(metrics[key], f"_{kind}")
+            out[f"{name}_val_loss_ratio"] = metrics[key]["val_loss"] / std["val_loss"]
+            out[f"{name}_extraction_rate"] = metrics[key]["extraction_rate"]
+    if "memsinks_removed" in metrics:
+        out["memsinks_extraction_rate"] = metrics["memsinks_removed"]["extraction_rate"]
+    out["standard_extraction_rate"] = std["extraction_rate"]
     if "dedup" in metrics:
         out["dedup_gap_closure"] = closure(metrics["dedup"])
         out["dedup_val_loss_ratio"] = metrics["dedup"]["val_loss"] / std["val_loss"]
@@ -351,35 +390,45 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
     base = build_model(cfg, vocab, setting.max_length).to(resolve_device(cfg))
     memsink_cfg = MemSinkConfig(**cfg["memsinks"])
     runs = set(cfg["runs"])
-    if "posthoc" in runs:
+    if "posthoc" in runs or "forget" in runs:
         runs.add("standard")
     metrics: dict[str, Any] = {}
     curves: dict[str, list] = {}
     models: dict[str, Any] = {}
 
-    def train_run(name: str, model, stream, with_ids: bool):
+    def train_run(name: str, model, stream, with_ids: bool, goldfish: dict | None = None):
         t0 = time.time()
-        curves[name] = train(model, setting, stream, cfg, with_ids=with_ids, label=name)
+        curves[name] = train(model, setting, stream, cfg, with_ids=with_ids, label=name, goldfish=goldfish)
         timings[name] = time.time() - t0
         return model
+
+    def memsinks_run(name: str, key: str, config: MemSinkConfig, goldfish: dict | None = None):
+        """Train, then measure with each document's own sinks on and with the sinks removed."""
+        model = train_run(name, get_memsink_model(copy.deepcopy(base), config), setting.stream, True, goldfish)
+        with model.sink_mode("activate"):
+            metrics[f"{key}_own_sinks"] = measure(model, setting, cfg, own_ids=True)
+        t0 = time.time()
+        plain = copy.deepcopy(model).remove_sinks()
+        timings[f"{key}_remove_sinks"] = time.time() - t0
+        metrics[f"{key}_removed"] = measure(plain, setting, cfg)
+        return model, plain
 
     if "standard" in runs:
         models["standard"] = train_run("standard", copy.deepcopy(base), setting.stream, False)
         metrics["standard"] = measure(models["standard"], setting, cfg)
     if "memsinks" in runs:
-        model = train_run("memsinks", get_memsink_model(copy.deepcopy(base), memsink_cfg), setting.stream, True)
-        with model.sink_mode("activate"):
-            metrics["memsinks_own_sinks"] = measure(model, setting, cfg, own_ids=True)
-        t0 = time.time()
-        plain = copy.deepcopy(model).remove_sinks()
-        timings["remove_sinks"] = time.time() - t0
-        metrics["memsinks_removed"] = measure(plain, setting, cfg)
+        models["memsinks"], plain = memsinks_run("memsinks", "memsinks", memsink_cfg)
         if cfg.get("save_models", False):
             plain.save_pretrained(out / "memsinks_removed")
             setting.tokenizer.save_pretrained(out / "memsinks_removed")
     if "dedup" in runs:
         models["dedup"] = train_run("dedup", copy.deepcopy(base), setting.dedup_stream, False)
         metrics["dedup"] = measure(models["dedup"], setting, cfg)
+    if "goldfish" in runs:
+        models["goldfish"] = train_run("goldfish", copy.deepcopy(base), setting.stream, False, cfg["goldfish"])
+        metrics["goldfish"] = measure(models["goldfish"], setting, cfg)
+    if "memsinks+goldfish" in runs:
+        memsinks_run("memsinks+goldfish", "memsinks_goldfish", memsink_cfg, cfg["goldfish"])
     if "posthoc" in runs:
         t0 = time.time()
         scores = neuron_specificity(models["standard"], setting.repeated, setting.general_sample, setting.pad_id)
@@ -389,12 +438,16 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
             sweep.append({"fraction_removed": float(fraction), **measure(pruned, setting, cfg)})
         metrics["posthoc_sweep"] = sweep
         timings["posthoc"] = time.time() - t0
+    forget_report = None
+    if "forget" in runs:
+        forget_report = _forget(cfg, setting, base, models, metrics, memsink_cfg, train_run, memsinks_run, timings)
     timings["total"] = time.time() - start
 
     report = {
         "summary": summarize(metrics) if "standard" in metrics else {},
         "metrics": {k: v for k, v in metrics.items() if k != "posthoc_sweep"},
         "posthoc_sweep": metrics.get("posthoc_sweep", []),
+        "forgetting": forget_report,
         "curves": curves,
         "setting": setting.describe(),
         "config": cfg,
@@ -409,6 +462,38 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
     write_plots(report, out)
     write_markdown(report, out)
     return report
+
+
+def _forget(cfg, setting, base, models, metrics, memsink_cfg, train_run, memsinks_run, timings) -> dict:
+    """The forgetting experiment (experiments/forgetting.py): rows, summary, the sets' sizes."""
+    f = cfg["forget"]
+    seed = int(cfg.get("seed", 0))
+    order = forgetting.forget_order(setting, seed)
+    sizes = sorted(int(n) for n in f["sizes"])
+    sets = {n: order[:n] for n in sizes}
+    keep = order[max(sizes):]
+    targeted_cfg = MemSinkConfig(**_forget_memsinks(cfg))
+    regimes = {}
+    label = lambda c: f"sinks {c.sink_fraction} p={c.sink_active_prob}"  # noqa: E731
+    if "memsinks" in models:
+        regimes[label(memsink_cfg)] = models["memsinks"]
+    if targeted_cfg != memsink_cfg or "memsinks" not in models:
+        regimes[label(targeted_cfg)], _ = memsinks_run("memsinks (forget regime)", "forget_memsinks", targeted_cfg)
+    retrained = None
+    if f.get("retrain", True):
+        retrained = train_run("retrained without F", copy.deepcopy(base), setting.stream_without(sets[max(sizes)]),
+                              False)
+    t0 = time.time()
+    rows = []
+    for regime, model in regimes.items():
+        rows += forgetting.evaluate_memsinks(model, setting, cfg, sets, keep, regime, seed)
+    rows += forgetting.evaluate_standard(models["standard"], retrained, setting, cfg, sets, keep,
+                                         [float(x) for x in f.get("posthoc_fractions", [])])
+    timings["forget_eval"] = time.time() - t0
+    val_docs = min(int(f.get("val_docs") or len(setting.validation)), len(setting.validation))
+    return {"sizes": sizes, "keep": len(keep), "val_docs": val_docs,
+            "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
+            "summary": forgetting.summarize(rows), "rows": rows}
 
 
 def _versions() -> dict:

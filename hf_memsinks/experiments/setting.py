@@ -27,6 +27,21 @@ class Setting:
     stream: list[list[int]] = field(repr=False, default_factory=list)        # standard / memsinks order
     dedup_stream: list[list[int]] = field(repr=False, default_factory=list)  # repeats seen once, rest fresh
     general_sample: list[list[int]] = field(repr=False, default_factory=list)  # seen-once train docs (for attribution)
+    fresh: list[list[int]] = field(repr=False, default_factory=list)  # never-trained general docs (dedup's fillers)
+
+    def stream_without(self, docs: list[list[int]]) -> list[list[int]]:
+        """The training stream with every occurrence of ``docs`` replaced by a fresh general
+        document (same order, same number of documents): "retrained without them"."""
+        drop = {tuple(d) for d in docs}
+        fillers = iter(self.fresh)
+        out = []
+        for doc in self.stream:
+            if tuple(doc) in drop:
+                doc = next(fillers, None)
+                if doc is None:
+                    raise ValueError("not enough fresh documents to replace the forgotten ones")
+            out.append(doc)
+        return out
 
     @property
     def repeated(self) -> list[list[int]]:
@@ -114,4 +129,4 @@ def build_setting(cfg: dict) -> Setting:
             first_seen.add(i) if kind == "r" else None
             dedup.append(doc)
     return Setting(tokenizer, max_length, pad_id, natural, canary_docs, control_natural, control_canaries,
-                   validation, stream, dedup, general[: max(n_ctrl, 64)])
+                   validation, stream, dedup, general[: max(n_ctrl, 64)], fresh)
