@@ -65,6 +65,9 @@ SCHEMA: dict[str, Any] = {
     "eval": {"prefix": _INT, "suffix": _INT, "batch_size": _INT},
     "memsinks": "memsinks",  # MemSinkConfig's fields, checked by MemSinkConfig
     "posthoc": {"fractions": list},
+    "goldfish": {"k": _INT, "h": _INT, "hash": _STR, "seed": _INT},
+    "forget": {"sizes": list, "memsinks": (dict, None), "posthoc_fractions": list, "retrain": bool,
+               "val_docs": (_INT, None)},
     "runs": list,
 }
 
@@ -87,27 +90,33 @@ def _type_ok(value: Any, kind: Any) -> bool:
             return True
         if k == _STR and isinstance(value, str):
             return True
-        if k in (bool, list) and isinstance(value, k):
+        if k in (bool, list, dict) and isinstance(value, k):
             return True
     return False
 
 
-def check_config(cfg: dict, where: str = "config") -> None:
-    """Every key known, every value of its type (see :data:`SCHEMA`)."""
+def _check_memsinks_section(value: Any, name: str, where: str) -> None:
     import dataclasses
 
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: {name!r} must be a mapping of MemSinkConfig fields, got {value!r}")
+    fields = {f.name for f in dataclasses.fields(MemSinkConfig)} - {"sink_layout"}
+    for k in value:
+        if k not in fields:
+            raise ValueError(f"{where}: unknown key '{name}.{k}'{_nearest(k, fields, name + '.')}")
+
+
+def check_config(cfg: dict, where: str = "config") -> None:
+    """Every key known, every value of its type (see :data:`SCHEMA`)."""
     for key, value in cfg.items():
         if key not in SCHEMA:
             raise ValueError(f"{where}: unknown key {key!r}{_nearest(key, SCHEMA)}")
         kind = SCHEMA[key]
         if kind == "memsinks":
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: 'memsinks' must be a mapping of MemSinkConfig fields, got {value!r}")
-            fields = {f.name for f in dataclasses.fields(MemSinkConfig)} - {"sink_layout"}
-            for k in value:
-                if k not in fields:
-                    raise ValueError(f"{where}: unknown key 'memsinks.{k}'{_nearest(k, fields, 'memsinks.')}")
+            _check_memsinks_section(value, "memsinks", where)
         elif isinstance(kind, dict):
+            if key == "forget" and isinstance(value, dict) and value.get("memsinks") is not None:
+                _check_memsinks_section(value["memsinks"], "forget.memsinks", where)
             if not isinstance(value, dict):
                 raise ValueError(f"{where}: {key!r} must be a section (a mapping), got {value!r}")
             for k, v in value.items():
@@ -117,8 +126,8 @@ def check_config(cfg: dict, where: str = "config") -> None:
                     want = " or ".join("null" if t is None else getattr(t, "__name__", t)
                                        for t in (kind[k] if isinstance(kind[k], tuple) else (kind[k],)))
                     raise ValueError(f"{where}: '{key}.{k}' must be {want}, got {v!r}")
-                if kind[k] == _INT and v < (0 if k in ("warmup", "control", "repeated_natural", "repeated_canaries")
-                                            else 1):
+                if kind[k] == _INT and v < (0 if k in ("warmup", "control", "repeated_natural", "repeated_canaries",
+                                                       "seed") else 1):
                     raise ValueError(f"{where}: '{key}.{k}' must be a positive integer, got {v!r}")
         elif not _type_ok(value, kind):
             want = getattr(kind, "__name__", kind)
