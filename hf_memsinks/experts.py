@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import MemSinkConfig
+from .layers import copy_into_spans, load_other_keys
 
 
 def experts_width(module: nn.Module) -> int | None:
@@ -232,16 +233,9 @@ class _SinkExperts:
                 if value.shape[dim] != count * rows * chunks:
                     error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(value.shape)}")
                     continue
-                with torch.no_grad():
-                    offset = 0
-                    for start, n in _spans(g + s, first, count, chunks, rows):
-                        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
-                        offset += n
-        handled = {prefix + n for n in layout} | {prefix + "sink_" + n for n in layout}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
-        before = len(missing_keys)
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
+                copy_into_spans(param, dim, _spans(g + s, first, count, chunks, rows), value)
+        load_other_keys(super()._load_from_state_dict, state_dict, prefix, layout, local_metadata, strict,
+                        missing_keys, unexpected_keys, error_msgs)
 
 
 _CLASSES: dict[type, type] = {}

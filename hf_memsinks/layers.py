@@ -215,17 +215,10 @@ class _SinkProjection:
                         + ": it was saved with another sink layout"
                     )
                     continue
-                offset = 0
-                with torch.no_grad():
-                    for start, n in spans:
-                        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
-                        offset += n
-        handled = {prefix + n for n in dims} | {prefix + "sink_" + n for n in dims}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
+                copy_into_spans(param, dim, spans, value)
         # Anything else this module owns (the output projection's bias) loads as usual.
-        before = len(missing_keys)
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
+        load_other_keys(super()._load_from_state_dict, state_dict, prefix, dims, local_metadata, strict,
+                        missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, general={self.memsink_general}, sinks={self.memsink_sinks}"
@@ -233,6 +226,26 @@ class _SinkProjection:
     def __reduce_ex__(self, protocol):
         """Pickle by the original class and role: the subclass is made at patch time."""
         return _new_patched_projection, (self._memsink_base_class, self.memsink_role), self.__dict__
+
+
+@torch.no_grad()
+def copy_into_spans(param: torch.Tensor, dim: int, spans, value: torch.Tensor) -> None:
+    """Copy ``value``'s slices, in order, into the ``(start, length)`` spans of ``param`` along ``dim``."""
+    offset = 0
+    for start, n in spans:
+        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
+        offset += n
+
+
+def load_other_keys(base_load, state_dict, prefix, names, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs) -> None:
+    """Load the keys of a sink-patched module other than its split tensors (``names`` and their
+    ``sink_`` parts) through the base class's loader, which must not report those as missing."""
+    handled = {prefix + n for n in names} | {prefix + "sink_" + n for n in names}
+    rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
+    before = len(missing_keys)
+    base_load(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
 
 
 class _SinkInProjection(_SinkProjection):
