@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test coverage demo quick-demo bench bench-compile clean
+.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale bench bench-compile clean
 
 install: $(STAMP)
 
@@ -25,10 +25,28 @@ test: install
 coverage: install
 	$(PY) tests/coverage_models.py
 
-# The memorization benchmark on the embedded corpus: standard, memsinks, dedup, post-hoc, goldfish,
-# memsinks+goldfish and the forgetting experiment (~14 min on 2 CPU cores, estimated): runs/demo/report.md + plots.
+# The memorization benchmark on the embedded corpus, usual 4x MLP: standard, memsinks, dedup, post-hoc,
+# goldfish, memsinks+goldfish and the forgetting experiment: runs/demo/report.md + plots.
 demo: install
 	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
+
+# The same on the 16x-wide MLP the demo used before.
+demo-wide: install
+	$(VENV)/bin/hf-memsinks run configs/demo_wide.yaml --out runs/demo_wide
+
+# Real text: paragraphs of the installed manual pages (data/manpages.jsonl), then the benchmark on them.
+data/manpages.jsonl:
+	$(MAKE) install
+	$(PY) -m hf_memsinks.experiments.manpages --out $@
+
+manpages: data/manpages.jsonl
+
+realtext: install data/manpages.jsonl
+	$(VENV)/bin/hf-memsinks run configs/manpages.yaml --out runs/manpages
+
+# Gap closure and val-loss cost against model size, 4x and 16x MLPs (standard + memsinks per point).
+scale: install
+	$(VENV)/bin/hf-memsinks scale configs/demo.yaml --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
 
 # The 45-second toy version (random canaries in a bigram language).
 quick-demo: install

@@ -197,9 +197,15 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--sink-fractions", default="0.1,0.3,0.5")
     p.add_argument("--active-probs", default="0.1,0.3,0.5")
     p.add_argument("--out", default=None)
+    p = sub.add_parser("scale", help="memsinks against model size and MLP shape: standard + memsinks per point")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--models", default="2x64,4x128,4x192", help="LAYERSxHIDDEN list, e.g. 2x64,4x128")
+    p.add_argument("--mlp-ratios", default="4,16", help="MLP width as multiples of hidden, e.g. 4,16")
+    p.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    if args.command in ("run", "sweep"):
+    if args.command in ("run", "sweep", "scale"):
         return _experiment(args)
 
     if args.command == "export":
@@ -228,10 +234,23 @@ def _experiment(args) -> int:
     if args.command == "run":
         from .experiments.runner import run
 
+        from .experiments.training import finish_processes
+
         out = args.out or os.path.join("runs", name)
         report = run(cfg, out)
-        print((Path(out) / "report.md").read_text())
-        print(f"report.json, report.md, curves.png, tradeoff.png in {out}")
+        if report["processes"]["rank"] == 0:
+            print((Path(out) / "report.md").read_text())
+            print(f"report.json, report.md, curves.png, tradeoff.png in {out}")
+        finish_processes()
+        return 0
+    if args.command == "scale":
+        from .experiments.scale import parse_models, scale
+
+        out = args.out or os.path.join("runs", f"{name}-scale")
+        ratios = [int(x) for x in args.mlp_ratios.split(",")]
+        points = scale(cfg, out, parse_models(args.models), ratios)
+        print((Path(out) / "scale.md").read_text())
+        print(f"scale.json, scale.md and scale.png in {out} ({len(points)} points)")
         return 0
     from .experiments.sweep import sweep
 

@@ -149,7 +149,7 @@ def test_posthoc_zeroes_the_top_scored_neurons():
     assert torch.equal(pruned.transformer.h[0].mlp.c_proj.weight, model.transformer.h[0].mlp.c_proj.weight)
 
 
-@pytest.mark.parametrize("name", ["demo", "smoke", "sweep_small", "tinystories_gpu"])
+@pytest.mark.parametrize("name", ["demo", "demo_wide", "manpages", "smoke", "sweep_small", "tinystories_gpu"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
     assert cfg["train"]["steps"] > 0 and cfg["model"]["type"] in ("gpt2", "llama", "gpt_neox")

@@ -134,9 +134,17 @@ def load_documents(source: str = "embedded", n: int | None = None, *, text_field
     docs = [d for d in dict.fromkeys(docs) if d.strip()]  # drop exact repeats: the benchmark adds its own
     if n is not None:
         if len(docs) < n:
-            raise ValueError(f"{source} has {len(docs)} distinct documents; the config needs {n}")
+            raise CorpusTooSmall(source, len(docs), n)
         docs = docs[:n]
     return docs
+
+
+class CorpusTooSmall(ValueError):
+    """A corpus with fewer distinct documents than a setting needs."""
+
+    def __init__(self, source: str, available: int, needed: int):
+        super().__init__(f"{source} has {available} distinct documents; the config needs {needed}")
+        self.source, self.available, self.needed = source, available, needed
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------

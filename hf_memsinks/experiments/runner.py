@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import time
@@ -20,13 +19,13 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import MemSinkConfig
-from ..evaluation import document_losses, extraction_hits, pad_documents
-from ..goldfish import goldfish_labels
+from ..data import ids_for_documents
+from ..evaluation import document_losses, extraction_hits
 from ..model import get_memsink_model
 from . import forgetting
 from .posthoc import neuron_specificity, zero_top_neurons
-from ..data import ids_for_documents
 from .setting import Setting, build_setting
+from .training import PRECISIONS, make_accelerator, train
 
 RUNS = ("standard", "memsinks", "dedup", "posthoc", "goldfish", "memsinks+goldfish", "forget")
 DEFAULTS: dict[str, Any] = {
@@ -61,7 +60,7 @@ SCHEMA: dict[str, Any] = {
                                 "validation", "canary_length")},
     "model": {"type": _STR, "layers": _INT, "hidden": _INT, "heads": _INT, "mlp": _INT},
     "train": {"steps": _INT, "batch_size": _INT, "lr": _FLOAT, "min_lr_ratio": _FLOAT, "warmup": _INT,
-              "weight_decay": _FLOAT, "eval_every": _INT, "curve_docs": _INT},
+              "weight_decay": _FLOAT, "eval_every": _INT, "curve_docs": _INT, "precision": _STR},
     "eval": {"prefix": _INT, "suffix": _INT, "batch_size": _INT},
     "memsinks": "memsinks",  # MemSinkConfig's fields, checked by MemSinkConfig
     "posthoc": {"fractions": list},
@@ -179,6 +178,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     unknown = set(cfg["runs"]) - set(RUNS)
     if unknown:
         raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+    if cfg["train"].get("precision", "auto") not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg['train']['precision']!r}")
     MemSinkConfig(**cfg["memsinks"])  # fail early on a bad MemSink setting
     MemSinkConfig(**_forget_memsinks(cfg))
     from ..goldfish import _check
@@ -221,73 +222,6 @@ def build_model(cfg: dict, vocab_size: int, max_length: int):
         raise ValueError(f"model.type must be gpt2, llama or gpt_neox, got {kind!r}")
     torch.manual_seed(int(cfg["seed"]))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def resolve_device(cfg: dict) -> str:
-    device = cfg.get("device", "auto")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def _batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool, goldfish: dict | None = None):
-    for start in range(0, len(stream) - batch_size + 1, batch_size):
-        docs = stream[start:start + batch_size]
-        tokens, mask = pad_documents(docs, pad_id)
-        labels = tokens.masked_fill(~mask, -100)
-        if goldfish:
-            labels = goldfish_labels(tokens, labels, int(goldfish["k"]), int(goldfish["h"]),
-                                     hash=goldfish.get("hash", "table"), seed=int(goldfish.get("seed", 0)),
-                                     attention_mask=mask)
-        batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
-        if with_ids:
-            batch["sequence_ids"] = ids_for_documents(docs)
-        yield batch
-
-
-def _curve_point(model, setting: Setting, step: int, n: int) -> dict:
-    pad = setting.pad_id
-    rep = document_losses(model, setting.repeated[:n], pad_id=pad)
-    ctl = document_losses(model, setting.control[:n], pad_id=pad)
-    val = document_losses(model, setting.validation[:n], pad_id=pad)
-    return {"step": step, "repeated_loss": rep.mean().item(), "control_loss": ctl.mean().item(),
-            "val_loss": val.mean().item()}
-
-
-def train(model, setting: Setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str,
-          goldfish: dict | None = None) -> list[dict]:
-    """AdamW with linear warmup and cosine decay; returns the loss curves (sinks dropped).
-    ``goldfish``: train with the Goldfish loss (its k, h, hash, seed)."""
-    t = cfg["train"]
-    steps, batch_size = int(t["steps"]), int(t["batch_size"])
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=float(t["lr"]), betas=(0.9, 0.95))
-    warmup = int(t["warmup"])
-    floor = float(t.get("min_lr_ratio", 0.0))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
-        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
-    every = int(t["eval_every"])
-    curve = [_curve_point(model, setting, 0, int(t["curve_docs"]))]
-    model.train()
-    bar = tqdm(_batches(stream, batch_size, setting.pad_id, with_ids, goldfish), total=steps, desc=label, mininterval=2.0,
-               dynamic_ncols=True)
-    device = next(model.parameters()).device
-    for step, batch in enumerate(bar, 1):
-        loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % every == 0 or step == steps:
-            curve.append(_curve_point(model, setting, step, int(t["curve_docs"])))
-            model.train()
-        if step >= steps:
-            break
-    model.eval()
-    return curve
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
@@ -387,27 +321,34 @@ def summarize(metrics: dict) -> dict:
 
 
 def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
+    """Every configured run on one stream, then report.json, report.md and plots in ``out_dir``.
+    Under ``accelerate launch`` each training is data-parallel; every process evaluates the same
+    (identical) models and only the main process writes."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.time()
     setting = build_setting(cfg)
     timings["data"] = time.time() - start
     vocab = len(setting.tokenizer)
-    base = build_model(cfg, vocab, setting.max_length).to(resolve_device(cfg))
+    base = build_model(cfg, vocab, setting.max_length).to(accelerator.device)
     memsink_cfg = MemSinkConfig(**cfg["memsinks"])
     runs = set(cfg["runs"])
     if "posthoc" in runs or "forget" in runs:
         runs.add("standard")
     metrics: dict[str, Any] = {}
     curves: dict[str, list] = {}
+    shares: dict[str, dict] = {}
     models: dict[str, Any] = {}
 
     def train_run(name: str, model, stream, with_ids: bool, goldfish: dict | None = None):
         t0 = time.time()
-        curves[name] = train(model, setting, stream, cfg, with_ids=with_ids, label=name, goldfish=goldfish)
+        curves[name], shares[name] = train(model, setting, stream, cfg, with_ids=with_ids, label=name,
+                                           goldfish=goldfish, accelerator=accelerator)
         timings[name] = time.time() - t0
         return model
 
@@ -427,7 +368,7 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
         metrics["standard"] = measure(models["standard"], setting, cfg)
     if "memsinks" in runs:
         models["memsinks"], plain = memsinks_run("memsinks", "memsinks", memsink_cfg)
-        if cfg.get("save_models", False):
+        if cfg.get("save_models", False) and accelerator.is_main_process:
             plain.save_pretrained(out / "memsinks_removed")
             setting.tokenizer.save_pretrained(out / "memsinks_removed")
     if "dedup" in runs:
@@ -442,7 +383,8 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
         t0 = time.time()
         scores = neuron_specificity(models["standard"], setting.repeated, setting.general_sample, setting.pad_id)
         sweep = []
-        for fraction in tqdm(cfg["posthoc"]["fractions"], desc="posthoc sweep"):
+        for fraction in tqdm(cfg["posthoc"]["fractions"], desc="posthoc sweep",
+                             disable=not accelerator.is_main_process):
             pruned = zero_top_neurons(models["standard"], scores, float(fraction))
             sweep.append({"fraction_removed": float(fraction), **measure(pruned, setting, cfg)})
         metrics["posthoc_sweep"] = sweep
@@ -462,14 +404,19 @@ def run(cfg: dict, out_dir: str | os.PathLike) -> dict:
         "config": cfg,
         "memsink_config": memsink_cfg.to_dict(),
         "model_parameters": sum(p.numel() for p in base.parameters()),
+        "processes": {"count": accelerator.num_processes, "rank": accelerator.process_index,
+                      "precision": accelerator.mixed_precision,
+                      "device": accelerator.device.type, "shares": shares},
         "versions": _versions(),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    from .report import write_markdown, write_plots
+    if accelerator.is_main_process:
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        from .report import write_markdown, write_plots
 
-    write_plots(report, out)
-    write_markdown(report, out)
+        write_plots(report, out)
+        write_markdown(report, out)
+    accelerator.wait_for_everyone()
     return report
 
 

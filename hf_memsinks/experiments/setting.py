@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .corpus import load_documents, load_or_train_tokenizer
+from .corpus import CorpusTooSmall, load_documents, load_or_train_tokenizer
 
 
 @dataclass
@@ -77,8 +77,17 @@ def build_setting(cfg: dict) -> Setting:
     needed = n_general + n_fresh + k_nat + n_ctrl + n_val
 
     corpus = cfg["corpus"]
-    texts = load_documents(corpus.get("source", "embedded"), needed, text_field=corpus.get("text_field", "text"),
-                           split=corpus.get("split", "train"), seed=seed)
+    try:
+        texts = load_documents(corpus.get("source", "embedded"), needed, text_field=corpus.get("text_field", "text"),
+                               split=corpus.get("split", "train"), seed=seed)
+    except CorpusTooSmall as err:
+        batch = int(train["batch_size"])
+        fit = (err.available - n_fresh - k_nat - n_ctrl - n_val + n_repeat_slots) // batch
+        lower = (f"lower train.steps to at most {fit}" if fit * batch > n_repeat_slots else
+                 "lower data.repetitions (or data.repeated_natural / repeated_canaries)")
+        raise ValueError(f"{err.source} has {err.available} distinct documents but this config needs {needed} "
+                         f"({n_general} general, {n_fresh} dedup fillers, {n_ctrl} control, {n_val} validation, "
+                         f"{k_nat} repeated): {lower}, or data.validation / data.control") from None
     rng = random.Random(seed)
     rng.shuffle(texts)
     tokenizer = load_or_train_tokenizer(cfg.get("tokenizer", {}), texts[: min(len(texts), 20000)])

@@ -11,24 +11,27 @@ from pathlib import Path
 from ..config import MemSinkConfig
 from ..model import get_memsink_model
 from .report import save_tradeoff
-from .runner import build_model, measure, resolve_device, train
+from .runner import build_model, measure
 from .setting import build_setting
+from .training import make_accelerator, train
 
 
 def sweep(cfg: dict, out_dir: str | os.PathLike, fractions: list[float], probs: list[float]) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg)
     setting = build_setting(cfg)
-    base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(resolve_device(cfg))
+    base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(accelerator.device)
     standard = copy.deepcopy(base)
-    train(standard, setting, setting.stream, cfg, with_ids=False, label="standard")
+    train(standard, setting, setting.stream, cfg, with_ids=False, label="standard", accelerator=accelerator)
     std = measure(standard, setting, cfg)
     points = []
     for fraction in fractions:
         for prob in probs:
             settings = {**cfg["memsinks"], "sink_fraction": fraction, "sink_active_prob": prob}
             model = get_memsink_model(copy.deepcopy(base), MemSinkConfig(**settings))
-            train(model, setting, setting.stream, cfg, with_ids=True, label=f"memsinks {fraction}/{prob}")
+            train(model, setting, setting.stream, cfg, with_ids=True, label=f"memsinks {fraction}/{prob}",
+                  accelerator=accelerator)
             removed = measure(copy.deepcopy(model).remove_sinks(), setting, cfg)
             points.append({"sink_fraction": fraction, "sink_active_prob": prob,
                            "gap_closure": 1 - removed["memorization_gap"] / std["memorization_gap"],

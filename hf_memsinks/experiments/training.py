@@ -1,0 +1,167 @@
+"""The benchmark's training loop, through accelerate: one process, or data-parallel over N
+processes (``accelerate launch --multi_gpu --num_processes N -m hf_memsinks.cli run ...``), in
+fp32 or bf16 autocast.
+
+Every process builds the same document stream and the same global batch of ``train.batch_size``
+documents (padded together, Goldfish labels included), then trains on its own contiguous share of
+the rows. The loss is summed over the share's target tokens and divided by the *global* batch's
+target count, times the process count that DDP's gradient average divides out again: N processes
+take the step that one process takes on the whole batch, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import ids_for_documents
+from ..evaluation import document_losses, pad_documents
+from ..goldfish import goldfish_labels
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def make_accelerator(cfg: dict):
+    """The run's ``Accelerator``: ``device`` "cpu" / "cuda" / "auto", ``train.precision`` "auto"
+    (bf16 where a CUDA device supports it, else fp32), "no", "bf16" or "fp16"."""
+    from accelerate import Accelerator
+
+    device = cfg.get("device", "auto")
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    precision = cfg["train"].get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=cpu, mixed_precision=precision)
+
+
+def warmup_cosine(steps: int, warmup: int, floor: float) -> Callable[[int], float]:
+    """Learning-rate factor at step ``s``: linear warmup over ``warmup`` steps, then cosine decay
+    from 1 to ``floor`` at ``steps``."""
+
+    def factor(s: int) -> float:
+        ramp = min(1.0, (s + 1) / max(1, warmup))
+        return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+
+    return factor
+
+
+def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool,
+                   goldfish: dict | None = None) -> Iterator[dict]:
+    """The stream cut into padded batches of ``batch_size`` documents, in order (a short tail is
+    dropped): ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding and on Goldfish's
+    dropped targets) and, ``with_ids``, each document's ``sequence_ids``."""
+    for start in range(0, len(stream) - batch_size + 1, batch_size):
+        docs = stream[start:start + batch_size]
+        tokens, mask = pad_documents(docs, pad_id)
+        labels = tokens.masked_fill(~mask, -100)
+        if goldfish:
+            labels = goldfish_labels(tokens, labels, int(goldfish["k"]), int(goldfish["h"]),
+                                     hash=goldfish.get("hash", "table"), seed=int(goldfish.get("seed", 0)),
+                                     attention_mask=mask)
+        batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
+        if with_ids:
+            batch["sequence_ids"] = ids_for_documents(docs)
+        yield batch
+
+
+def share(batch: dict, rank: int, processes: int) -> dict:
+    """This process's contiguous rows of a global batch."""
+    rows = batch["input_ids"].shape[0]
+    if rows % processes:
+        raise ValueError(f"train.batch_size {rows} does not split evenly over {processes} processes: "
+                         f"set it to a multiple of {processes}")
+    n = rows // processes
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
+def loss_sum(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy summed over the batch's target tokens (labels != -100)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def curve_point(model, setting, step: int, n: int) -> dict:
+    """Mean loss on the first ``n`` repeated, control and validation documents."""
+    pad = setting.pad_id
+    losses = {name: document_losses(model, docs[:n], pad_id=pad).mean().item()
+              for name, docs in (("repeated_loss", setting.repeated), ("control_loss", setting.control),
+                                 ("val_loss", setting.validation))}
+    return {"step": step, **losses}
+
+
+def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str,
+          goldfish: dict | None = None, accelerator=None) -> tuple[list[dict], dict]:
+    """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
+    global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
+    and the shares: documents and target tokens each process trained on.
+
+    Args:
+        model: a causal LM, patched or not, already on the accelerator's device.
+        stream: the documents in training order (the same on every process).
+        with_ids: pass each document's sequence ID (memsinks runs).
+        goldfish: train with the Goldfish loss (its ``k``, ``h``, ``hash``, ``seed``).
+        accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
+    """
+    accelerator = accelerator or make_accelerator(cfg)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    t = cfg["train"]
+    steps, every, curve_docs = int(t["steps"]), int(t["eval_every"]), int(t["curve_docs"])
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=float(t["lr"]), betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(steps, int(t["warmup"]), float(t.get("min_lr_ratio", 0.0))))
+    curve = [curve_point(model, setting, 0, curve_docs)]
+    wrapped, prepared_opt = accelerator.prepare(model, opt)
+    wrapped.train()
+    counts = torch.zeros(2, dtype=torch.long)  # this process's documents, target tokens
+    batches = global_batches(stream, int(t["batch_size"]), setting.pad_id, with_ids, goldfish)
+    bar = tqdm(batches, total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    for step, batch in enumerate(bar, 1):
+        targets = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+        mine = {k: v.to(accelerator.device, non_blocking=True) for k, v in share(batch, rank, processes).items()}
+        counts += torch.tensor([mine["input_ids"].shape[0], int((mine["labels"][:, 1:] != -100).sum())])
+        loss = loss_sum(wrapped, mine) * (processes / targets.item())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
+        prepared_opt.step()
+        schedule.step()
+        prepared_opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item() / processes:.3f}")
+        if step % every == 0 or step == steps:
+            curve.append(curve_point(model, setting, step, curve_docs))
+            wrapped.train()
+        if step >= steps:
+            break
+    model.eval()
+    shares = accelerator.gather(counts.to(accelerator.device)).reshape(processes, 2).cpu()
+    accelerator.free_memory()
+    return curve, {"documents": shares[:, 0].tolist(), "tokens": shares[:, 1].tolist()}
+
+
+def finish_processes() -> None:
+    """End a multi-process run cleanly: every process waits, the process group closes, and the
+    interpreter exits at once (gloo can abort in its teardown after a clean run). No-op in a
+    single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
