@@ -25,8 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_smoke(out: Path, processes: int) -> dict:
-    cli = ["-m", "hf_memsinks.cli", "run", SMOKE, "--out", str(out)]
+def run_smoke(out: Path, processes: int, *overrides: str) -> dict:
+    cli = ["-m", "hf_memsinks.cli", "run", SMOKE, *overrides, "--out", str(out)]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -70,3 +70,30 @@ def test_each_process_takes_its_contiguous_share_of_the_global_batch():
     assert parts[1]["input_ids"].shape == (2, batch["input_ids"].shape[1])  # padded with the whole batch
     with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 processes"):
         share(batch, 0, 3)
+
+
+def test_bf16_autocast_trains_and_leaves_plain_models(tmp_path):
+    """bf16 autocast on the CPU (a separate process: accelerate's precision is per process). The
+    removed model is evaluated in fp32 through its own class's forward, not autocast's wrapper."""
+    report = run_smoke(tmp_path, 1, "train.precision=bf16", "runs=[standard,memsinks]")
+    assert report["processes"]["precision"] == "bf16"
+    fp32 = run_smoke(tmp_path / "fp32", 1, "runs=[standard,memsinks]")
+    for run in ("standard", "memsinks_removed", "memsinks_own_sinks"):
+        bf16_loss, fp32_loss = report["metrics"][run]["val_loss"], fp32["metrics"][run]["val_loss"]
+        assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=0.05), run
+
+
+def test_autocast_wrapper_is_dropped_after_training():
+    from tiny_models import tiny_model
+
+    from hf_memsinks import MemSinkConfig, get_memsink_model
+    from hf_memsinks.experiments.training import drop_autocast_wrapper
+
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig())
+    model._original_forward = model.forward
+    model.forward = lambda *a, **k: None  # what accelerate's prepare leaves under mixed precision
+    drop_autocast_wrapper(model)
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    plain = model.remove_sinks()
+    assert type(plain).__name__ == "GPT2LMHeadModel" and "forward" not in plain.__dict__
+    assert plain(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)

@@ -130,10 +130,11 @@ def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool,
     bar = tqdm(batches, total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     for step, batch in enumerate(bar, 1):
-        targets = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-        mine = {k: v.to(accelerator.device, non_blocking=True) for k, v in share(batch, rank, processes).items()}
-        counts += torch.tensor([mine["input_ids"].shape[0], int((mine["labels"][:, 1:] != -100).sum())])
-        loss = loss_sum(wrapped, mine) * (processes / targets.item())
+        targets = int((batch["labels"][:, 1:] != -100).sum().clamp(min=1))  # on the host: no device sync
+        part = share(batch, rank, processes)
+        counts += torch.tensor([part["input_ids"].shape[0], int((part["labels"][:, 1:] != -100).sum())])
+        mine = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
+        loss = loss_sum(wrapped, mine) * (processes / targets)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
         prepared_opt.step()
@@ -146,10 +147,24 @@ def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool,
             wrapped.train()
         if step >= steps:
             break
+    drop_autocast_wrapper(model)
     model.eval()
     shares = accelerator.gather(counts.to(accelerator.device)).reshape(processes, 2).cpu()
     accelerator.free_memory()
     return curve, {"documents": shares[:, 0].tolist(), "tokens": shares[:, 1].tolist()}
+
+
+def drop_autocast_wrapper(model) -> None:
+    """Under mixed precision ``accelerator.prepare`` wraps ``model.forward`` in autocast, as an
+    instance attribute. Put the original back, so evaluation runs in fp32 and a later class swap
+    (``remove_sinks()``) is not shadowed by a stale bound method."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is None:
+        return
+    if getattr(original, "__func__", None) is type(model).forward:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = original
 
 
 def finish_processes() -> None:
