@@ -11,8 +11,9 @@
 3. **Check**: sinks need the hidden neurons to be independent of each other, and removal needs
    the model to run with fewer of them. So for each kind of candidate, one model forward with the
    last quarter of its neurons deleted (an odd number, so whole attention heads never pass)
-   must equal one with their output weights zeroed, and perturbing those weights must change
-   the output (the projections are on the forward path).
+   must equal one with their output weights zeroed, and perturbing the output weights of as many
+   of its first neurons must change the output (the projections are on the forward path; the
+   last neurons can be silent, as the zero-padded sinks of a checkpoint being restored are).
    Candidates that fail are dropped; if none pass, the error lists what was found and why.
 4. **Width field**: a config field (by value, names like ``*intermediate*`` first) is the MLP's
    width if building the model on the meta device with that field changed changes exactly those
@@ -240,8 +241,9 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
 
 @contextlib.contextmanager
 def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
-    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed / perturbed, or those
-    neurons deleted. Restores the very same parameter objects afterwards."""
+    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed, or those neurons
+    deleted; or the *first* ``cut`` neurons' output weights perturbed (the last ones may be silent:
+    a restored checkpoint's zero-padded sinks). Restores the very same parameter objects afterwards."""
     keep = site.width - cut
     saved: list[tuple[nn.Module, str, object]] = []
 
@@ -260,8 +262,8 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
                 put(module, name, _pick(t, dim, _spans(site.width, 0, keep, chunks, rows)))
             elif name == "down_proj":
                 value = t.clone()
-                tail = value.narrow(dim, keep, cut)
-                tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
+                part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
+                part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
                 put(module, name, value)
         if how == "delete" and isinstance(getattr(module, "intermediate_dim", None), int):
             put(module, "intermediate_dim", keep)
@@ -280,8 +282,8 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
                     put(module, "bias", _pick(module.bias.data, 0, spans).contiguous())
                 _put_features(put, module, "in", keep * site.chunks)
         else:
-            tail = value.narrow(dim, keep, cut)
-            tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
+            part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
+            part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
             put(out, "weight", value)
     try:
         yield

@@ -71,6 +71,22 @@ def test_no_mlp_error_names_the_type_and_how_to_name_modules():
     assert "'mamba'" in str(e.value) and "target_modules" in str(e.value) and "mixer" in str(e.value)
 
 
+@pytest.mark.parametrize("model_type", ["bloom", "mpt"])
+def test_zero_padded_checkpoint_is_restored(tmp_path, model_type):
+    """Without a width field the checkpoint zero-pads the sinks, so the base model loaded to
+    restore it has silent last neurons: discovery's on-the-path check must not pick those."""
+    model = get_memsink_model(build_tiny(model_type), MemSinkConfig()).train()
+    x = batch()
+    model(input_ids=x, labels=x, sequence_ids=torch.tensor([1, 2, 3])).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad if p.grad is not None else 0, alpha=-0.1)
+    model.eval().save_pretrained(tmp_path / "ckpt")
+    restored = AutoMemSinkModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad(), model.sink_mode("expected"), restored.sink_mode("expected"):
+        assert (restored(input_ids=x).logits - model(input_ids=x).logits).abs().max() < 1e-5
+
+
 def test_mlp_with_a_norm_over_its_neurons_is_refused():
     """BitNet normalises the hidden neurons inside its MLP: they are not independent, so
     removing sinks cannot be exact."""
