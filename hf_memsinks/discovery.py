@@ -11,9 +11,16 @@
 3. **Check**: sinks need the hidden neurons to be independent of each other, and removal needs
    the model to run with fewer of them. So for each kind of candidate, one model forward with the
    last quarter of its neurons deleted (an odd number, so whole attention heads never pass)
-   must equal one with their output weights zeroed, and perturbing those weights must change
-   the output (the projections are on the forward path).
+   must equal one with their output weights zeroed, and perturbing the output weights of as many
+   of its first neurons must change the output (the projections are on the forward path; the
+   last neurons can be silent, as the zero-padded sinks of a checkpoint being restored are).
    Candidates that fail are dropped; if none pass, the error lists what was found and why.
+   **A norm over the hidden neurons** (BitNet's ``ffn_sub_norm``: a module of the MLP with
+   parameters of size ``W``) makes that check fail, as neurons share its statistics. The candidate
+   gets a second check with the norm: its output must be the output projection's input, neurons
+   with zero input weights must be exactly zero there, and zeroing some neurons' input weights must
+   equal zeroing them at the norm's input. Then the sinks are masked at the norm's input (an
+   inactive sink is zero in its statistics) and removal keeps the full width with zeros.
 4. **Width field**: a config field (by value, names like ``*intermediate*`` first) is the MLP's
    width if building the model on the meta device with that field changed changes exactly those
    MLPs' widths to the new value. Without one, removal keeps the full width with zeros.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import re
@@ -57,6 +65,11 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
         try:
             sites = find_mlp_sites(model, spec)
             reason = _check(model, sites[0])
+            norm = _norm_over_neurons(model, sites[0]) if reason is not None and spec.kind == "mlp" else None
+            if norm is not None:
+                spec = dataclasses.replace(spec, norm=norm)
+                sites = find_mlp_sites(model, spec)
+                reason = _check(model, sites[0])
         except NotImplementedError:
             raise
         except (TypeError, ValueError) as e:
@@ -172,7 +185,9 @@ def _describe(spec: MLPSpec) -> str:
     if spec.kind == "experts":
         return f"experts module {spec.mlp!r}"
     where = f"{spec.mlp!r}" if spec.mlp else "the layer itself"
-    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}" + (f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else "")
+    return (f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}"
+            + (f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else "")
+            + (f" through the norm {spec.norm!r}" if spec.norm else ""))
 
 
 # ---- 3. the check -----------------------------------------------------------------------------------
@@ -190,6 +205,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check(model: nn.Module, site: MLPSite) -> str | None:
     """Why ``site`` is not an MLP whose neurons can be removed one by one (None: it is)."""
+    if site.norm is not None:
+        return _check_norm(model, site)
     if site.kind == "experts":
         check_experts_forward(site.out_proj, site.name)
     # An odd number of neurons: deleting whole attention heads (a multiple of head_dim) would
@@ -238,10 +255,91 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
     return None
 
 
+def _norm_over_neurons(model: nn.Module, site: MLPSite) -> str | None:
+    """Path from the MLP module to its one submodule, other than the projections, whose
+    parameters are all of the MLP's width (a norm over the hidden neurons), or None."""
+    mlp = model.get_submodule(site.name)
+    projections = {id(m) for m in site.in_proj + [site.out_proj]}
+    found = [name for name, m in mlp.named_modules() if name and id(m) not in projections and not _NOT_MLP.search(name)
+             and (shapes := [tuple(p.shape) for p in m.parameters(recurse=False)])
+             and all(shape == (site.width,) for shape in shapes)]
+    return found[0] if len(found) == 1 else None
+
+
+def _check_norm(model: nn.Module, site: MLPSite) -> str | None:
+    """Why the sinks of ``site`` cannot be applied at the input of its norm over the hidden
+    neurons (None: they can): the norm's output must be what the output projection reads, a
+    neuron whose input weights are zero must be exactly zero there (so a masked sink is silent and
+    gets no gradient, and removal can keep it as zeros), and zeroing some neurons' input weights
+    must equal zeroing them at the norm's input (every other neuron is independent of them up to
+    the norm). Removal never deletes neurons here, so the model need not run with fewer."""
+    cut = max(1, site.width // 4) | 1
+    keep = site.width - cut
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.get_text_config().vocab_size
+    device = next(model.parameters()).device
+    x = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    seen = {"norm_out": None, "fed": [], "shapes": [], "tail": []}
+
+    def after_norm(module, args, output):
+        seen["norm_out"] = output
+        seen["shapes"].append(tuple(args[0].shape))
+
+    def before_out(module, args):
+        seen["fed"].append(args[0] is seen["norm_out"])
+        seen["tail"].append(args[0][..., keep:])
+
+    def zero_at_norm(module, args):
+        h = args[0].clone()
+        h[..., keep:] = 0
+        return (h,) + tuple(args[1:])
+
+    hooks = [site.norm.register_forward_hook(after_norm), site.out_proj.register_forward_pre_hook(before_out)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                with _edited(site, cut, "perturb"):
+                    perturbed = _logits(model, x)
+                if not seen["fed"] or not all(seen["fed"]):
+                    return f"the output of {site.norm.__class__.__name__} is not what its output projection reads"
+                if not all(s[0] == x.shape[0] or (len(s) == 2 and s[0] % x.shape[0] == 0) for s in seen["shapes"]):
+                    return (f"its hidden activations have shape {seen['shapes'][0]} for a batch of {tuple(x.shape)}: sink "
+                            "masks need the batch first, (batch, tokens, width) or (batch * tokens, width)")
+                with _edited(site, cut, "zero"):
+                    zeroed = _logits(model, x)
+                seen["tail"].clear()
+                with _edited(site, cut, "zero_in"):
+                    silenced = _logits(model, x)
+                if any(bool(t.any()) for t in seen["tail"]):
+                    return ("neurons with zero input weights are not zero after its norm over the hidden neurons "
+                            f"({site.norm.__class__.__name__}): a masked sink would not be silent")
+                masked_hook = site.norm.register_forward_pre_hook(zero_at_norm)
+                try:
+                    masked = _logits(model, x)
+                finally:
+                    masked_hook.remove()
+            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
+                return f"the model's forward fails with its neurons edited: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not _close(silenced, masked):
+        return (f"zeroing the input weights of {cut} of its {site.width} hidden neurons is not the same as zeroing them at "
+                f"the input of its norm (max logit difference {(silenced - masked).abs().max().item():.2e}): they are "
+                "not independent neurons up to the norm")
+    if _close(perturbed, zeroed):
+        return "its hidden neurons do not reach the model's output"
+    return None
+
+
 @contextlib.contextmanager
 def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
-    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed / perturbed, or those
-    neurons deleted. Restores the very same parameter objects afterwards."""
+    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed, their input weights
+    zeroed ("zero_in"), or those neurons deleted; or the *first* ``cut`` neurons' output weights
+    perturbed (the last ones may be silent: a restored checkpoint's zero-padded sinks). Restores
+    the very same parameter objects afterwards."""
     keep = site.width - cut
     saved: list[tuple[nn.Module, str, object]] = []
 
@@ -260,8 +358,8 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
                 put(module, name, _pick(t, dim, _spans(site.width, 0, keep, chunks, rows)))
             elif name == "down_proj":
                 value = t.clone()
-                tail = value.narrow(dim, keep, cut)
-                tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
+                part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
+                part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
                 put(module, name, value)
         if how == "delete" and isinstance(getattr(module, "intermediate_dim", None), int):
             put(module, "intermediate_dim", keep)
@@ -279,9 +377,18 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
                 if module.bias is not None:
                     put(module, "bias", _pick(module.bias.data, 0, spans).contiguous())
                 _put_features(put, module, "in", keep * site.chunks)
+        elif how == "zero_in":
+            for module in site.in_proj:
+                d = neuron_dim(module, "in")
+                for name, dim_ in (("weight", d), ("bias", 0)):
+                    if getattr(module, name, None) is not None:
+                        value = getattr(module, name).data.clone()
+                        for k in range(site.chunks):
+                            value.narrow(dim_, k * site.width + keep, cut).zero_()
+                        put(module, name, value)
         else:
-            tail = value.narrow(dim, keep, cut)
-            tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
+            part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
+            part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
             put(out, "weight", value)
     try:
         yield
@@ -362,8 +469,8 @@ def _width_fields(model: nn.Module, specs: list[MLPSpec], sites: list[MLPSite]) 
     widths = {s.name: s.width for s in sites}
     shapes = {name: p.shape for name, p in model.named_parameters()}
     names = {id(p): name for name, p in model.named_parameters()}
-    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] for p in m.parameters(recurse=False)}
-                   for s in sites}
+    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] + ([s.norm] if s.norm is not None else [])
+                            for p in m.parameters(recurse=False)} for s in sites}
     candidates = [(path, v) for path, v in _int_fields(model.config) if v is None or v in set(widths.values())]
     candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[1] is None, c[0].count(".")))
     assigned: dict[str, str] = {}

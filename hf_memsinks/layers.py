@@ -9,7 +9,11 @@ projection), so training runs one matmul per projection, exactly as before patch
   the general rows only, so evaluation costs what the sink-free model costs;
 * the output projection multiplies the sink part of its input by the mask of the current
   sequence IDs (a bool tensor of ``(B, 1, S)`` or ``(B, T, S)``, shared by all layers and the
-  only thing kept for backward) before its matmul.
+  only thing kept for backward) before its matmul;
+* where a norm over the hidden neurons sits between them (BitNet's ``ffn_sub_norm``), the norm
+  applies the mask at its input instead, so an inactive sink is exactly zero in the norm's
+  statistics and gets no gradient through them; the output projection then reads sinks that are
+  already masked (and only scales the general part when sinks are off, as without a norm).
 
 In a checkpoint the two parts are separate tensors: ``weight`` holds the general neurons (with
 zeros where sinks were, when the model config cannot express a narrower MLP) and
@@ -84,7 +88,7 @@ def _apply_keep(x: torch.Tensor, keep: torch.Tensor, num_general: int) -> torch.
 class _SinkProjection:
     """Mixed into a copy of the projection's own class. Attributes set by :func:`patch_projection`."""
 
-    memsink_role: str  # "in" or "out"
+    memsink_role: str  # "in", "out" or "norm"
     memsink_general: int
     memsink_sinks: int
     memsink_chunks: int
@@ -118,7 +122,7 @@ class _SinkProjection:
 
     def _param_dims(self) -> dict[str, int]:
         dims = {"weight": neuron_dim(self, self.memsink_role)}
-        if self.memsink_role == "in" and self.bias is not None:
+        if self.memsink_role in ("in", "norm") and getattr(self, "bias", None) is not None:
             dims["bias"] = 0
         return dims
 
@@ -274,7 +278,8 @@ class _SinkOutProjection(_SinkProjection):
 
     def sink_input(self, h: torch.Tensor, call: ForwardSinks | None = None) -> torch.Tensor:
         """The full-width input the current call's sinks allow: sink part masked (training,
-        activate) or weighted (expected, exclude); with sinks off, zero sinks and scaled general part."""
+        activate) or weighted (expected, exclude); with sinks off, zero sinks and scaled general part.
+        Behind a norm over the hidden neurons the masks and weights were applied at its input."""
         state, g = self._memsink_state, self.memsink_general
         if call is None:
             call = state.call_for_projection(self.training)
@@ -283,16 +288,40 @@ class _SinkOutProjection(_SinkProjection):
             scale = state.general_scale(call)
             general = general * scale if scale != 1.0 else general
             return torch.cat([general, general.new_zeros(*general.shape[:-1], self.memsink_sinks)], dim=-1)
-        if call.kind == "mask":
-            keep = state.keep_mask(call, self.memsink_layer, self.memsink_sinks)
-            if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
-                shape = h.shape
-                h = _MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, g, False).reshape(shape)
-            else:
-                h = _MaskSinks.apply(h, keep, g, _maskable_in_place(h))
+        return h if self.memsink_behind_norm else _apply_sinks(self, h, call)
+
+
+class _SinkNorm(_SinkProjection):
+    """A norm over the hidden neurons between the input and output projections: the sinks are
+    applied at its input. With sinks off the input projections computed the general neurons only,
+    so the sinks are zeros here and the norm's statistics still run over the full width, as they
+    do in the ``remove_sinks()`` model (which keeps that width with zero sink weights).
+
+    The general eval scale stays at the output projection, after the norm: before it, an RMSNorm
+    would cancel it (up to its epsilon), and there it folds exactly into the output weights."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        call = self._memsink_state.call_for_projection(self.training)
+        g, s = self.memsink_general, self.memsink_sinks
+        if call.skip_sinks:  # (an adapter on an input projection makes every neuron computed)
+            general = h[..., :g] if h.shape[-1] != g else h
+            h = torch.cat([general, general.new_zeros(*general.shape[:-1], s)], dim=-1)
         else:
-            h = h * state.coefficients(call, self.memsink_layer, g, self.memsink_sinks, h)
-        return h
+            h = _apply_sinks(self, h, call)
+        return super().forward(h)
+
+
+def _apply_sinks(module: _SinkProjection, h: torch.Tensor, call: ForwardSinks) -> torch.Tensor:
+    """``h`` with its sink part masked by the call's IDs (``"mask"`` calls) or weighted by the
+    eval mode's coefficients (``"coef"`` calls)."""
+    state, g = module._memsink_state, module.memsink_general
+    if call.kind == "mask":
+        keep = state.keep_mask(call, module.memsink_layer, module.memsink_sinks)
+        if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
+            shape = h.shape
+            return _MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, g, False).reshape(shape)
+        return _MaskSinks.apply(h, keep, g, _maskable_in_place(h))
+    return h * state.coefficients(call, module.memsink_layer, g, module.memsink_sinks, h)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -301,7 +330,7 @@ _SUBCLASSES: dict[tuple[type, str], type] = {}
 def _subclass(base: type, role: str) -> type:
     key = (base, role)
     if key not in _SUBCLASSES:
-        mixin = _SinkInProjection if role == "in" else _SinkOutProjection
+        mixin = {"in": _SinkInProjection, "out": _SinkOutProjection, "norm": _SinkNorm}[role]
         cls = type(f"MemSink{base.__name__}", (mixin, base), {"_memsink_base_class": base})
         cls.__module__ = __name__
         _SUBCLASSES[key] = cls
@@ -336,8 +365,11 @@ def patch_projection(
     layer: int,
     state: SinkState,
     external_width: int,
+    behind_norm: bool = False,
 ) -> None:
-    """Turn ``module`` (already holding general + sink neurons) into a sink-aware projection."""
+    """Turn ``module`` (already holding general + sink neurons) into a sink-aware projection, or
+    (``role="norm"``) a norm over the hidden neurons into one that applies the sinks at its input;
+    ``behind_norm``: this output projection reads such a norm's output."""
     module.__class__ = _subclass(type(module), role)
     module.memsink_role = role
     module.memsink_general = general
@@ -346,7 +378,8 @@ def patch_projection(
     module.memsink_layer = layer
     module.memsink_external_width = external_width
     module._memsink_state = state
-    if role == "out":
+    module.memsink_behind_norm = behind_norm
+    if role in ("out", "norm"):
         state.masked_sites.add((layer, sinks))
     module.memsink_wrapped = False  # set while an adapter (PEFT LoRA) wraps this projection
     module._memsink_prepared = False
@@ -358,7 +391,8 @@ def unpatch_projection(module: nn.Module) -> None:
     role = module.memsink_role
     module.__class__ = module._memsink_base_class
     for attr in ("memsink_role", "memsink_general", "memsink_sinks", "memsink_chunks", "memsink_layer",
-                 "memsink_external_width", "_memsink_state", "memsink_wrapped", "_memsink_prepared"):
+                 "memsink_external_width", "_memsink_state", "memsink_wrapped", "_memsink_prepared",
+                 "memsink_behind_norm"):
         delattr(module, attr)
     dim = neuron_dim(module, role)
     _set_width_attrs(module, role, module.weight.shape[dim])

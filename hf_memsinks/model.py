@@ -47,6 +47,12 @@ class _PatchedSite:
     chunks: int
     width_attr: str | None = None
     kind: str = "mlp"  # "experts": out_proj is a batched experts module (hf_memsinks.experts)
+    norm: nn.Module | None = None  # a norm over the hidden neurons, applying the sinks at its input
+
+    def kept_width(self, forget_ids=None) -> int:
+        """Width of this MLP in the sink-free model: general only, or every neuron (sinks kept at
+        their expected value, or zeroed where a norm over the neurons needs the full width)."""
+        return self.general if forget_ids is None and self.norm is None else self.general + self.sinks
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -82,6 +88,13 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         _check_width_attr(model, config.target_modules.get("width_attr"))
     original_widths = {s.name: s.width for s in all_sites}
     has_experts = any(s.kind == "experts" for s in all_sites)
+    normed = [s for s in sites if s.norm is not None]
+    if normed and layout is None and config.mode == "add":
+        raise NotImplementedError(
+            f"MemSinkConfig(mode='add') cannot add sinks to model type {model.config.model_type!r} with its outputs "
+            f"unchanged: its MLP normalises over the hidden neurons ({normed[0].name}, a mean over the width), so "
+            "new neurons change every neuron's scale. Use mode='split' (train with the sinks from the start)"
+        )
     patched: list[_PatchedSite] = []
     for site in sites:
         if layout is not None:
@@ -95,19 +108,21 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         elif site.width != general + sinks:
             raise ValueError(f"{site.name} has width {site.width}; the sink layout expects {general} or {general + sinks}")
         patched.append(_PatchedSite(site.name, site.layer, site.in_proj, site.out_proj, general, sinks, site.chunks,
-                                    site.width_attr, site.kind))
+                                    site.width_attr, site.kind, site.norm))
 
     width_attrs = {s.name: s.width_attr for s in all_sites}
-    external = _plan_widths(model, {p.name: p.general for p in patched}, original_widths, width_attrs)
+    external = _plan_widths(model, {p.name: p.kept_width() for p in patched}, original_widths, width_attrs)
     state = SinkState(config)
     for p in patched:
         if p.kind == "experts":
             patch_experts(p.out_proj, general=p.general, sinks=p.sinks, layer=p.layer, state=state,
                           external_width=external[p.name])
             continue
-        for module, role in [(m, "in") for m in p.in_proj] + [(p.out_proj, "out")]:
+        norm = [(p.norm, "norm")] if p.norm is not None else []
+        for module, role in [(m, "in") for m in p.in_proj] + [(p.out_proj, "out")] + norm:
             patch_projection(module, role, general=p.general, sinks=p.sinks, chunks=p.chunks,
-                             layer=p.layer, state=state, external_width=external[p.name])
+                             layer=p.layer, state=state, external_width=external[p.name],
+                             behind_norm=p.norm is not None)
     model.__class__ = _memsink_class(type(model))
     model.memsink_config = config
     model._memsink_state = state
@@ -391,9 +406,17 @@ class MemSinkModelMixin(_PatchedClass):
                 raise ValueError("forget_ids is empty; pass None to drop every sink")
             from .forgetting import coverage_warning
 
+            normed = [s.name for s in self._memsink_sites if s.norm is not None]
+            if normed:
+                raise NotImplementedError(
+                    f"remove_sinks(forget_ids=...) cannot fold model type {self.config.model_type!r} into plain weights "
+                    f"exactly: its MLP normalises over the hidden neurons ({normed[0]}), so sinks at their expected "
+                    "value (a fraction of each, before the norm) have no plain-weight form. remove_sinks() without "
+                    "forget_ids is exact; or forget_sinks(ids) and serve the patched model"
+                )
             coverage_warning(self, ids, "remove_sinks(forget_ids=...)")
         sites: list[_PatchedSite] = self._memsink_sites
-        widths = {s.name: s.general if ids is None else s.general + s.sinks for s in sites}
+        widths = {s.name: s.kept_width(ids) for s in sites}
         external = _plan_widths(self, widths, self._memsink_original_widths, self._memsink_width_attr)
         with torch.no_grad():
             for site in sites:
@@ -510,6 +533,10 @@ def _fold_site(site: _PatchedSite, config: MemSinkConfig, forget_ids: torch.Tens
         value = torch.cat([general, sinks * sink_coef.to(sinks).reshape(shape)], dim)
     _replace(out, "weight", pad(value, dim, 1))
     unpatch_projection(out)
+    if site.norm is not None:  # full width kept (its statistics run over it), zero where sinks were
+        for name, (general, _) in site.norm.general_and_sink_parts().items():
+            _replace(site.norm, name, pad(general, 0, 1))
+        unpatch_projection(site.norm)
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
