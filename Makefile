@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q tests
 
-# Every causal-LM type of the installed Transformers, tiny and random (~5 min on 2 CPU cores):
+# Every causal-LM type of the installed Transformers, tiny and random (83 s measured on 2 CPU cores):
 # docs/coverage.json and README's "Supported model types" section. `make test` runs a subset.
 coverage: install
 	$(PY) tests/coverage_models.py
