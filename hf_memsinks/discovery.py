@@ -22,11 +22,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
-import logging
 import re
-import warnings
 from typing import Iterator
 
 import torch
@@ -34,11 +31,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .architectures import MLPSite, MLPSpec, find_mlp_sites, neuron_dim
-from .experts import _layout, _pick, _spans, check_experts_forward, experts_width
+from .experts import check_experts_forward, experts_layout, experts_width
+from .neurons import chunk_spans, pick
+from .widths import find_width_fields
 
 _NOT_MLP = re.compile(r"attn|attention", re.IGNORECASE)
-_WIDTH_NAMES = re.compile(r"inter|ffn|inner|mlp|ff_|_ff|expert|moe|hidden_dim", re.IGNORECASE)
-_MAX_FIELD_TRIES = 10
 
 
 def discover_sites(model: nn.Module) -> list[MLPSite]:
@@ -56,7 +53,7 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
     for spec in specs:
         try:
             sites = find_mlp_sites(model, spec)
-            reason = _check(model, sites[0])
+            reason = check_site(model, sites[0])
         except NotImplementedError:
             raise
         except (TypeError, ValueError) as e:
@@ -68,7 +65,7 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
     if not found:
         raise NotImplementedError(_no_mlp_message(model, layers_path, rejected))
     sites = [s for _, spec_sites in found for s in spec_sites]
-    fields = _width_fields(model, [spec for spec, _ in found], sites)
+    fields = find_width_fields(model, [spec for spec, _ in found], sites)
     for site in sites:
         site.width_attr = fields.get(site.name)
     return sorted(sites, key=lambda s: (s.layer, s.name))
@@ -78,7 +75,7 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
 
 
 def decoder_layers_path(model: nn.Module) -> str:
-    """Path of the decoder-layer list: among the model's ``nn.ModuleList``\ s, one as long as the
+    r"""Path of the decoder-layer list: among the model's ``nn.ModuleList``\ s, one as long as the
     text config's layer count, under ``model.get_decoder()``, with the most parameters (in that
     order of preference: a vision or audio tower can be larger than a tiny decoder)."""
     root = model
@@ -172,7 +169,8 @@ def _describe(spec: MLPSpec) -> str:
     if spec.kind == "experts":
         return f"experts module {spec.mlp!r}"
     where = f"{spec.mlp!r}" if spec.mlp else "the layer itself"
-    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}" + (f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else "")
+    fused = f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else ""
+    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}{fused}"
 
 
 # ---- 3. the check -----------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
 
 
-def _check(model: nn.Module, site: MLPSite) -> str | None:
+def check_site(model: nn.Module, site: MLPSite) -> str | None:
     """Why ``site`` is not an MLP whose neurons can be removed one by one (None: it is)."""
     if site.kind == "experts":
         check_experts_forward(site.out_proj, site.name)
@@ -224,7 +222,8 @@ def _check(model: nn.Module, site: MLPSite) -> str | None:
                 with _edited(site, cut, "delete"):
                     deleted = _logits(model, x)
             except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                return ("the model's forward fails with fewer of its neurons (something else is sized by its width, such "
+                return ("the model's forward fails with fewer of its neurons (something else is sized by its "
+                        "width, such "
                         f"as a norm over the hidden neurons): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     finally:
         for h in hooks:
@@ -254,10 +253,10 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
 
     if site.kind == "experts":
         module = site.out_proj
-        for name, (dim, chunks, rows) in _layout(module).items():
+        for name, (dim, chunks, rows) in experts_layout(module).items():
             t = getattr(module, name).data
             if how == "delete":
-                put(module, name, _pick(t, dim, _spans(site.width, 0, keep, chunks, rows)))
+                put(module, name, pick(t, dim, chunk_spans(site.width, 0, keep, chunks, rows)))
             elif name == "down_proj":
                 value = t.clone()
                 tail = value.narrow(dim, keep, cut)
@@ -275,9 +274,9 @@ def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
             for module in site.in_proj:
                 d = neuron_dim(module, "in")
                 spans = [(k * site.width, keep) for k in range(site.chunks)]
-                put(module, "weight", _pick(module.weight.data, d, spans).contiguous())
+                put(module, "weight", pick(module.weight.data, d, spans).contiguous())
                 if module.bias is not None:
-                    put(module, "bias", _pick(module.bias.data, 0, spans).contiguous())
+                    put(module, "bias", pick(module.bias.data, 0, spans).contiguous())
                 _put_features(put, module, "in", keep * site.chunks)
         else:
             tail = value.narrow(dim, keep, cut)
@@ -308,82 +307,9 @@ _HOW_TO_NAME = (
 
 
 def _no_mlp_message(model: nn.Module, layers_path: str, rejected: dict[str, str]) -> str:
-    found = "".join(f"\n  - {what}: {why}" for what, why in rejected.items()) or "\n  (no projection pair W -> D, D -> W)"
+    found = "".join(f"\n  - {what}: {why}" for what, why in rejected.items())
+    found = found or "\n  (no projection pair W -> D, D -> W)"
     return (
         f"hf_memsinks found no MLP it can put sinks in for model type {model.config.model_type!r} "
         f"({type(model).__name__}). Decoder layers: {layers_path!r}. Candidates in a layer:{found}\n{_HOW_TO_NAME}"
     )
-
-
-# ---- 4. width fields --------------------------------------------------------------------------------
-
-
-def _int_fields(config, prefix: str = "", depth: int = 0) -> list[tuple[str, int | None]]:
-    """Integer fields, and unset (None) ones named like a width (GPT-2's ``n_inner``: None means
-    4 x hidden), of the config and its sub-configs."""
-    fields = []
-    for key, value in config.to_dict().items():
-        attr = getattr(config, key, None)
-        if (isinstance(attr, int) and not isinstance(attr, bool)) or (attr is None and _WIDTH_NAMES.search(key)):
-            fields.append((prefix + key, attr))
-        elif depth == 0 and hasattr(attr, "to_dict") and hasattr(attr, "model_type"):
-            fields += _int_fields(attr, f"{prefix}{key}.", 1)
-    return fields
-
-
-def get_field(config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def set_field(config, path: str, value) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        config = getattr(config, part)
-    setattr(config, last, value)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _width_fields(model: nn.Module, specs: list[MLPSpec], sites: list[MLPSite]) -> dict[str, str]:
-    """Site name -> config field that sets its width (sites without one are left out)."""
-    widths = {s.name: s.width for s in sites}
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    names = {id(p): name for name, p in model.named_parameters()}
-    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] for p in m.parameters(recurse=False)}
-                   for s in sites}
-    candidates = [(path, v) for path, v in _int_fields(model.config) if v is None or v in set(widths.values())]
-    candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[1] is None, c[0].count(".")))
-    assigned: dict[str, str] = {}
-    for path, value in candidates[:_MAX_FIELD_TRIES]:
-        if value is not None and all(n in assigned for n, w in widths.items() if w == value):
-            continue
-        new_value = (value if value is not None else max(widths.values())) + 8
-        config = copy.deepcopy(model.config)
-        try:
-            set_field(config, path, new_value)
-            with _quiet(), torch.device("meta"):
-                meta = type(model)(config)
-            rebuilt = {s.name: s.width for spec in specs for s in find_mlp_sites(meta, spec)}
-            reshaped = {n for n, p in meta.named_parameters() if shapes.get(n) != p.shape}
-        except Exception:  # noqa: BLE001 - a field the model cannot be built with is not the width
-            continue
-        changed = {n: w for n, w in rebuilt.items() if widths.get(n) != w}
-        if reshaped - set().union(*(site_params[n] for n in changed)):
-            continue  # the field also sizes something that is not one of these MLPs
-        if changed and all(w == new_value and (value is None or widths.get(n) == value) and n not in assigned
-                           for n, w in changed.items()):
-            assigned.update((n, path) for n in changed)
-    return assigned

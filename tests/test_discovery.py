@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
 from hf_memsinks.architectures import ARCHITECTURES, find_mlp_sites, mlp_sites, spec_for
-from hf_memsinks.discovery import _check, discover_sites
+from hf_memsinks.discovery import check_site, discover_sites
 
 # What the per-type table said before discovery replaced it: discovery must find the same.
 OLD_TABLE = {
     "gpt2": ("mlp", ("c_fc",), "c_proj", "n_inner", 1), "gpt_bigcode": ("mlp", ("c_fc",), "c_proj", "n_inner", 1),
-    "gpt_neo": ("mlp", ("c_fc",), "c_proj", "intermediate_size", 1), "gptj": ("mlp", ("fc_in",), "fc_out", "n_inner", 1),
+    "gpt_neo": ("mlp", ("c_fc",), "c_proj", "intermediate_size", 1),
+    "gptj": ("mlp", ("fc_in",), "fc_out", "n_inner", 1),
     "gpt_neox": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "intermediate_size", 1),
     "falcon": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "ffn_hidden_size", 1),
     "bloom": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", None, 1), "mpt": ("ffn", ("up_proj",), "down_proj", None, 1),
@@ -59,9 +60,9 @@ def test_check_rejects_an_attention_block_taken_for_an_mlp():
     model = tiny_model("llama")
     spec = spec_for("llama", {"mlp": "self_attn", "in_proj": ["q_proj"], "out_proj": "o_proj"})
     site = find_mlp_sites(model, spec)[0]
-    reason = _check(model, site)
+    reason = check_site(model, site)
     assert reason is not None
-    assert _check(model, discover_sites(model)[0]) is None
+    assert check_site(model, discover_sites(model)[0]) is None
 
 
 def test_no_mlp_error_names_the_type_and_how_to_name_modules():
@@ -86,11 +87,11 @@ def test_experts_sinks_follow_each_tokens_id(model_type):
     """Per-token IDs: a token's inactive sinks get no gradient in any expert, and two tokens of
     different documents in one row see different sinks."""
     model = get_memsink_model(build_tiny(model_type), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.5))
-    site = next(s for s in model._memsink_sites if s.kind == "experts")
+    site = next(s for s in model.memsink.sites if s.kind == "experts")
     experts = site.out_proj
     assert site.general % 8 == 0
     seen = []
-    experts.register_forward_hook(lambda m, a, out: seen.append(m._memsink_state.current().rows[id(m)]))
+    experts.register_forward_hook(lambda m, a, out: seen.append(m.memsink.state.current().rows[id(m)]))
     x = batch(2, 10)
     ids = torch.tensor([[5] * 5 + [9] * 5, [5] * 10])
     model.train()
