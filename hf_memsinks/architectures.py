@@ -5,7 +5,10 @@ per-model knowledge in the package.
 Every supported MLP is ``out_proj(act(in_proj(x)) [* in_proj2(x)])``: input projections that
 produce the hidden neurons, elementwise ops, and one output projection that reads them. So the
 sinks are handled entirely in those projections, whatever the MLP's own ``forward`` does
-(Bloom and MPT add the residual inside it; OPT keeps fc1/fc2 on the decoder layer).
+(Bloom and MPT add the residual inside it; OPT keeps fc1/fc2 on the decoder layer). One variant:
+``out_proj(norm(act(in_proj(x)) * in_proj2(x)))`` with a norm over the hidden neurons that maps
+zeros to zeros (BitNet's RMSNorm ``ffn_sub_norm``): the sinks are then applied at the norm's input
+(an inactive sink is zero in its statistics), and removal keeps the full width with zeros.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class MLPSpec:
     in_proj_chunks: int = 1
     layers: str | None = None  # path of the decoder-layer list (None: search the whole model)
     kind: str = "mlp"  # "mlp": projection modules; "experts": batched expert weights (3-D parameters)
+    norm: str | None = None  # path from the MLP to a norm over its hidden neurons feeding out_proj
 
 
 # Only what discovery from structure (hf_memsinks.discovery) cannot infer, keyed by model type.
@@ -73,10 +77,14 @@ class MLPSite:
     chunks: int = 1
     width_attr: str | None = None  # config field holding this MLP's width (dotted for sub-configs)
     kind: str = "mlp"  # "experts": ``out_proj`` is the experts module, ``in_proj`` empty
+    norm: nn.Module | None = None  # a norm over the hidden neurons whose output is out_proj's input
 
 
 def neuron_dim(module: nn.Module, role: str) -> int:
-    """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out)."""
+    """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out); a norm
+    over the hidden neurons has 1-D parameters."""
+    if role == "norm":
+        return 0
     transposed = isinstance(module, Conv1D)
     if role == "in":
         return 1 if transposed else 0
@@ -153,14 +161,24 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
                     + (f" x {spec.in_proj_chunks} chunks" if spec.in_proj_chunks > 1 else "")
                     + ": check target_modules / in_proj_chunks"
                 )
+        norm = None if spec.norm is None else _hidden_norm(mlp, spec.norm, f"{mlp_name}.{spec.norm}", width)
         sites.append(MLPSite(mlp_name, _layer_index(name), in_proj, out_proj, width,
-                             chunks=spec.in_proj_chunks, width_attr=spec.width_attr))
+                             chunks=spec.in_proj_chunks, width_attr=spec.width_attr, norm=norm))
     if not sites:
         raise ValueError(
             f"found no MLP with projections {spec.in_proj} -> {spec.out_proj} under attribute {spec.mlp!r}; "
             "set MemSinkConfig.target_modules to this model's names"
         )
     return sorted(sites, key=lambda s: s.layer)
+
+
+def _hidden_norm(mlp: nn.Module, path: str, where: str, width: int) -> nn.Module:
+    """The module at ``path`` of the MLP, which must be a norm over its ``width`` hidden neurons."""
+    norm = _get(mlp, path)
+    shapes = [tuple(p.shape) for p in norm.parameters(recurse=False)] if isinstance(norm, nn.Module) else []
+    if not shapes or any(shape != (width,) for shape in shapes):
+        raise ValueError(f"{where} is not a norm over the {width} hidden neurons (its parameters have shapes {shapes})")
+    return norm
 
 
 def _layer_index(name: str) -> int:

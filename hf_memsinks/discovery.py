@@ -8,31 +8,38 @@
    ``W`` (plain or a gated pair) or to ``2W`` (fused gate+up), as ``nn.Linear`` or ``Conv1D``,
    wherever they sit (on an ``mlp`` module, on the layer itself as in OPT, in two sibling
    modules as in BERT); and batched mixture-of-experts modules (:mod:`hf_memsinks.experts`).
-3. **Check**: sinks need the hidden neurons to be independent of each other, and removal needs
-   the model to run with fewer of them. So for each kind of candidate, one model forward with the
-   last quarter of its neurons deleted (an odd number, so whole attention heads never pass)
-   must equal one with their output weights zeroed, and perturbing those weights must change
-   the output (the projections are on the forward path).
-   Candidates that fail are dropped; if none pass, the error lists what was found and why.
-4. **Width field**: a config field (by value, names like ``*intermediate*`` first) is the MLP's
-   width if building the model on the meta device with that field changed changes exactly those
-   MLPs' widths to the new value. Without one, removal keeps the full width with zeros.
+3. **Check** (:mod:`hf_memsinks.site_check`): sinks need the hidden neurons to be independent of
+   each other, and removal needs the model to run with fewer of them. So for each kind of
+   candidate, one model forward with the last quarter of its neurons deleted (an odd number, so
+   whole attention heads never pass) must equal one with their output weights zeroed, and
+   perturbing the output weights of as many of its first neurons must change the output (the
+   projections are on the forward path; the last neurons can be silent, as the zero-padded sinks
+   of a checkpoint being restored are). Candidates that fail are dropped; if none pass, the error
+   lists what was found and why.
+   **A norm over the hidden neurons** (BitNet's ``ffn_sub_norm``: a module of the MLP with
+   parameters of size ``W``) makes that check fail, as neurons share its statistics. The candidate
+   gets a second check with the norm: its output must be the output projection's input, neurons
+   with zero input weights must be exactly zero there, and zeroing some neurons' input weights must
+   equal zeroing them at the norm's input. Then the sinks are masked at the norm's input (an
+   inactive sink is zero in its statistics) and removal keeps the full width with zeros.
+4. **Width field** (:mod:`hf_memsinks.widths`): a config field (by value, names like
+   ``*intermediate*`` first) is the MLP's width if building the model on the meta device with that
+   field changed changes exactly those MLPs' widths to the new value. Without one, removal keeps
+   the full width with zeros.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import re
-from typing import Iterator
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import MLPSite, MLPSpec, find_mlp_sites, neuron_dim
-from .experts import check_experts_forward, experts_layout, experts_width
-from .neurons import chunk_spans, pick
+from .architectures import MLPSite, MLPSpec, find_mlp_sites
+from .experts import experts_width
+from .site_check import check_site
 from .widths import find_width_fields
 
 _NOT_MLP = re.compile(r"attn|attention", re.IGNORECASE)
@@ -54,6 +61,11 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
         try:
             sites = find_mlp_sites(model, spec)
             reason = check_site(model, sites[0])
+            norm = _norm_over_neurons(model, sites[0]) if reason is not None and spec.kind == "mlp" else None
+            if norm is not None:
+                spec = dataclasses.replace(spec, norm=norm)
+                sites = find_mlp_sites(model, spec)
+                reason = check_site(model, sites[0])
         except NotImplementedError:
             raise
         except (TypeError, ValueError) as e:
@@ -170,133 +182,22 @@ def _describe(spec: MLPSpec) -> str:
         return f"experts module {spec.mlp!r}"
     where = f"{spec.mlp!r}" if spec.mlp else "the layer itself"
     fused = f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else ""
-    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}{fused}"
+    norm = f" through the norm {spec.norm!r}" if spec.norm else ""
+    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}{fused}{norm}"
 
 
-# ---- 3. the check -----------------------------------------------------------------------------------
+# ---- 3. the check (hf_memsinks.site_check); a norm over the hidden neurons ------------------------
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    out = model(input_ids=x, **({"use_cache": False} if takes_cache else {}))
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
-
-
-def check_site(model: nn.Module, site: MLPSite) -> str | None:
-    """Why ``site`` is not an MLP whose neurons can be removed one by one (None: it is)."""
-    if site.kind == "experts":
-        check_experts_forward(site.out_proj, site.name)
-    # An odd number of neurons: deleting whole attention heads (a multiple of head_dim) would
-    # pass for neurons; experts keep widths grouped_mm can run (multiples of 8).
-    cut = max(1, site.width // 4) | 1
-    if site.kind == "experts":
-        cut = max(8, site.width // 4 // 8 * 8) if site.width > 8 else 1
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
-    x = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    modules = site.in_proj + [site.out_proj]
-    calls = [0] * len(modules)
-    hooks = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(modules)]
-    shapes = []
-    hooks.append(site.out_proj.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape))))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                with _edited(site, cut, "perturb"):
-                    perturbed = _logits(model, x)
-                if not all(calls):
-                    return "its projections are not used by the model's forward"
-                batch_first = all(s[0] == x.shape[0] or (len(s) == 2 and s[0] % x.shape[0] == 0) for s in shapes)
-                if site.kind != "experts" and not batch_first:
-                    return (f"its hidden activations have shape {shapes[0]} for a batch of {tuple(x.shape)}: sink "
-                            "masks need the batch first, (batch, tokens, width) or (batch * tokens, width)")
-                with _edited(site, cut, "zero"):
-                    zeroed = _logits(model, x)
-                with _edited(site, cut, "delete"):
-                    deleted = _logits(model, x)
-            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                return ("the model's forward fails with fewer of its neurons (something else is sized by its "
-                        "width, such "
-                        f"as a norm over the hidden neurons): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if not _close(deleted, zeroed):
-        return (f"deleting {cut} of its {site.width} hidden neurons is not the same as zeroing their output weights "
-                f"(max logit difference {(deleted - zeroed).abs().max().item():.2e}): they are not independent neurons")
-    if _close(perturbed, zeroed):
-        return "its hidden neurons do not reach the model's output"
-    return None
-
-
-@contextlib.contextmanager
-def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
-    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed / perturbed, or those
-    neurons deleted. Restores the very same parameter objects afterwards."""
-    keep = site.width - cut
-    saved: list[tuple[nn.Module, str, object]] = []
-
-    def put(module, name, value):
-        saved.append((module, name, module.__dict__.get(name, module._parameters.get(name))))
-        if isinstance(getattr(module, name, None), nn.Parameter):
-            module._parameters[name] = nn.Parameter(value, requires_grad=False)
-        else:
-            module.__dict__[name] = value
-
-    if site.kind == "experts":
-        module = site.out_proj
-        for name, (dim, chunks, rows) in experts_layout(module).items():
-            t = getattr(module, name).data
-            if how == "delete":
-                put(module, name, pick(t, dim, chunk_spans(site.width, 0, keep, chunks, rows)))
-            elif name == "down_proj":
-                value = t.clone()
-                tail = value.narrow(dim, keep, cut)
-                tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
-                put(module, name, value)
-        if how == "delete" and isinstance(getattr(module, "intermediate_dim", None), int):
-            put(module, "intermediate_dim", keep)
-    else:
-        out = site.out_proj
-        dim = neuron_dim(out, "out")
-        value = out.weight.data.clone()
-        if how == "delete":
-            put(out, "weight", value.narrow(dim, 0, keep).contiguous())
-            _put_features(put, out, "out", keep)
-            for module in site.in_proj:
-                d = neuron_dim(module, "in")
-                spans = [(k * site.width, keep) for k in range(site.chunks)]
-                put(module, "weight", pick(module.weight.data, d, spans).contiguous())
-                if module.bias is not None:
-                    put(module, "bias", pick(module.bias.data, 0, spans).contiguous())
-                _put_features(put, module, "in", keep * site.chunks)
-        else:
-            tail = value.narrow(dim, keep, cut)
-            tail.copy_(torch.randn_like(tail)) if how == "perturb" else tail.zero_()
-            put(out, "weight", value)
-    try:
-        yield
-    finally:
-        for module, name, old in reversed(saved):
-            if name in module._parameters:
-                module._parameters[name] = old
-            else:
-                module.__dict__[name] = old
-
-
-def _put_features(put, module: nn.Module, role: str, features: int) -> None:
-    if isinstance(module, nn.Linear):
-        put(module, "out_features" if role == "in" else "in_features", features)
-    elif hasattr(module, "nf"):
-        put(module, "nf" if role == "in" else "nx", features)
+def _norm_over_neurons(model: nn.Module, site: MLPSite) -> str | None:
+    """Path from the MLP module to its one submodule, other than the projections, whose
+    parameters are all of the MLP's width (a norm over the hidden neurons), or None."""
+    mlp = model.get_submodule(site.name)
+    projections = {id(m) for m in site.in_proj + [site.out_proj]}
+    found = [name for name, m in mlp.named_modules() if name and id(m) not in projections and not _NOT_MLP.search(name)
+             and (shapes := [tuple(p.shape) for p in m.parameters(recurse=False)])
+             and all(shape == (site.width,) for shape in shapes)]
+    return found[0] if len(found) == 1 else None
 
 
 _HOW_TO_NAME = (

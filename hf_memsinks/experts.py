@@ -19,9 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ProjectionPatch
 from .masking import general_only
-from .neurons import chunk_spans, copy_into_spans, interleave, load_other_keys, pad_chunks, pick, replace_parameter
+from .neurons import (
+    ProjectionPatch,
+    chunk_spans,
+    copy_into_spans,
+    interleave,
+    load_other_keys,
+    pad_chunks,
+    pick,
+    replace_parameter,
+)
 
 
 def experts_width(module: nn.Module) -> int | None:
@@ -64,7 +72,7 @@ def _set_width(module: nn.Module, width: int) -> None:
 
 class SinkExperts:
     """Mixed in ahead of the experts module's own class; its state is ``self.memsink`` (a
-    :class:`~hf_memsinks.layers.ProjectionPatch` of role ``"experts"``)."""
+    :class:`~hf_memsinks.neurons.ProjectionPatch` of role ``"experts"``)."""
 
     memsink: ProjectionPatch
 

@@ -66,8 +66,8 @@ def coverage_warning(model, sequence_ids, what: str) -> float:
 
 @torch.no_grad()
 def forget_sinks(model, sequence_ids) -> float:
-    """Zero, in place, every sink that ``sequence_ids`` switch on (its input rows, biases and
-    output column in every patched MLP). The model stays patched: serve it in ``"activate"``
+    """Zero, in place, every sink that ``sequence_ids`` switch on (its input rows, biases, output
+    column and norm weights in every patched MLP). The model stays patched: serve it in ``"activate"``
     mode, where each document's memorization is reachable only through its own sinks, and the
     forgotten documents' is gone. Returns the share of all sinks deleted."""
     ids = check_id_list(sequence_ids, "forget_sinks(sequence_ids=)")
@@ -89,5 +89,8 @@ def forget_sinks(model, sequence_ids) -> float:
                 module.bias.index_fill_(0, rows.to(module.bias.device), 0.0)
         out = site.out_proj
         out.weight.index_fill_(neuron_dim(out, "out"), (site.general + gone).to(out.weight.device), 0.0)
+        if site.norm is not None:  # a norm over the hidden neurons: its per-neuron weights of those sinks
+            for param in site.norm.parameters(recurse=False):
+                param.index_fill_(0, (site.general + gone).to(param.device), 0.0)
     return coverage
 

@@ -9,7 +9,11 @@ projection), so training runs one matmul per projection, exactly as before patch
   the general rows only, so evaluation costs what the sink-free model costs;
 * the output projection multiplies the sink part of its input by the mask of the current
   sequence IDs (a bool tensor of ``(B, 1, S)`` or ``(B, T, S)``, shared by all layers and the
-  only thing kept for backward) before its matmul.
+  only thing kept for backward) before its matmul;
+* where a norm over the hidden neurons sits between them (BitNet's ``ffn_sub_norm``), the norm
+  applies the mask at its input instead, so an inactive sink is exactly zero in the norm's
+  statistics and gets no gradient through them; the output projection then reads sinks that are
+  already masked (and only scales the general part when sinks are off, as without a norm).
 
 Patching adds one attribute, ``module.memsink`` (a :class:`ProjectionPatch`: what was patched and
 how to undo it), and swaps the class; :func:`unpatch_projection` takes both away again.
@@ -21,50 +25,14 @@ zeros where sinks were, when the model config cannot express a narrower MLP) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .architectures import neuron_dim
 from .masking import MaskSinks, general_only, maskable_in_place
-from .neurons import chunk_spans, copy_into_spans, interleave, load_other_keys, pad_chunks, pick, replace_parameter
+from .neurons import ProjectionPatch, copy_into_spans, interleave, load_other_keys, pad_chunks, pick, replace_parameter
 from .state import ForwardSinks, SinkState
-
-# ---- what patching did to one projection ------------------------------------------------------------
-
-
-@dataclass
-class ProjectionPatch:
-    """What patching did to one projection (or batched experts module), and how to undo it.
-
-    Created by :func:`patch_projection` (or :func:`hf_memsinks.experts.patch_experts`), kept as
-    the module's one added attribute ``memsink``, consumed by removal (``fold``)."""
-
-    role: str  # "in" (produces hidden neurons: up, gate, fused gate+up), "out" (reads them), "experts"
-    general: int  # general neurons (per chunk)
-    sinks: int  # sink neurons (per chunk)
-    chunks: int  # chunks of the MLP's input projections: 2 for a fused gate+up, else 1
-    layer: int  # decoder-layer index (for per-layer masks)
-    external_width: int  # general width written to checkpoints: G, or G + S zero-padded
-    state: SinkState  # the model's sink state: eval mode and the current forward call
-    base_class: type  # the module's class before patching
-    wrapped: bool = False  # an adapter wrapper applies this projection's sinks (set by hf_memsinks.adapters only)
-
-    @property
-    def neuron_chunks(self) -> int:
-        """Chunks along this projection's own neuron dimension (an output projection has one)."""
-        return self.chunks if self.role == "in" else 1
-
-    @property
-    def general_spans(self) -> list[tuple[int, int]]:
-        return chunk_spans(self.general + self.sinks, 0, self.general, self.neuron_chunks)
-
-    @property
-    def sink_spans(self) -> list[tuple[int, int]]:
-        return chunk_spans(self.general + self.sinks, self.general, self.sinks, self.neuron_chunks)
-
 
 # ---- the projection subclasses ---------------------------------------------------------------------
 
@@ -80,7 +48,7 @@ class SinkProjection:
     def neuron_dims(self) -> dict[str, int]:
         """``{parameter name: its neuron dimension}`` for every tensor indexed by hidden neurons."""
         dims = {"weight": neuron_dim(self, self.memsink.role)}
-        if self.memsink.role == "in" and self.bias is not None:
+        if self.memsink.role in ("in", "norm") and getattr(self, "bias", None) is not None:
             dims["bias"] = 0
         return dims
 
@@ -271,13 +239,38 @@ class SinkOutProjection(SinkProjection):
             call = state.call_for_projection(self.training)
         if call.skip_sinks:
             return general_only(h, g, m.sinks, state.general_scale(call))
-        if call.kind != "mask":
-            return h * state.coefficients(call, m.layer, g, m.sinks, h)
-        keep = state.keep_mask(call, m.layer, m.sinks)
-        if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
-            shape = h.shape
-            return MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, g, False).reshape(shape)
-        return MaskSinks.apply(h, keep, g, maskable_in_place(h))
+        return h if m.behind_norm else _apply_sinks(m, h, call)
+
+
+class SinkNorm(SinkProjection):
+    """A norm over the hidden neurons between the input and output projections: the sinks are
+    applied at its input. With sinks off the input projections computed the general neurons only,
+    so the sinks are zeros here and the norm's statistics still run over the full width, as they
+    do in the ``remove_sinks()`` model (which keeps that width with zero sink weights).
+
+    The general eval scale stays at the output projection, after the norm: before it, an RMSNorm
+    would cancel it (up to its epsilon), and there it folds exactly into the output weights."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.memsink
+        call = m.state.call_for_projection(self.training)
+        if call.skip_sinks:  # (an adapter on an input projection makes every neuron computed)
+            h = general_only(h, m.general, m.sinks, 1.0)
+        else:
+            h = _apply_sinks(m, h, call)
+        return super().forward(h)
+
+
+def _apply_sinks(m: ProjectionPatch, h: torch.Tensor, call: ForwardSinks) -> torch.Tensor:
+    """``h`` with its sink part masked by the call's IDs (``"mask"`` calls) or weighted by the
+    eval mode's coefficients (``"coef"`` calls)."""
+    if call.kind != "mask":
+        return h * m.state.coefficients(call, m.layer, m.general, m.sinks, h)
+    keep = m.state.keep_mask(call, m.layer, m.sinks)
+    if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
+        shape = h.shape
+        return MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, m.general, False).reshape(shape)
+    return MaskSinks.apply(h, keep, m.general, maskable_in_place(h))
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -286,7 +279,7 @@ _SUBCLASSES: dict[tuple[type, str], type] = {}
 def _subclass(base: type, role: str) -> type:
     key = (base, role)
     if key not in _SUBCLASSES:
-        mixin = SinkInProjection if role == "in" else SinkOutProjection
+        mixin = {"in": SinkInProjection, "out": SinkOutProjection, "norm": SinkNorm}[role]
         cls = type(f"MemSink{base.__name__}", (mixin, base), {})
         cls.__module__ = __name__
         _SUBCLASSES[key] = cls
@@ -312,12 +305,15 @@ def _set_width_attrs(module: nn.Module, role: str, features: int) -> None:
 
 
 def patch_projection(module: nn.Module, role: str, *, general: int, sinks: int, chunks: int, layer: int,
-                     state: SinkState, external_width: int) -> None:
+                     state: SinkState, external_width: int, behind_norm: bool = False) -> None:
     """Turn ``module`` into a sink-aware projection of ``general + sinks`` neurons per chunk (its
-    weight holds them already, or only the general ones until :meth:`SinkProjection.grow`)."""
-    module.memsink = ProjectionPatch(role, general, sinks, chunks, layer, external_width, state, type(module))
+    weight holds them already, or only the general ones until :meth:`SinkProjection.grow`), or
+    (``role="norm"``) a norm over the hidden neurons into one that applies the sinks at its input;
+    ``behind_norm``: this output projection reads such a norm's output."""
+    module.memsink = ProjectionPatch(role, general, sinks, chunks, layer, external_width, state, type(module),
+                                     behind_norm=behind_norm)
     module.__class__ = _subclass(type(module), role)
-    if role == "out":
+    if role in ("out", "norm"):
         state.masked_sites.add((layer, sinks))
     _set_width_attrs(module, role, (general + sinks) * module.memsink.neuron_chunks)
 

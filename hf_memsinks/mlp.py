@@ -27,10 +27,16 @@ class PatchedMLP:
     chunks: int
     width_attr: str | None = None
     kind: str = "mlp"  # "experts": out_proj is a batched experts module (hf_memsinks.experts)
+    norm: nn.Module | None = None  # a norm over the hidden neurons, applying the sinks at its input
 
     def modules(self) -> list[nn.Module]:
         """The patched modules, input projections first (the order new sink weights are drawn in)."""
-        return [*self.in_proj, self.out_proj]
+        return [*self.in_proj, self.out_proj] + ([self.norm] if self.norm is not None else [])
+
+    def kept_width(self, forget_ids=None) -> int:
+        """Width of this MLP in the sink-free model: general only, or every neuron (sinks kept at
+        their expected value, or zeroed where a norm over the neurons needs the full width)."""
+        return self.general if forget_ids is None and self.norm is None else self.general + self.sinks
 
     def patch(self, state: SinkState, external_width: int) -> None:
         """Swap in the sink-aware classes; ``external_width``: the width in checkpoints."""
@@ -38,9 +44,11 @@ class PatchedMLP:
             patch_experts(self.out_proj, general=self.general, sinks=self.sinks, layer=self.layer, state=state,
                           external_width=external_width)
             return
-        for module, role in [(m, "in") for m in self.in_proj] + [(self.out_proj, "out")]:
+        roles = [(m, "in") for m in self.in_proj] + [(self.out_proj, "out")]
+        for module, role in roles + ([(self.norm, "norm")] if self.norm is not None else []):
             patch_projection(module, role, general=self.general, sinks=self.sinks, chunks=self.chunks,
-                             layer=self.layer, state=state, external_width=external_width)
+                             layer=self.layer, state=state, external_width=external_width,
+                             behind_norm=self.norm is not None)
 
     def grow(self, init_seed: int, random_init: bool) -> None:
         """Append the sink neurons (``"add"`` mode): the same new weights on every process."""

@@ -151,8 +151,9 @@ class MemSinkModelMixin(_PatchedClass):
         ids = None
         if forget_ids is not None:
             ids = check_id_list(forget_ids, "forget_ids", if_empty="pass None to drop every sink")
+            _check_foldable(self, patch)
             coverage_warning(self, ids, "remove_sinks(forget_ids=...)")
-        widths = {s.name: s.general if ids is None else s.general + s.sinks for s in patch.sites}
+        widths = {s.name: s.kept_width(ids) for s in patch.sites}
         external = plan_widths(self, widths, patch.original_widths, patch.width_attrs)
         p = patch.config.sink_active_prob
         with torch.no_grad():
@@ -182,6 +183,19 @@ class MemSinkModelMixin(_PatchedClass):
         the previous checkpoint there loadable; files of that directory which this save does not
         write are kept."""
         return save_checkpoint(self, save_directory, super().save_pretrained, *args, **kwargs)
+
+
+def _check_foldable(model: PreTrainedModel, patch: ModelPatch) -> None:
+    """``remove_sinks(forget_ids=...)`` folds sinks at their expected value into plain weights,
+    which a norm over the hidden neurons makes impossible."""
+    normed = [s.name for s in patch.sites if s.norm is not None]
+    if normed:
+        raise NotImplementedError(
+            f"remove_sinks(forget_ids=...) cannot fold model type {model.config.model_type!r} into plain weights "
+            f"exactly: its MLP normalises over the hidden neurons ({normed[0]}), so sinks at their expected "
+            "value (a fraction of each, before the norm) have no plain-weight form. remove_sinks() without "
+            "forget_ids is exact; or forget_sinks(ids) and serve the patched model"
+        )
 
 
 def _new_patched_model(base: type, backbone: bool = False) -> PreTrainedModel:

@@ -3,15 +3,56 @@ that layout that patching, checkpoints and removal share.
 
 A patched MLP keeps each neuron-indexed tensor whole: general neurons first, then sinks, per
 chunk (a fused gate+up projection has two chunks, each ``G + S`` long). A span is ``(start,
-length)`` along the neuron dimension.
+length)`` along the neuron dimension. Each patched module records its layout, and how to undo
+the patch, in one :class:`ProjectionPatch`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from .state import SinkState
+
 Span = tuple[int, int]
+
+
+# ---- what patching did to one projection ------------------------------------------------------------
+
+
+@dataclass
+class ProjectionPatch:
+    """What patching did to one projection (or batched experts module), and how to undo it.
+
+    Created by :func:`patch_projection` (or :func:`hf_memsinks.experts.patch_experts`), kept as
+    the module's one added attribute ``memsink``, consumed by removal (``fold``)."""
+
+    role: str  # "in" (produces hidden neurons: up, gate, fused gate+up), "out" (reads them), "norm", "experts"
+    general: int  # general neurons (per chunk)
+    sinks: int  # sink neurons (per chunk)
+    chunks: int  # chunks of the MLP's input projections: 2 for a fused gate+up, else 1
+    layer: int  # decoder-layer index (for per-layer masks)
+    external_width: int  # general width written to checkpoints: G, or G + S zero-padded
+    state: SinkState  # the model's sink state: eval mode and the current forward call
+    base_class: type  # the module's class before patching
+    behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
+    wrapped: bool = False  # an adapter wrapper applies this projection's sinks (set by hf_memsinks.adapters only)
+
+    @property
+    def neuron_chunks(self) -> int:
+        """Chunks along this projection's own neuron dimension (an output projection has one)."""
+        return self.chunks if self.role == "in" else 1
+
+    @property
+    def general_spans(self) -> list[Span]:
+        return chunk_spans(self.general + self.sinks, 0, self.general, self.neuron_chunks)
+
+    @property
+    def sink_spans(self) -> list[Span]:
+        return chunk_spans(self.general + self.sinks, self.general, self.sinks, self.neuron_chunks)
+
 
 
 def chunk_spans(width: int, first: int, count: int, chunks: int, rows: int = 1) -> list[Span]:

@@ -59,10 +59,11 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         )
     if config.target_modules is not None:
         check_width_field(model, config.target_modules.get("width_attr"))
+    _check_addable(model, sites, config)
     patched = [_split(site, config, any(s.kind == "experts" for s in all_sites)) for site in sites]
     original_widths = {s.name: s.width for s in all_sites}
     width_attrs = {s.name: s.width_attr for s in all_sites}
-    external = plan_widths(model, {p.name: p.general for p in patched}, original_widths, width_attrs)
+    external = plan_widths(model, {p.name: p.kept_width() for p in patched}, original_widths, width_attrs)
     state = SinkState(config)
     for site, mlp in zip(sites, patched):
         mlp.patch(state, external[mlp.name])
@@ -86,6 +87,18 @@ def _swap_classes(model: PreTrainedModel, record: ModelPatch) -> None:
         backbone.__class__ = memsink_class(type(backbone), backbone=True)
 
 
+def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSinkConfig) -> None:
+    """``"add"`` mode must leave the model's outputs unchanged, which a norm over the hidden
+    neurons does not allow (new neurons change every neuron's scale)."""
+    normed = [s for s in sites if s.norm is not None]
+    if normed and config.sink_layout is None and config.mode == "add":
+        raise NotImplementedError(
+            f"MemSinkConfig(mode='add') cannot add sinks to model type {model.config.model_type!r} with its outputs "
+            f"unchanged: its MLP normalises over the hidden neurons ({normed[0].name}, a mean over the width), so "
+            "new neurons change every neuron's scale. Use mode='split' (train with the sinks from the start)"
+        )
+
+
 def _split(site: MLPSite, config: MemSinkConfig, has_experts: bool) -> PatchedMLP:
     """The MLP's general and sink neuron counts: from the saved layout when restoring a checkpoint,
     else from the config; its current width must be the general part or the whole."""
@@ -99,4 +112,4 @@ def _split(site: MLPSite, config: MemSinkConfig, has_experts: bool) -> PatchedML
     if site.width not in (general, general + sinks):
         raise ValueError(f"{site.name} has width {site.width}; the sink layout expects {general} or {general + sinks}")
     return PatchedMLP(site.name, site.layer, site.in_proj, site.out_proj, general, sinks, site.chunks,
-                      site.width_attr, site.kind)
+                      site.width_attr, site.kind, site.norm)

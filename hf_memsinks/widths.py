@@ -93,12 +93,6 @@ def _int_fields(config, prefix: str = "", depth: int = 0) -> list[tuple[str, int
     return fields
 
 
-def get_field(config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
 def set_field(config, path: str, value) -> None:
     *parents, last = path.split(".")
     for part in parents:
@@ -128,8 +122,8 @@ def find_width_fields(model: nn.Module, specs: list[MLPSpec], sites: list[MLPSit
     widths = {s.name: s.width for s in sites}
     shapes = {name: p.shape for name, p in model.named_parameters()}
     names = {id(p): name for name, p in model.named_parameters()}
-    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] for p in m.parameters(recurse=False)}
-                   for s in sites}
+    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] + ([s.norm] if s.norm is not None else [])
+                            for p in m.parameters(recurse=False)} for s in sites}
     candidates = [(path, v) for path, v in _int_fields(model.config) if v is None or v in set(widths.values())]
     candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[1] is None, c[0].count(".")))
     assigned: dict[str, str] = {}

@@ -158,6 +158,8 @@ def _site_weights(model) -> list[tuple[torch.Tensor, int, int, int, int]]:
             for m in site.in_proj:
                 out.append((m.weight, neuron_dim(m, "in"), g, s, 1, site.chunks, site.layer))
             out.append((site.out_proj.weight, neuron_dim(site.out_proj, "out"), g, s, 1, 1, site.layer))
+            if site.norm is not None:  # a norm over the hidden neurons (BitNet): its per-neuron weights too
+                out.append((site.norm.weight, 0, g, s, 1, 1, site.layer))
     return out
 
 

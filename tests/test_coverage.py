@@ -17,9 +17,10 @@ from coverage_models import (
 # Varied on purpose: Conv1D (gpt2), projections on the layer (opt), no width field (bloom), MLP
 # split over two sibling modules (bert), nn.Sequential MLP (ctrl), n_inner=None (codegen),
 # recent dense decoders (gemma3_text, cohere2, olmo3), experts with a width field (mixtral),
-# experts + shared expert (qwen2_moe), interleaved transposed experts with biases (gpt_oss).
+# experts + shared expert (qwen2_moe), interleaved transposed experts with biases (gpt_oss), a norm
+# over the hidden neurons between the projections (bitnet).
 FAST = ["gpt2", "opt", "bloom", "bert", "ctrl", "codegen", "gemma3_text", "cohere2", "olmo3",
-        "mixtral", "qwen2_moe", "gpt_oss"]
+        "mixtral", "qwen2_moe", "gpt_oss", "bitnet"]
 
 
 @pytest.mark.parametrize("model_type", FAST)

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from coverage_models import build_tiny
 from peft import LoraConfig, get_peft_model
 from tiny_models import batch, tiny_model
 
@@ -58,11 +59,13 @@ def test_the_walk_finds_a_patched_model():
     assert leftovers(get_memsink_model(tiny_model("llama"), CFG))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt", "mixtral", "bitnet"])
 @pytest.mark.parametrize("forget", [False, True])
 @pytest.mark.parametrize("checkpointing", [None, "before", "after"])
 def test_removed_model_carries_nothing_of_hf_memsinks(model_type, forget, checkpointing):
-    model = tiny_model(model_type)
+    if model_type == "bitnet" and forget:
+        pytest.skip("a norm over the hidden neurons: remove_sinks(forget_ids=) is refused")
+    model = build_tiny(model_type) if model_type == "bitnet" else tiny_model(model_type)
     if checkpointing == "before":  # its checkpoint functions get wrapped at patch time
         model.gradient_checkpointing_enable()
     model = get_memsink_model(model, CFG).train()
