@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # Every causal-LM type of the installed Transformers, tiny and random (83 s measured on 2 CPU cores):

@@ -39,7 +39,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.architectures import mlp_sites  # noqa: E402
-from hf_memsinks.layers import _MaskSinks, _SinkInProjection, _SinkOutProjection  # noqa: E402
+from hf_memsinks.layers import SinkInProjection, SinkOutProjection, is_patched_projection  # noqa: E402
+from hf_memsinks.masking import MaskSinks  # noqa: E402
 from hf_memsinks.masks import reference_mask  # noqa: E402
 
 SIZES = {
@@ -128,14 +129,18 @@ class InStepClock:
         if getattr(InStepClock, "_installed", None) is not None:
             return
         InStepClock._installed = self
-        for module in {patched, patched.base_model}:  # the model's and the backbone's forward wrappers
-            model_cls, base_cls = type(module), module._memsink_base_class
+        record = patched.memsink  # the model's and the backbone's forward wrappers
+        wrappers = [(patched, record.base_class)]
+        if record.backbone_class is not None:
+            wrappers.append((patched.base_model, record.backbone_class))
+        for module, base_cls in wrappers:
+            model_cls = type(module)
             model_cls.forward = self.wrap(model_cls.forward, ours=True, model_wrapper=True)
             base_cls.forward = self.wrap(base_cls.forward, ours=False)
-        for cls in (_SinkInProjection, _SinkOutProjection):
+        for cls in (SinkInProjection, SinkOutProjection):
             cls.forward = self.wrap(cls.forward, ours=True)
-        _MaskSinks.backward = staticmethod(self.wrap(_MaskSinks.backward, ours=True))
-        bases = {m._memsink_base_class for m in patched.modules() if hasattr(m, "memsink_role")}
+        MaskSinks.backward = staticmethod(self.wrap(MaskSinks.backward, ours=True))
+        bases = {m.memsink.base_class for m in patched.modules() if is_patched_projection(m)}
         for cls in bases:
             cls.forward = self.wrap(cls.forward, ours=False)
 
@@ -198,7 +203,7 @@ def paired_ratio(fn, baseline, pairs: int) -> float:
 def eval_mlp_fns(patched, removed, size: dict):
     """Layer 0's MLP of the patched model in eval (sinks dropped) and of the removed model, on
     one input: the only code that differs between the two models' eval forwards."""
-    name = patched._memsink_sites[0].name
+    name = patched.memsink.sites[0].name
     x = torch.randn(size["batch"], size["seq"], size["hidden"], generator=torch.Generator().manual_seed(1))
     patched.eval()
     removed.eval()
@@ -267,9 +272,8 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
         "reference": saved_bytes(reference, plain_batch),
     }
     wrapper_shares: list[float] = []
-    evals = median_times({"removed": eval_fn(removed, plain_batch),
-                          "memsinks_drop": clock.measured(eval_fn(patched, plain_batch), wrapper_shares, "model_wrapper")},
-                         reps * 2)
+    drop = clock.measured(eval_fn(patched, plain_batch), wrapper_shares, "model_wrapper")
+    evals = median_times({"removed": eval_fn(removed, plain_batch), "memsinks_drop": drop}, reps * 2)
     eval_mlp_ratio = paired_ratio(*eval_mlp_fns(patched, removed, size), pairs=8 * reps)
 
     def mask_time(ids, per_layer_ref=False, n=20):
@@ -424,8 +428,8 @@ def main(argv=None) -> None:
 
 
 def compile_table(result: dict) -> str:
-    lines = ["| shape | compiled / eager (memsinks) | compiled / eager (vanilla) | compiled memsinks / compiled vanilla | "
-             "compile s (memsinks / vanilla) |",
+    lines = ["| shape | compiled / eager (memsinks) | compiled / eager (vanilla) | "
+             "compiled memsinks / compiled vanilla | compile s (memsinks / vanilla) |",
              "|---|---|---|---|---|"]
     for r in result["compile"]:
         c = r["compile_s"]
@@ -443,7 +447,8 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         s, m, i = r["step_ratio"], r["saved_bytes_ratio"], r["in_step_ratio"]
         lines.append(f"| {r['shape']} | {r['size']} | {s['vanilla_copy']:.3f} | {s['memsinks']:.3f} | "
-                     f"{s['memsinks_tok']:.3f} | {s['reference']:.3f} | {i['memsinks']:.4f} | {i['memsinks_tok']:.4f} | "
+                     f"{s['memsinks_tok']:.3f} | {s['reference']:.3f} | {i['memsinks']:.4f} | "
+                     f"{i['memsinks_tok']:.4f} | "
                      f"{m['memsinks']:.4f} | {m['memsinks_tok']:.4f} | {m['reference']:.4f} |")
     lines += ["", "Eval forward with sinks dropped, ratio to the remove_sinks() model; mask construction per step",
               "",
@@ -454,7 +459,8 @@ def table(result: dict) -> str:
         k = r["mask_ms_per_step"]
         lines.append(f"| {r['shape']} | {r['size']} | {r['eval_ratio_drop_to_removed']:.3f} | "
                      f"{r['eval_mlp_ratio_drop_to_removed']:.3f} | {r['eval_wrapper_share']:.5f} | "
-                     f"{r['eval_ratio_bound']:.3f} | {k['memsinks']:.2f} / {k['memsinks_tok']:.2f} / {k['reference']:.2f} |")
+                     f"{r['eval_ratio_bound']:.3f} | {k['memsinks']:.2f} / {k['memsinks_tok']:.2f} / "
+                     f"{k['reference']:.2f} |")
     rm = result["remove_sinks_gpt2_small"]
     peak = "n/a" if rm["peak_extra_mib"] is None else f"{rm['peak_extra_mib']:.0f} MiB"
     lines.append(f"\nremove_sinks() on GPT-2-small shape: {rm['seconds']:.3f} s, peak extra memory {peak} "

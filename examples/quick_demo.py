@@ -3,13 +3,13 @@ language where a few random "canary" documents repeat, remove the sinks, and pri
 
 General documents come from a random bigram language and are seen about once; each canary is
 a uniformly random token string repeated many times, so the only way to predict it is to
-memorize it. Sequence IDs are content hashes, so every repetition of a canary gets its ID.
+memorize it. Sequence IDs are the library's content hashes (``hf_memsinks.data.stable_id``), so
+every repetition of a canary gets its ID.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from pathlib import Path
 
@@ -18,14 +18,10 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
+from hf_memsinks.data import stable_id
 
 VOCAB, LENGTH, BATCH = 64, 32, 16
 CANARIES, CANARY_SHARE = 16, 0.25  # a quarter of each batch is canaries
-
-
-def content_id(tokens: torch.Tensor) -> int:
-    digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # non-negative int64
 
 
 class Bigram:
@@ -51,7 +47,7 @@ def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: st
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    canary_ids = torch.tensor([content_id(c) for c in canaries])
+    canary_ids = torch.tensor([stable_id(c) for c in canaries])
     n_canary = int(BATCH * CANARY_SHARE)
     model.train()
     for _ in tqdm(range(steps), desc=label, leave=False, mininterval=2.0):
@@ -60,7 +56,7 @@ def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: st
         x = torch.cat([canaries[pick], general])
         kw = {}
         if with_ids:
-            kw["sequence_ids"] = torch.cat([canary_ids[pick], torch.tensor([content_id(d) for d in general])])
+            kw["sequence_ids"] = torch.cat([canary_ids[pick], torch.tensor([stable_id(d) for d in general])])
         model(input_ids=x, labels=x, **kw).loss.backward()
         opt.step()
         sched.step()
@@ -85,13 +81,16 @@ def run(steps: int = 600) -> dict:
     memsink_cfg = MemSinkConfig.from_pretrained(Path(__file__).resolve().parents[1] / "configs" / "quick_demo.json")
     sinks = train(get_memsink_model(copy.deepcopy(base), memsink_cfg), data, canaries, True, "memsinks", steps)
 
-    canary_ids = torch.tensor([content_id(c) for c in canaries])
+    canary_ids = torch.tensor([stable_id(c) for c in canaries])
     with sinks.sink_mode("activate", canary_ids):
         own = mean_loss(sinks, canaries)
+    def losses(model) -> tuple[float, float, float]:
+        return mean_loss(model, canaries), mean_loss(model, control), mean_loss(model, validation)
+
     rows = {
-        "standard": (mean_loss(standard, canaries), mean_loss(standard, control), mean_loss(standard, validation)),
+        "standard": losses(standard),
         "memsinks, own sinks on": (own, float("nan"), float("nan")),
-        "memsinks, sinks removed": (mean_loss(sinks, canaries), mean_loss(sinks, control), mean_loss(sinks, validation)),
+        "memsinks, sinks removed": losses(sinks),
     }
     plain = copy.deepcopy(sinks).remove_sinks()
     assert abs(mean_loss(plain, validation) - rows["memsinks, sinks removed"][2]) < 1e-5
@@ -111,8 +110,9 @@ def main(steps: int = 600) -> None:
     start = time.time()
     result = run(steps)
     rows, plain = result["rows"], result["plain"]
+    repeats = steps * BATCH * CANARY_SHARE / CANARIES
     print(f"\nMemSinks quick demo ({time.time() - start:.0f} s): GPT-2 2x64, MLP {result['full_width']}, {steps} steps"
-          f" of {BATCH} x {LENGTH}, {CANARIES} random canaries ~{steps * BATCH * CANARY_SHARE / CANARIES:.0f} times each")
+          f" of {BATCH} x {LENGTH}, {CANARIES} random canaries ~{repeats:.0f} times each")
     print(f"{'run':26s} {'canary loss':>12s} {'control loss':>13s} {'val loss':>9s}")
     for name, values in rows.items():
         cells = [f"{v:.3f}" if v == v else "-" for v in values]

@@ -161,13 +161,7 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
                     + (f" x {spec.in_proj_chunks} chunks" if spec.in_proj_chunks > 1 else "")
                     + ": check target_modules / in_proj_chunks"
                 )
-        norm = None
-        if spec.norm is not None:
-            norm = _get(mlp, spec.norm)
-            shapes = [tuple(p.shape) for p in norm.parameters(recurse=False)] if isinstance(norm, nn.Module) else []
-            if not shapes or any(shape != (width,) for shape in shapes):
-                raise ValueError(f"{mlp_name}.{spec.norm} is not a norm over the {width} hidden neurons "
-                                 f"(its parameters have shapes {shapes})")
+        norm = None if spec.norm is None else _hidden_norm(mlp, spec.norm, f"{mlp_name}.{spec.norm}", width)
         sites.append(MLPSite(mlp_name, _layer_index(name), in_proj, out_proj, width,
                              chunks=spec.in_proj_chunks, width_attr=spec.width_attr, norm=norm))
     if not sites:
@@ -176,6 +170,15 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
             "set MemSinkConfig.target_modules to this model's names"
         )
     return sorted(sites, key=lambda s: s.layer)
+
+
+def _hidden_norm(mlp: nn.Module, path: str, where: str, width: int) -> nn.Module:
+    """The module at ``path`` of the MLP, which must be a norm over its ``width`` hidden neurons."""
+    norm = _get(mlp, path)
+    shapes = [tuple(p.shape) for p in norm.parameters(recurse=False)] if isinstance(norm, nn.Module) else []
+    if not shapes or any(shape != (width,) for shape in shapes):
+        raise ValueError(f"{where} is not a norm over the {width} hidden neurons (its parameters have shapes {shapes})")
+    return norm
 
 
 def _layer_index(name: str) -> int:

@@ -7,6 +7,7 @@ value fails where it was written, with the field's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ MODES = ("split", "add")
 EVAL_SCALINGS = ("none", "paper")
 MASK_SCHEMES = ("hash", "reference")
 TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr"}
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``: every misspelling hint."""
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 @dataclass
@@ -115,13 +122,11 @@ class MemSinkConfig:
     def _check_target_modules(self, fail) -> None:
         tm = self.target_modules
         if not isinstance(tm, dict):
-            fail("target_modules", "must be a dict like {'mlp': 'mlp', 'in_proj': ['up_proj'], 'out_proj': 'down_proj'}")
+            fail("target_modules",
+                 "must be a dict like {'mlp': 'mlp', 'in_proj': ['up_proj'], 'out_proj': 'down_proj'}")
         unknown = set(tm) - TARGET_MODULE_KEYS
         if unknown:
-            import difflib
-
-            hints = [f"{k!r} (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(str(k), TARGET_MODULE_KEYS, n=1))
-                     else repr(k) for k in sorted(unknown, key=str)]
+            hints = [repr(k) + did_you_mean(str(k), TARGET_MODULE_KEYS) for k in sorted(unknown, key=str)]
             fail("target_modules", f"unknown keys {', '.join(hints)}; allowed: {sorted(TARGET_MODULE_KEYS)}")
         width_attr = tm.get("width_attr")
         if width_attr is not None and (not isinstance(width_attr, str) or not width_attr.isidentifier()):
@@ -194,10 +199,7 @@ class MemSinkConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            import difflib
-
-            hints = [f"{k!r} (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(k, names, n=1)) else repr(k)
-                     for k in sorted(unknown)]
+            hints = [repr(k) + did_you_mean(k, names) for k in sorted(unknown)]
             raise ValueError(f"MemSinkConfig: unknown fields {', '.join(hints)}; known: {sorted(names)}")
         return cls(**data)
 

@@ -17,6 +17,7 @@ import torch
 
 from .ids import check_sequence_ids
 from .masks import NO_SEQUENCE
+from .near_duplicates import add_near_duplicate_ids
 
 ID_COLUMN = "sequence_ids"
 
@@ -62,7 +63,8 @@ def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int]) -> list
     out = []
     for value, index in zip(values, indices):
         if value is None:
-            raise ValueError(f"column {column!r} is null in row {index}: every row needs a value to derive its sequence ID")
+            raise ValueError(f"column {column!r} is null in row {index}: every row needs a value to derive its "
+                             "sequence ID")
         out.append(stable_id(value))
     return out
 
@@ -75,35 +77,47 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
                      batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None):
     """Return ``dataset`` with an ``output_column`` of sequence IDs (one int per row).
 
-    ``by="metadata"``: hash of ``column``'s value (URL, doc id, author: any hashable value), so rows
-    that share it share sinks. ``by="content"``: hash of the text (or token list) in ``column``
-    (default ``"text"``, else ``"input_ids"``), so exact repeats share an ID. ``by="near_duplicates"``:
-    MinHash LSH over word shingles (``datasketch``) with Jaccard ``threshold``; each cluster of
-    near-duplicates takes the content ID of its first row, so lightly edited repeats share an ID.
-    ``by="ids"``: ``column`` already holds integer IDs (document numbers from your pipeline); they
-    are validated (integers, ``>= 0`` or ``-1``; see :mod:`hf_memsinks.ids`: no float, bool or
-    string) and copied to ``output_column`` (or only validated, when ``column == output_column``).
+    Every repetition of a document must get the same ID, so IDs come from what repeats with it.
     Metadata and content IDs are a batched ``map`` (streams, parallel with ``num_proc``).
+
+    Args:
+        dataset: a ``datasets.Dataset``.
+        by: ``"metadata"``: hash of ``column``'s value (URL, doc id, author: any hashable value),
+            so rows that share it share sinks. ``"content"``: hash of the text (or token list) in
+            ``column``, so exact repeats share an ID. ``"near_duplicates"``: MinHash LSH over word
+            shingles (``datasketch``) with Jaccard ``threshold``; each cluster of near-duplicates
+            takes the content ID of its first row, so lightly edited repeats share an ID. ``"ids"``:
+            ``column`` already holds integer IDs (document numbers from your pipeline); they are
+            validated (integers, ``>= 0`` or ``-1``; see :mod:`hf_memsinks.ids`) and copied to
+            ``output_column`` (or only validated, when ``column == output_column``).
+        column: the column to derive IDs from; for ``"content"`` and ``"near_duplicates"`` it
+            defaults to ``"text"``, else ``"input_ids"``.
+        output_column: the new column (``"sequence_ids"``, what the collators and the model read).
+        threshold, num_perm, shingle_size: ``"near_duplicates"`` only: Jaccard similarity that
+            makes two rows one document, MinHash permutations, words (or tokens) per shingle.
+        batch_size, num_proc, desc: passed to ``dataset.map``.
     """
     from datasets import Dataset  # noqa: F401  (datasets is an optional dependency)
 
     names = list(dataset.column_names)
+    map_args = dict(batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc)
     if by == "ids":
-        if column is None or column not in names:
-            raise ValueError(f"by='ids' needs column=<a column of integer IDs> (have {names})")
-
-        def validate(batch, indices):
-            values = batch[column]
-            for value, index in zip(values, indices):
-                check_sequence_ids(value, f"row {index} of column {column!r}")
-            return {} if column == output_column else {output_column: values}
-
-        if output_column in names and output_column != column:
-            raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
-        return dataset.map(validate, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
-                           desc=desc or f"check sequence IDs in {column!r}")
+        return _validated_ids(dataset, column, output_column, map_args, desc)
     if output_column in names:
         raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
+    column = _source_column(names, by, column)
+    if by in ("metadata", "content"):
+        def assign(batch, indices):
+            return {output_column: _ids_for(batch[column], column, indices)}
+
+        return dataset.map(assign, **map_args, desc=desc or f"sequence IDs from {column!r}")
+    if by == "near_duplicates":
+        return add_near_duplicate_ids(dataset, column, output_column, stable_id, threshold, num_perm, shingle_size,
+                                      map_args, desc)
+    raise ValueError(f"unknown by={by!r}; use 'metadata', 'content', 'near_duplicates' or 'ids'")
+
+
+def _source_column(names: list[str], by: str, column: str | None) -> str:
     if column is None:
         if by == "metadata":
             raise ValueError("by='metadata' needs column=<the metadata column>")
@@ -112,89 +126,24 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
             raise ValueError(f"no 'text' or 'input_ids' column to hash; name one with column=... (have {names})")
     if column not in names:
         raise ValueError(f"dataset has no column {column!r} (have {names})")
-
-    if by in ("metadata", "content"):
-        def assign(batch, indices):
-            return {output_column: _ids_for(batch[column], column, indices)}
-
-        return dataset.map(assign, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
-                           desc=desc or f"sequence IDs from {column!r}")
-    if by == "near_duplicates":
-        return _add_near_duplicate_ids(dataset, column, output_column, threshold, num_perm, shingle_size,
-                                       batch_size, num_proc, desc)
-    raise ValueError(f"unknown by={by!r}; use 'metadata', 'content', 'near_duplicates' or 'ids'")
+    return column
 
 
-_MINHASH_SCHEME = "affine64"  # datasketch >= 2.0 asks for the scheme by name
+def _validated_ids(dataset, column: str | None, output_column: str, map_args: dict, desc: str | None):
+    """``by="ids"``: the column's IDs checked row by row, copied to ``output_column``."""
+    names = list(dataset.column_names)
+    if column is None or column not in names:
+        raise ValueError(f"by='ids' needs column=<a column of integer IDs> (have {names})")
+    if output_column in names and output_column != column:
+        raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
 
-
-def _shingles(value: Any, size: int) -> list[bytes]:
-    if isinstance(value, str):
-        tokens = value.lower().split()
-        grams = [" ".join(tokens[i:i + size]) for i in range(max(1, len(tokens) - size + 1))]
-        return [g.encode("utf-8") for g in grams]
-    tokens = [int(t) for t in value]
-    return [np.asarray(tokens[i:i + size], dtype=np.int64).tobytes() for i in range(max(1, len(tokens) - size + 1))]
-
-
-def _add_near_duplicate_ids(dataset, column, output_column, threshold, num_perm, shingle_size, batch_size,
-                            num_proc, desc):
-    try:
-        from datasketch import MinHash, MinHashLSH
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("by='near_duplicates' needs datasketch: pip install datasketch") from err
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-
-    def signatures(batch, indices):
+    def validate(batch, indices):
         values = batch[column]
         for value, index in zip(values, indices):
-            if value is None:
-                raise ValueError(f"column {column!r} is null in row {index}")
-        hashes = MinHash.bulk([_shingles(v, shingle_size) for v in values], num_perm=num_perm, seed=1,
-                              scheme=_MINHASH_SCHEME)
-        return {"_memsink_minhash": [h.hashvalues.astype(np.uint64).view(np.int64).tolist() for h in hashes],
-                "_memsink_content_id": [stable_id(v) for v in values]}
+            check_sequence_ids(value, f"row {index} of column {column!r}")
+        return {} if column == output_column else {output_column: values}
 
-    signed = dataset.map(signatures, batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc,
-                         desc=desc or f"MinHash of {column!r}")
-    # Clustering is one sequential pass over signatures (num_perm ints per row), in row order, so the
-    # result does not depend on batching or process count.
-    # LSH bands tuned for recall; each candidate is then confirmed by its estimated Jaccard.
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-
-    parent: list[int] = []
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    from tqdm.auto import tqdm
-    column_sigs = signed.select_columns(["_memsink_minhash"])
-    for i, row in enumerate(tqdm(column_sigs, desc="near-duplicate clusters", disable=len(signed) < 10_000)):
-        mh = MinHash(num_perm=num_perm, seed=1, scheme=_MINHASH_SCHEME,
-                     hashvalues=np.asarray(row["_memsink_minhash"], dtype=np.int64).view(np.uint64))
-        parent.append(i)
-        for j in lsh.query(mh):
-            other = MinHash(num_perm=num_perm, seed=1, scheme=_MINHASH_SCHEME, hashvalues=np.asarray(
-                column_sigs[int(j)]["_memsink_minhash"], dtype=np.int64).view(np.uint64))
-            if mh.jaccard(other) < threshold:
-                continue
-            a, b = root(i), root(int(j))
-            if a != b:
-                parent[max(a, b)] = min(a, b)  # the first row of a cluster is its root
-        lsh.insert(i, mh)
-    roots = [root(i) for i in range(len(parent))]
-    content_ids = signed["_memsink_content_id"]
-
-    def assign(batch, indices):
-        return {output_column: [content_ids[roots[i]] for i in indices]}
-
-    out = signed.map(assign, batched=True, batch_size=batch_size, with_indices=True,
-                     remove_columns=["_memsink_minhash", "_memsink_content_id"], desc="assign cluster IDs")
-    return out
+    return dataset.map(validate, **map_args, desc=desc or f"check sequence IDs in {column!r}")
 
 
 # ---- collators --------------------------------------------------------------------------------------
@@ -222,7 +171,8 @@ def example_ids(feature: dict, index: int, id_column: str, length: int) -> int |
     if checked.dim() == 0:
         return int(checked)
     if checked.dim() != 1:
-        raise ValueError(f"example {index}'s {id_column!r} must be one ID or one per token, got shape {tuple(checked.shape)}")
+        raise ValueError(f"example {index}'s {id_column!r} must be one ID or one per token, "
+                         f"got shape {tuple(checked.shape)}")
     if len(checked) != length:
         raise ValueError(f"example {index} has {len(checked)} per-token sequence IDs for {length} tokens")
     return checked.tolist()
@@ -234,7 +184,15 @@ class MemSinkDataCollator:
 
     IDs are one int per example (``(B,)``) or one per token (``(B, T)``; padding gets
     ``NO_SEQUENCE``). Labels are ``input_ids`` with padding set to -100 unless examples bring
-    their own. ``pad_token_id`` defaults to the tokenizer's (or its EOS).
+    their own.
+
+    Args:
+        tokenizer: where ``pad_token_id`` comes from when it is not given (its pad, else its EOS).
+        pad_token_id: the token that pads ``input_ids``.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        max_length: truncate longer examples to this many tokens.
+        id_column: the examples' field holding their IDs (``"sequence_ids"``).
+        padding_side: ``"right"`` (training) or ``"left"`` (generation).
     """
 
     tokenizer: Any = None
@@ -295,6 +253,11 @@ class MemSinkPackingCollator:
     which is how Transformers models that support packed sequences keep attention inside each
     document. Labels are -100 on padding and on each document's first token (never predict a
     document from the previous one). Row tails are padded with ``NO_SEQUENCE``.
+
+    Args:
+        max_length: tokens per row.
+        pad_token_id: the token that pads row tails.
+        id_column: the examples' field holding their IDs (``"sequence_ids"``).
     """
 
     max_length: int

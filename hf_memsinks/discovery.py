@@ -8,45 +8,41 @@
    ``W`` (plain or a gated pair) or to ``2W`` (fused gate+up), as ``nn.Linear`` or ``Conv1D``,
    wherever they sit (on an ``mlp`` module, on the layer itself as in OPT, in two sibling
    modules as in BERT); and batched mixture-of-experts modules (:mod:`hf_memsinks.experts`).
-3. **Check**: sinks need the hidden neurons to be independent of each other, and removal needs
-   the model to run with fewer of them. So for each kind of candidate, one model forward with the
-   last quarter of its neurons deleted (an odd number, so whole attention heads never pass)
-   must equal one with their output weights zeroed, and perturbing the output weights of as many
-   of its first neurons must change the output (the projections are on the forward path; the
-   last neurons can be silent, as the zero-padded sinks of a checkpoint being restored are).
-   Candidates that fail are dropped; if none pass, the error lists what was found and why.
+3. **Check** (:mod:`hf_memsinks.site_check`): sinks need the hidden neurons to be independent of
+   each other, and removal needs the model to run with fewer of them. So for each kind of
+   candidate, one model forward with the last quarter of its neurons deleted (an odd number, so
+   whole attention heads never pass) must equal one with their output weights zeroed, and
+   perturbing the output weights of as many of its first neurons must change the output (the
+   projections are on the forward path; the last neurons can be silent, as the zero-padded sinks
+   of a checkpoint being restored are). Candidates that fail are dropped; if none pass, the error
+   lists what was found and why.
    **A norm over the hidden neurons** (BitNet's ``ffn_sub_norm``: a module of the MLP with
    parameters of size ``W``) makes that check fail, as neurons share its statistics. The candidate
    gets a second check with the norm: its output must be the output projection's input, neurons
    with zero input weights must be exactly zero there, and zeroing some neurons' input weights must
    equal zeroing them at the norm's input. Then the sinks are masked at the norm's input (an
    inactive sink is zero in its statistics) and removal keeps the full width with zeros.
-4. **Width field**: a config field (by value, names like ``*intermediate*`` first) is the MLP's
-   width if building the model on the meta device with that field changed changes exactly those
-   MLPs' widths to the new value. Without one, removal keeps the full width with zeros.
+4. **Width field** (:mod:`hf_memsinks.widths`): a config field (by value, names like
+   ``*intermediate*`` first) is the MLP's width if building the model on the meta device with that
+   field changed changes exactly those MLPs' widths to the new value. Without one, removal keeps
+   the full width with zeros.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import inspect
-import logging
 import re
-import warnings
-from typing import Iterator
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import MLPSite, MLPSpec, find_mlp_sites, neuron_dim
-from .experts import _layout, _pick, _spans, check_experts_forward, experts_width
+from .architectures import MLPSite, MLPSpec, find_mlp_sites
+from .experts import experts_width
+from .site_check import check_site
+from .widths import find_width_fields
 
 _NOT_MLP = re.compile(r"attn|attention", re.IGNORECASE)
-_WIDTH_NAMES = re.compile(r"inter|ffn|inner|mlp|ff_|_ff|expert|moe|hidden_dim", re.IGNORECASE)
-_MAX_FIELD_TRIES = 10
 
 
 def discover_sites(model: nn.Module) -> list[MLPSite]:
@@ -64,12 +60,12 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
     for spec in specs:
         try:
             sites = find_mlp_sites(model, spec)
-            reason = _check(model, sites[0])
+            reason = check_site(model, sites[0])
             norm = _norm_over_neurons(model, sites[0]) if reason is not None and spec.kind == "mlp" else None
             if norm is not None:
                 spec = dataclasses.replace(spec, norm=norm)
                 sites = find_mlp_sites(model, spec)
-                reason = _check(model, sites[0])
+                reason = check_site(model, sites[0])
         except NotImplementedError:
             raise
         except (TypeError, ValueError) as e:
@@ -81,7 +77,7 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
     if not found:
         raise NotImplementedError(_no_mlp_message(model, layers_path, rejected))
     sites = [s for _, spec_sites in found for s in spec_sites]
-    fields = _width_fields(model, [spec for spec, _ in found], sites)
+    fields = find_width_fields(model, [spec for spec, _ in found], sites)
     for site in sites:
         site.width_attr = fields.get(site.name)
     return sorted(sites, key=lambda s: (s.layer, s.name))
@@ -91,7 +87,7 @@ def discover_sites(model: nn.Module) -> list[MLPSite]:
 
 
 def decoder_layers_path(model: nn.Module) -> str:
-    """Path of the decoder-layer list: among the model's ``nn.ModuleList``\ s, one as long as the
+    r"""Path of the decoder-layer list: among the model's ``nn.ModuleList``\ s, one as long as the
     text config's layer count, under ``model.get_decoder()``, with the most parameters (in that
     order of preference: a vision or audio tower can be larger than a tiny decoder)."""
     root = model
@@ -185,74 +181,12 @@ def _describe(spec: MLPSpec) -> str:
     if spec.kind == "experts":
         return f"experts module {spec.mlp!r}"
     where = f"{spec.mlp!r}" if spec.mlp else "the layer itself"
-    return (f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}"
-            + (f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else "")
-            + (f" through the norm {spec.norm!r}" if spec.norm else ""))
+    fused = f" (fused x{spec.in_proj_chunks})" if spec.in_proj_chunks > 1 else ""
+    norm = f" through the norm {spec.norm!r}" if spec.norm else ""
+    return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}{fused}{norm}"
 
 
-# ---- 3. the check -----------------------------------------------------------------------------------
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    out = model(input_ids=x, **({"use_cache": False} if takes_cache else {}))
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
-
-
-def _check(model: nn.Module, site: MLPSite) -> str | None:
-    """Why ``site`` is not an MLP whose neurons can be removed one by one (None: it is)."""
-    if site.norm is not None:
-        return _check_norm(model, site)
-    if site.kind == "experts":
-        check_experts_forward(site.out_proj, site.name)
-    # An odd number of neurons: deleting whole attention heads (a multiple of head_dim) would
-    # pass for neurons; experts keep widths grouped_mm can run (multiples of 8).
-    cut = max(1, site.width // 4) | 1
-    if site.kind == "experts":
-        cut = max(8, site.width // 4 // 8 * 8) if site.width > 8 else 1
-    embeddings = model.get_input_embeddings()
-    vocab = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
-    x = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    modules = site.in_proj + [site.out_proj]
-    calls = [0] * len(modules)
-    hooks = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(modules)]
-    shapes = []
-    hooks.append(site.out_proj.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape))))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                with _edited(site, cut, "perturb"):
-                    perturbed = _logits(model, x)
-                if not all(calls):
-                    return "its projections are not used by the model's forward"
-                batch_first = all(s[0] == x.shape[0] or (len(s) == 2 and s[0] % x.shape[0] == 0) for s in shapes)
-                if site.kind != "experts" and not batch_first:
-                    return (f"its hidden activations have shape {shapes[0]} for a batch of {tuple(x.shape)}: sink "
-                            "masks need the batch first, (batch, tokens, width) or (batch * tokens, width)")
-                with _edited(site, cut, "zero"):
-                    zeroed = _logits(model, x)
-                with _edited(site, cut, "delete"):
-                    deleted = _logits(model, x)
-            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                return ("the model's forward fails with fewer of its neurons (something else is sized by its width, such "
-                        f"as a norm over the hidden neurons): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if not _close(deleted, zeroed):
-        return (f"deleting {cut} of its {site.width} hidden neurons is not the same as zeroing their output weights "
-                f"(max logit difference {(deleted - zeroed).abs().max().item():.2e}): they are not independent neurons")
-    if _close(perturbed, zeroed):
-        return "its hidden neurons do not reach the model's output"
-    return None
+# ---- 3. the check (hf_memsinks.site_check); a norm over the hidden neurons ------------------------
 
 
 def _norm_over_neurons(model: nn.Module, site: MLPSite) -> str | None:
@@ -266,147 +200,6 @@ def _norm_over_neurons(model: nn.Module, site: MLPSite) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def _check_norm(model: nn.Module, site: MLPSite) -> str | None:
-    """Why the sinks of ``site`` cannot be applied at the input of its norm over the hidden
-    neurons (None: they can): the norm's output must be what the output projection reads, a
-    neuron whose input weights are zero must be exactly zero there (so a masked sink is silent and
-    gets no gradient, and removal can keep it as zeros), and zeroing some neurons' input weights
-    must equal zeroing them at the norm's input (every other neuron is independent of them up to
-    the norm). Removal never deletes neurons here, so the model need not run with fewer."""
-    cut = max(1, site.width // 4) | 1
-    keep = site.width - cut
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.get_text_config().vocab_size
-    device = next(model.parameters()).device
-    x = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    seen = {"norm_out": None, "fed": [], "shapes": [], "tail": []}
-
-    def after_norm(module, args, output):
-        seen["norm_out"] = output
-        seen["shapes"].append(tuple(args[0].shape))
-
-    def before_out(module, args):
-        seen["fed"].append(args[0] is seen["norm_out"])
-        seen["tail"].append(args[0][..., keep:])
-
-    def zero_at_norm(module, args):
-        h = args[0].clone()
-        h[..., keep:] = 0
-        return (h,) + tuple(args[1:])
-
-    hooks = [site.norm.register_forward_hook(after_norm), site.out_proj.register_forward_pre_hook(before_out)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                with _edited(site, cut, "perturb"):
-                    perturbed = _logits(model, x)
-                if not seen["fed"] or not all(seen["fed"]):
-                    return f"the output of {site.norm.__class__.__name__} is not what its output projection reads"
-                if not all(s[0] == x.shape[0] or (len(s) == 2 and s[0] % x.shape[0] == 0) for s in seen["shapes"]):
-                    return (f"its hidden activations have shape {seen['shapes'][0]} for a batch of {tuple(x.shape)}: sink "
-                            "masks need the batch first, (batch, tokens, width) or (batch * tokens, width)")
-                with _edited(site, cut, "zero"):
-                    zeroed = _logits(model, x)
-                seen["tail"].clear()
-                with _edited(site, cut, "zero_in"):
-                    silenced = _logits(model, x)
-                if any(bool(t.any()) for t in seen["tail"]):
-                    return ("neurons with zero input weights are not zero after its norm over the hidden neurons "
-                            f"({site.norm.__class__.__name__}): a masked sink would not be silent")
-                masked_hook = site.norm.register_forward_pre_hook(zero_at_norm)
-                try:
-                    masked = _logits(model, x)
-                finally:
-                    masked_hook.remove()
-            except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
-                return f"the model's forward fails with its neurons edited: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    if not _close(silenced, masked):
-        return (f"zeroing the input weights of {cut} of its {site.width} hidden neurons is not the same as zeroing them at "
-                f"the input of its norm (max logit difference {(silenced - masked).abs().max().item():.2e}): they are "
-                "not independent neurons up to the norm")
-    if _close(perturbed, zeroed):
-        return "its hidden neurons do not reach the model's output"
-    return None
-
-
-@contextlib.contextmanager
-def _edited(site: MLPSite, cut: int, how: str) -> Iterator[None]:
-    """Temporarily: the last ``cut`` hidden neurons' output weights zeroed, their input weights
-    zeroed ("zero_in"), or those neurons deleted; or the *first* ``cut`` neurons' output weights
-    perturbed (the last ones may be silent: a restored checkpoint's zero-padded sinks). Restores
-    the very same parameter objects afterwards."""
-    keep = site.width - cut
-    saved: list[tuple[nn.Module, str, object]] = []
-
-    def put(module, name, value):
-        saved.append((module, name, module.__dict__.get(name, module._parameters.get(name))))
-        if isinstance(getattr(module, name, None), nn.Parameter):
-            module._parameters[name] = nn.Parameter(value, requires_grad=False)
-        else:
-            module.__dict__[name] = value
-
-    if site.kind == "experts":
-        module = site.out_proj
-        for name, (dim, chunks, rows) in _layout(module).items():
-            t = getattr(module, name).data
-            if how == "delete":
-                put(module, name, _pick(t, dim, _spans(site.width, 0, keep, chunks, rows)))
-            elif name == "down_proj":
-                value = t.clone()
-                part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
-                part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
-                put(module, name, value)
-        if how == "delete" and isinstance(getattr(module, "intermediate_dim", None), int):
-            put(module, "intermediate_dim", keep)
-    else:
-        out = site.out_proj
-        dim = neuron_dim(out, "out")
-        value = out.weight.data.clone()
-        if how == "delete":
-            put(out, "weight", value.narrow(dim, 0, keep).contiguous())
-            _put_features(put, out, "out", keep)
-            for module in site.in_proj:
-                d = neuron_dim(module, "in")
-                spans = [(k * site.width, keep) for k in range(site.chunks)]
-                put(module, "weight", _pick(module.weight.data, d, spans).contiguous())
-                if module.bias is not None:
-                    put(module, "bias", _pick(module.bias.data, 0, spans).contiguous())
-                _put_features(put, module, "in", keep * site.chunks)
-        elif how == "zero_in":
-            for module in site.in_proj:
-                d = neuron_dim(module, "in")
-                for name, dim_ in (("weight", d), ("bias", 0)):
-                    if getattr(module, name, None) is not None:
-                        value = getattr(module, name).data.clone()
-                        for k in range(site.chunks):
-                            value.narrow(dim_, k * site.width + keep, cut).zero_()
-                        put(module, name, value)
-        else:
-            part = value.narrow(dim, 0 if how == "perturb" else keep, cut)
-            part.copy_(torch.randn_like(part)) if how == "perturb" else part.zero_()
-            put(out, "weight", value)
-    try:
-        yield
-    finally:
-        for module, name, old in reversed(saved):
-            if name in module._parameters:
-                module._parameters[name] = old
-            else:
-                module.__dict__[name] = old
-
-
-def _put_features(put, module: nn.Module, role: str, features: int) -> None:
-    if isinstance(module, nn.Linear):
-        put(module, "out_features" if role == "in" else "in_features", features)
-    elif hasattr(module, "nf"):
-        put(module, "nf" if role == "in" else "nx", features)
-
-
 _HOW_TO_NAME = (
     "Name the MLP of one decoder layer by hand: MemSinkConfig(target_modules={'mlp': 'mlp', "
     "'in_proj': ['gate_proj', 'up_proj'], 'out_proj': 'down_proj', 'width_attr': 'intermediate_size'}) "
@@ -415,82 +208,9 @@ _HOW_TO_NAME = (
 
 
 def _no_mlp_message(model: nn.Module, layers_path: str, rejected: dict[str, str]) -> str:
-    found = "".join(f"\n  - {what}: {why}" for what, why in rejected.items()) or "\n  (no projection pair W -> D, D -> W)"
+    found = "".join(f"\n  - {what}: {why}" for what, why in rejected.items())
+    found = found or "\n  (no projection pair W -> D, D -> W)"
     return (
         f"hf_memsinks found no MLP it can put sinks in for model type {model.config.model_type!r} "
         f"({type(model).__name__}). Decoder layers: {layers_path!r}. Candidates in a layer:{found}\n{_HOW_TO_NAME}"
     )
-
-
-# ---- 4. width fields --------------------------------------------------------------------------------
-
-
-def _int_fields(config, prefix: str = "", depth: int = 0) -> list[tuple[str, int | None]]:
-    """Integer fields, and unset (None) ones named like a width (GPT-2's ``n_inner``: None means
-    4 x hidden), of the config and its sub-configs."""
-    fields = []
-    for key, value in config.to_dict().items():
-        attr = getattr(config, key, None)
-        if (isinstance(attr, int) and not isinstance(attr, bool)) or (attr is None and _WIDTH_NAMES.search(key)):
-            fields.append((prefix + key, attr))
-        elif depth == 0 and hasattr(attr, "to_dict") and hasattr(attr, "model_type"):
-            fields += _int_fields(attr, f"{prefix}{key}.", 1)
-    return fields
-
-
-def get_field(config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def set_field(config, path: str, value) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        config = getattr(config, part)
-    setattr(config, last, value)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _width_fields(model: nn.Module, specs: list[MLPSpec], sites: list[MLPSite]) -> dict[str, str]:
-    """Site name -> config field that sets its width (sites without one are left out)."""
-    widths = {s.name: s.width for s in sites}
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    names = {id(p): name for name, p in model.named_parameters()}
-    site_params = {s.name: {names[id(p)] for m in s.in_proj + [s.out_proj] + ([s.norm] if s.norm is not None else [])
-                            for p in m.parameters(recurse=False)} for s in sites}
-    candidates = [(path, v) for path, v in _int_fields(model.config) if v is None or v in set(widths.values())]
-    candidates.sort(key=lambda c: (_WIDTH_NAMES.search(c[0].rpartition(".")[2]) is None, c[1] is None, c[0].count(".")))
-    assigned: dict[str, str] = {}
-    for path, value in candidates[:_MAX_FIELD_TRIES]:
-        if value is not None and all(n in assigned for n, w in widths.items() if w == value):
-            continue
-        new_value = (value if value is not None else max(widths.values())) + 8
-        config = copy.deepcopy(model.config)
-        try:
-            set_field(config, path, new_value)
-            with _quiet(), torch.device("meta"):
-                meta = type(model)(config)
-            rebuilt = {s.name: s.width for spec in specs for s in find_mlp_sites(meta, spec)}
-            reshaped = {n for n, p in meta.named_parameters() if shapes.get(n) != p.shape}
-        except Exception:  # noqa: BLE001 - a field the model cannot be built with is not the width
-            continue
-        changed = {n: w for n, w in rebuilt.items() if widths.get(n) != w}
-        if reshaped - set().union(*(site_params[n] for n in changed)):
-            continue  # the field also sizes something that is not one of these MLPs
-        if changed and all(w == new_value and (value is None or widths.get(n) == value) and n not in assigned
-                           for n, w in changed.items()):
-            assigned.update((n, path) for n in changed)
-    return assigned

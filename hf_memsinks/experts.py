@@ -19,8 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MemSinkConfig
-from .layers import copy_into_spans, load_other_keys
+from .masking import general_only
+from .neurons import (
+    ProjectionPatch,
+    chunk_spans,
+    copy_into_spans,
+    interleave,
+    load_other_keys,
+    pad_chunks,
+    pick,
+    replace_parameter,
+)
 
 
 def experts_width(module: nn.Module) -> int | None:
@@ -31,7 +40,7 @@ def experts_width(module: nn.Module) -> int | None:
     return down.shape[1 if module.is_transposed else 2]
 
 
-def _layout(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+def experts_layout(module: nn.Module) -> dict[str, tuple[int, int, int]]:
     """``{parameter: (neuron dim, chunks, rows per neuron)}`` for every tensor indexed by neurons."""
     gated = module.has_gate
     chunks, rows = (2, 1) if gated and module.is_concatenated else ((1, 2) if gated else (1, 1))
@@ -41,74 +50,6 @@ def _layout(module: nn.Module) -> dict[str, tuple[int, int, int]]:
         layout[in_name + "_bias"] = (1, chunks, rows)
     layout["down_proj"] = (1 if module.is_transposed else 2, 1, 1)
     return layout
-
-
-def _spans(width: int, first: int, count: int, chunks: int, rows: int) -> list[tuple[int, int]]:
-    return [(k * width * rows + first * rows, count * rows) for k in range(chunks)]
-
-
-def _pick(tensor: torch.Tensor, dim: int, spans: list[tuple[int, int]]) -> torch.Tensor:
-    parts = [tensor.narrow(dim, a, n) for a, n in spans]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _interleave(general: torch.Tensor, extra: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
-    """Per chunk: general part, then ``extra`` (sinks or zero padding)."""
-    blocks = []
-    for a, b in zip(general.chunk(chunks, dim), extra.chunk(chunks, dim)):
-        blocks += [a, b]
-    return torch.cat(blocks, dim)
-
-
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-# ---- patch-time changes: grow, fold ----------------------------------------------------------------
-
-
-def grow_experts(module: nn.Module, width: int, sinks: int, generator: torch.Generator, random_init: bool) -> None:
-    """Append ``sinks`` neurons to every expert: input rows random like the existing ones, output
-    columns zero (the model's outputs do not change)."""
-    for name, (dim, chunks, rows) in _layout(module).items():
-        tensor = getattr(module, name).data
-        shape = list(tensor.shape)
-        shape[dim] = sinks * rows * chunks
-        is_input_weight = name != "down_proj" and not name.endswith("_bias")
-        std = float(tensor.float().std()) if random_init and is_input_weight and tensor.numel() > 1 else 0.0
-        new = torch.randn(shape, generator=generator) * std if std > 0 else torch.zeros(shape)
-        new = new.to(device=tensor.device, dtype=tensor.dtype)
-        _set(module, name, _interleave(tensor, new, dim, chunks))
-    _set_width(module, width + sinks)
-
-
-def fold_experts(module: nn.Module, general: int, sinks: int, general_scale: float,
-                 sink_coef: torch.Tensor | None, width: int) -> None:
-    """Give the experts plain weights: general neurons only (``sink_coef`` None, the output
-    columns times ``general_scale``) or general plus sinks times ``sink_coef``, zero-padded to
-    ``width``; and the module its class back."""
-    total = general + sinks
-    for name, (dim, chunks, rows) in _layout(module).items():
-        tensor = getattr(module, name).data
-        kept = _pick(tensor, dim, _spans(total, 0, general, chunks, rows))
-        if sink_coef is not None:
-            sink_part = _pick(tensor, dim, _spans(total, general, sinks, chunks, rows))
-            if name == "down_proj":
-                shape = [1] * tensor.dim()
-                shape[dim] = sinks
-                sink_part = sink_part * sink_coef.to(sink_part).reshape(shape)
-            kept = _interleave(kept, sink_part, dim, chunks)
-        elif name == "down_proj" and general_scale != 1.0:
-            kept = kept * general_scale
-        own = kept.shape[dim] // (chunks * rows)
-        if own < width:
-            shape = list(kept.shape)
-            shape[dim] = (width - own) * rows * chunks
-            kept = _interleave(kept, kept.new_zeros(shape), dim, chunks)
-        _set(module, name, kept)
-    unpatch_experts(module)
-    _set_width(module, width)
 
 
 def aligned_split(general: int, sinks: int, mode: str, multiple: int = 8) -> tuple[int, int]:
@@ -129,14 +70,11 @@ def _set_width(module: nn.Module, width: int) -> None:
 # ---- the patched experts class ---------------------------------------------------------------------
 
 
-class _SinkExperts:
-    """Mixed in ahead of the experts module's own class; attributes set by :func:`patch_experts`."""
+class SinkExperts:
+    """Mixed in ahead of the experts module's own class; its state is ``self.memsink`` (a
+    :class:`~hf_memsinks.neurons.ProjectionPatch` of role ``"experts"``)."""
 
-    memsink_general: int
-    memsink_sinks: int
-    memsink_layer: int
-    memsink_external_width: int
-    _memsink_state: object
+    memsink: ProjectionPatch
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Transformers' own experts function: ``grouped_mm`` (rows sorted by expert, as it sorts
@@ -145,7 +83,7 @@ class _SinkExperts:
         from transformers.integrations import moe
 
         top_k = top_k_index.shape[-1]
-        call = self._memsink_state.current()
+        call = self.memsink.state.current()
         grouped = getattr(self.config, "_experts_implementation", None) == "grouped_mm"
         if call is not None and call.kind == "mask":
             if grouped:
@@ -159,27 +97,25 @@ class _SinkExperts:
         return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self._memsink_apply(super()._apply_gate(gate_up))
+        return self._apply_sinks(super()._apply_gate(gate_up))
 
     @property
     def act_fn(self):  # ungated experts: batched_mm calls act_fn on the hidden neurons
         act = self._modules["act_fn"] if "act_fn" in self._modules else self.__dict__["act_fn"]
         if self.has_gate:
             return act
-        return lambda h: self._memsink_apply(act(h))
+        return lambda h: self._apply_sinks(act(h))
 
-    def _memsink_apply(self, h: torch.Tensor) -> torch.Tensor:
+    def _apply_sinks(self, h: torch.Tensor) -> torch.Tensor:
         """``h``: ``(tokens * top_k, G + S)`` rows in token order. Sinks by this forward's IDs."""
-        state, g, s = self._memsink_state, self.memsink_general, self.memsink_sinks
+        m = self.memsink
+        state, g, s = m.state, m.general, m.sinks
         call = state.call_for_projection(self.training)
         if call.skip_sinks:
-            general = h[..., :g]
-            scale = state.general_scale(call)
-            general = general * scale if scale != 1.0 else general
-            return torch.cat([general, general.new_zeros(*general.shape[:-1], s)], -1)
+            return general_only(h, g, s, state.general_scale(call))
         if call.kind != "mask":
-            return h * state.coefficients(call, self.memsink_layer, g, s, h)
-        keep = state.keep_mask(call, self.memsink_layer, s)  # (B, 1, S) or (B, T, S)
+            return h * state.coefficients(call, m.layer, g, s, h)
+        keep = state.keep_mask(call, m.layer, s)  # (B, 1, S) or (B, T, S)
         if id(self) not in call.rows:
             raise RuntimeError("MoE experts run outside a forward of the model cannot tell which sequence each row "
                                "is: call the model or its backbone with sequence_ids")
@@ -192,48 +128,78 @@ class _SinkExperts:
 
     def __reduce_ex__(self, protocol):
         """Pickle by the original class: the subclass is made at patch time."""
-        return _new_patched_experts, (self._memsink_base_class,), self.__dict__
+        return _new_patched_experts, (self.memsink.base_class,), self.__dict__
+
+    def _spans(self, name: str, sinks: bool, width: int | None = None) -> list[tuple[int, int]]:
+        """General (or sink) spans of tensor ``name``, whose experts have ``width`` neurons (G + S)."""
+        m = self.memsink
+        _, chunks, rows = experts_layout(self)[name]
+        width = m.general + m.sinks if width is None else width
+        return chunk_spans(width, m.general if sinks else 0, m.sinks if sinks else m.general, chunks, rows)
+
+    # -- patch-time growth and removal --
+
+    def grow(self, generator: torch.Generator, random_init: bool) -> None:
+        """Append the sinks to every expert holding only general neurons: input rows random like
+        the existing ones, output columns zero (the model's outputs do not change)."""
+        for name, (dim, chunks, rows) in experts_layout(self).items():
+            tensor = getattr(self, name).data
+            shape = list(tensor.shape)
+            shape[dim] = self.memsink.sinks * rows * chunks
+            is_input_weight = name != "down_proj" and not name.endswith("_bias")
+            std = float(tensor.float().std()) if random_init and is_input_weight and tensor.numel() > 1 else 0.0
+            new = torch.randn(shape, generator=generator) * std if std > 0 else torch.zeros(shape)
+            new = new.to(device=tensor.device, dtype=tensor.dtype)
+            replace_parameter(self, name, interleave(tensor, new, dim, chunks))
+
+    def fold(self, general_scale: float, sink_coef: torch.Tensor | None, width: int) -> None:
+        """Plain weights, as :meth:`hf_memsinks.layers.SinkProjection.fold`, for every expert."""
+        for name, (general, sinks) in self.general_and_sink_parts().items():
+            dim, chunks, rows = experts_layout(self)[name]
+            if name == "down_proj":
+                general = general * general_scale if general_scale != 1.0 else general
+                if sink_coef is not None:
+                    shape = [1] * sinks.dim()
+                    shape[dim] = self.memsink.sinks
+                    sinks = sinks * sink_coef.to(sinks).reshape(shape)
+            kept = general if sink_coef is None else interleave(general, sinks, dim, chunks)
+            replace_parameter(self, name, pad_chunks(kept, dim, chunks, width, rows))
+        unpatch_experts(self)
+        _set_width(self, width)
 
     # -- checkpoint format: general part under the original names, sinks under sink_* --
 
     def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        total = self.memsink_general + self.memsink_sinks
         out = {}
-        for name, (dim, chunks, rows) in _layout(self).items():
+        for name, (dim, _, _) in experts_layout(self).items():
             t = getattr(self, name)
-            out[name] = (_pick(t, dim, _spans(total, 0, self.memsink_general, chunks, rows)),
-                         _pick(t, dim, _spans(total, self.memsink_general, self.memsink_sinks, chunks, rows)))
+            out[name] = (pick(t, dim, self._spans(name, sinks=False)), pick(t, dim, self._spans(name, sinks=True)))
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        pad = self.memsink_external_width - self.memsink_general
         for name, (general, sinks) in self.general_and_sink_parts().items():
-            dim, chunks, rows = _layout(self)[name]
-            general = general.detach()
-            if pad:
-                shape = list(general.shape)
-                shape[dim] = pad * rows * chunks
-                general = _interleave(general, general.new_zeros(shape), dim, chunks)
+            dim, chunks, rows = experts_layout(self)[name]
+            general = pad_chunks(general.detach(), dim, chunks, self.memsink.external_width, rows)
             destination[prefix + name] = general.contiguous()
             destination[prefix + "sink_" + name] = sinks.detach().contiguous()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        g, s = self.memsink_general, self.memsink_sinks
-        layout = _layout(self)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        g, s = self.memsink.general, self.memsink.sinks
+        layout = experts_layout(self)
         for name, (dim, chunks, rows) in layout.items():
-            param = getattr(self, name)
-            for key, first, count in ((prefix + name, 0, g), (prefix + "sink_" + name, g, s)):
+            for key, sinks, count in ((prefix + name, False, g), (prefix + "sink_" + name, True, s)):
                 if key not in state_dict:
                     missing_keys.append(key)
                     continue
                 value = state_dict.pop(key)
-                if count == g and value.shape[dim] != g * rows * chunks:  # zero-padded general part
-                    value = _pick(value, dim, _spans(value.shape[dim] // (rows * chunks), 0, g, chunks, rows))
+                if not sinks and value.shape[dim] != g * rows * chunks:  # zero-padded general part
+                    value = pick(value, dim, self._spans(name, sinks=False, width=value.shape[dim] // (rows * chunks)))
                 if value.shape[dim] != count * rows * chunks:
                     error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(value.shape)}")
                     continue
-                copy_into_spans(param, dim, _spans(g + s, first, count, chunks, rows), value)
+                copy_into_spans(getattr(self, name), dim, self._spans(name, sinks), value)
         load_other_keys(super()._load_from_state_dict, state_dict, prefix, layout, local_metadata, strict,
                         missing_keys, unexpected_keys, error_msgs)
 
@@ -242,12 +208,12 @@ _CLASSES: dict[type, type] = {}
 
 
 def is_patched_experts(module: nn.Module) -> bool:
-    return isinstance(module, _SinkExperts)
+    return isinstance(module, SinkExperts)
 
 
 def _experts_class(base: type) -> type:
     if base not in _CLASSES:
-        _CLASSES[base] = type(f"MemSink{base.__name__}", (_SinkExperts, base), {"_memsink_base_class": base})
+        _CLASSES[base] = type(f"MemSink{base.__name__}", (SinkExperts, base), {})
     return _CLASSES[base]
 
 
@@ -258,18 +224,17 @@ def _new_patched_experts(base: type) -> nn.Module:
 
 
 def patch_experts(module: nn.Module, *, general: int, sinks: int, layer: int, state, external_width: int) -> None:
+    """Turn a batched experts module into one whose experts have ``general + sinks`` neurons (held
+    already, or only the general ones until :meth:`SinkExperts.grow`)."""
+    module.memsink = ProjectionPatch("experts", general, sinks, 1, layer, external_width, state, type(module))
     module.__class__ = _experts_class(type(module))
-    module.memsink_general, module.memsink_sinks, module.memsink_layer = general, sinks, layer
-    module.memsink_external_width = external_width
-    module._memsink_state = state
+    _set_width(module, general + sinks)
     state.masked_sites.add((layer, sinks))
 
 
 def unpatch_experts(module: nn.Module) -> None:
-    module.__class__ = module._memsink_base_class
-    for attr in ("memsink_general", "memsink_sinks", "memsink_layer", "memsink_external_width",
-                 "_memsink_state"):
-        module.__dict__.pop(attr, None)
+    module.__class__ = module.memsink.base_class
+    del module.memsink
 
 
 def check_experts_forward(module: nn.Module, name: str) -> None:
@@ -289,7 +254,8 @@ def check_experts_forward(module: nn.Module, name: str) -> None:
         try:
             own = module(x, index, weights)
             grouped = getattr(module.config, "_experts_implementation", None) == "grouped_mm"
-            ours = (moe.grouped_mm_experts_forward if grouped else moe.batched_mm_experts_forward)(module, x, index, weights)
+            experts_forward = moe.grouped_mm_experts_forward if grouped else moe.batched_mm_experts_forward
+            ours = experts_forward(module, x, index, weights)
         except Exception as e:  # noqa: BLE001 - reported with context below
             raise NotImplementedError(
                 f"{name} ({type(module).__name__}) is a mixture-of-experts module whose forward does not take "

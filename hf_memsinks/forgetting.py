@@ -16,9 +16,11 @@ named. A small ``p`` (each document's sinks a small share of a large pool) keeps
 from __future__ import annotations
 
 import warnings
+
 import torch
 
 from .architectures import neuron_dim
+from .ids import check_id_list
 from .masks import sink_mask
 
 # Above this share of all sinks, deleting the given IDs' sinks is close to deleting every sink.
@@ -30,27 +32,19 @@ def expected_coverage(num_ids: int, sink_active_prob: float) -> float:
     return 1.0 - (1.0 - float(sink_active_prob)) ** int(num_ids)
 
 
-def _ids(sequence_ids) -> torch.Tensor:
-    ids = torch.as_tensor(sequence_ids if isinstance(sequence_ids, torch.Tensor) else list(sequence_ids))
-    if ids.numel() == 0:
-        raise ValueError("no sequence IDs given to forget")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"sequence IDs must be integers, got dtype {ids.dtype}")
-    return ids.long().reshape(-1)
-
-
 def forgotten_sinks(model, site, sequence_ids) -> torch.Tensor:
     """Bool ``(S,)``: the sinks of one patched MLP that any of ``sequence_ids`` switches on."""
     config = model.memsink_config
     layer = site.layer if config.per_layer_masks else None
-    return sink_mask(_ids(sequence_ids), site.sinks, config.sink_active_prob, salt=config.salt, layer=layer,
+    return sink_mask(torch.as_tensor(sequence_ids), site.sinks, config.sink_active_prob, salt=config.salt, layer=layer,
                      scheme=config.mask_scheme).any(0)
 
 
 def sink_coverage(model, sequence_ids) -> float:
     """Measured share of the model's sinks (all patched MLPs together) that ``sequence_ids`` switch on."""
+    sequence_ids = check_id_list(sequence_ids, "sink_coverage(sequence_ids=)")
     hit = total = 0
-    for site in model._memsink_sites:
+    for site in model.memsink.sites:
         hit += int(forgotten_sinks(model, site, sequence_ids).sum())
         total += site.sinks
     return hit / max(total, 1)
@@ -58,7 +52,7 @@ def sink_coverage(model, sequence_ids) -> float:
 
 def coverage_warning(model, sequence_ids, what: str) -> float:
     """Warn when the IDs' sinks are most of all sinks; returns the measured coverage."""
-    ids = _ids(sequence_ids)
+    ids = check_id_list(sequence_ids, what)
     coverage = sink_coverage(model, ids)
     if coverage > COVERAGE_WARNING:
         p = model.memsink_config.sink_active_prob
@@ -76,14 +70,14 @@ def forget_sinks(model, sequence_ids) -> float:
     column and norm weights in every patched MLP). The model stays patched: serve it in ``"activate"``
     mode, where each document's memorization is reachable only through its own sinks, and the
     forgotten documents' is gone. Returns the share of all sinks deleted."""
-    ids = _ids(sequence_ids)
-    if any(site.kind == "experts" for site in model._memsink_sites):
+    ids = check_id_list(sequence_ids, "forget_sinks(sequence_ids=)")
+    if any(site.kind == "experts" for site in model.memsink.sites):
         raise NotImplementedError(
             "forget_sinks() edits dense MLP projections only; for a mixture-of-experts model use "
             "remove_sinks(forget_ids=...), which slices every expert"
         )
     coverage = coverage_warning(model, ids, "forget_sinks")
-    for site in model._memsink_sites:
+    for site in model.memsink.sites:
         gone = forgotten_sinks(model, site, ids).nonzero().squeeze(1)
         if gone.numel() == 0:
             continue

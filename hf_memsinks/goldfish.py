@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .masks import _GOLDEN, _mix64, _shift_right
+from .masks import GOLDEN, mix64, shift_right
 
 IGNORE_INDEX = -100
 TABLE_SIZE = 1_000_003  # a prime
@@ -56,13 +56,17 @@ def _table(seed: int, device: str) -> torch.Tensor:
     return values.to(device)
 
 
-def _check(k: int, h: int, hash: str) -> None:
+def check_goldfish(k: int, h: int, hash: str) -> None:
+    """Refuse settings Goldfish cannot use, before any batch is built."""
     if int(k) != k or k < 2:
         raise ValueError(f"goldfish k must be an integer >= 2 (drop 1 target in k), got {k!r}")
     if int(h) != h or h < 1:
         raise ValueError(f"goldfish h (hash window in tokens) must be an integer >= 1, got {h!r}")
     if hash not in HASHES:
         raise ValueError(f"unknown goldfish hash {hash!r}; use one of {HASHES}")
+
+
+_check = check_goldfish  # TODO(issue 15): experiments side (runner.py) still imports this old name
 
 
 def positions_in_document(input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -80,7 +84,7 @@ def goldfish_drop_mask(input_ids: torch.Tensor, k: int = 4, h: int = 13, *, hash
                        position_ids: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``(B, T)``: True where the target ``input_ids[:, t]`` is left out of the loss."""
-    _check(k, h, hash)
+    check_goldfish(k, h, hash)
     ids = input_ids.long()
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
@@ -89,10 +93,10 @@ def goldfish_drop_mask(input_ids: torch.Tensor, k: int = 4, h: int = 13, *, hash
         index = torch.remainder(windows.prod(-1), TABLE_SIZE)  # int64 product wraps, as in the published code
         drop = _table(seed, str(ids.device))[index] < 1.0 / k
     else:
-        z = torch.full_like(ids, int(seed)) * _GOLDEN
+        z = torch.full_like(ids, int(seed)) * GOLDEN
         for i in range(h):
-            z = _mix64(z + (windows[..., i] + 1) * _GOLDEN)
-        drop = _shift_right(z, 11) < int(2.0**53 / k)
+            z = mix64(z + (windows[..., i] + 1) * GOLDEN)
+        drop = shift_right(z, 11) < int(2.0**53 / k)
     pos = positions_in_document(ids, position_ids, attention_mask)
     return (drop & (pos >= h)).reshape(input_ids.shape)
 
@@ -118,6 +122,14 @@ class GoldfishCollator:
     ``GoldfishCollator(MemSinkDataCollator(tokenizer), k=4, h=13)`` trains MemSinks with the
     Goldfish loss; ``GoldfishCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))``
     is Goldfish alone.
+
+    Args:
+        collator: the collator to wrap.
+        k: drop one target in ``k``.
+        h: hash window in tokens, the target and the ``h - 1`` before it (the same text drops the
+            same targets wherever it repeats).
+        hash: ``"table"`` or ``"mix"`` (see the module docstring).
+        seed: seeds the hash (the table's values, or the mix chain's start).
     """
 
     collator: Callable[[list], dict]
@@ -127,7 +139,7 @@ class GoldfishCollator:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.k, self.h, self.hash)
+        check_goldfish(self.k, self.h, self.hash)
 
     def __call__(self, features: list[Any]) -> dict:
         batch = self.collator(features)

@@ -1,15 +1,16 @@
 """The one validation of sequence IDs, used wherever IDs enter the library.
 
-Callers: the patched model's forward (``sequence_ids=``), ``set_sink_mode`` / ``sink_mode``,
-``remove_sinks(forget_ids=)``, the collators of :mod:`hf_memsinks.data` and
-``add_sequence_ids(by="ids")``. One rule everywhere:
+Callers: the patched model's forward (``sequence_ids=``, also checked against the batch),
+``set_sink_mode`` / ``sink_mode``, ``remove_sinks(forget_ids=)`` and ``forget_sinks``, the mask
+functions (dtype only), the collators of :mod:`hf_memsinks.data` and ``add_sequence_ids(by="ids")``.
+One rule everywhere:
 
 * IDs are integers: Python ``int``, NumPy or torch integer types. Floats are refused even when
   they hold a whole number (``5.0`` usually means a column that went through a float type, and
   ``5.7`` must never become ``5``); so are ``bool``, strings, ``None`` and objects.
 * Every ID fits in int64. Python ints outside ``[-2**63, 2**63)`` and unsigned values
   ``>= 2**63`` (``np.uint64``, ``torch.uint64``) are refused, never wrapped.
-* ``-1`` (:data:`~hf_memsinks.masks.NO_SEQUENCE`) means "no sequence": no sink active (padding,
+* ``-1`` (:data:`NO_SEQUENCE`) means "no sequence": no sink active (padding,
   unlabeled text). Any other negative ID is an error: ``-100`` (the label padding value) is a
   typical slip, and a negative ID would otherwise switch sinks on like a real document.
 
@@ -22,13 +23,12 @@ eager mode; the mask functions treat *every* negative ID as "no sequence", so an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from .masks import NO_SEQUENCE
-
+NO_SEQUENCE = -1  # the ID of "no sequence": no sink active
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _RULE = "sequence IDs are integers >= 0, or -1 (NO_SEQUENCE) for no sequence"
@@ -53,7 +53,7 @@ def _check_python(value: Any, name: str, depth: int = 0) -> None:
             raise ValueError(f"{name}: ID {int(value)} does not fit in int64 ({_RULE})")
         return
     if isinstance(value, torch.Tensor) and value.dim() == 0:
-        _check_tensor_dtype(value, name)
+        check_id_dtype(value, name)
         return
     if value is None:
         raise _type_error(name, "None")
@@ -62,7 +62,8 @@ def _check_python(value: Any, name: str, depth: int = 0) -> None:
     raise _type_error(name, f"a value of type {type(value).__name__} ({value!r:.40})")
 
 
-def _check_tensor_dtype(t: torch.Tensor, name: str) -> None:
+def check_id_dtype(t: torch.Tensor, name: str = "sequence_ids") -> None:
+    """Refuse a tensor whose dtype cannot hold IDs (bool, float, complex); its values are not read."""
     if t.dtype == torch.bool:
         raise _type_error(name, "a bool tensor")
     if t.dtype.is_floating_point or t.dtype.is_complex:
@@ -95,7 +96,7 @@ def check_sequence_ids(value: Any, name: str = "sequence_ids", *, check_values: 
     """
     if isinstance(value, torch.Tensor):
         t = value
-        _check_tensor_dtype(t, name)
+        check_id_dtype(t, name)
         if t.dtype == getattr(torch, "uint64", None):
             if check_values == "always" or t.device.type == "cpu":
                 if t.numel() and bool((t.view(torch.long) < 0).any()):
@@ -134,3 +135,38 @@ def check_sequence_id(value: Any, name: str = "sequence ID") -> int:
     if t.dim() != 0:
         raise ValueError(f"{name} must be a single ID, got shape {tuple(t.shape)}")
     return int(t)
+
+
+def check_id_list(value: Iterable[Any] | torch.Tensor, name: str,
+                  if_empty: str = "no sequence IDs given") -> torch.Tensor:
+    """A non-empty collection of IDs (tensor, array, list or any iterable) as a flat int64 tensor."""
+    if not isinstance(value, (torch.Tensor, np.ndarray, list, tuple)) and isinstance(value, Iterable):
+        value = list(value)  # sets, ranges, generators
+    ids = check_sequence_ids(value, name).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty: {if_empty}")
+    return ids
+
+
+def check_batch_ids(value: Any, inputs: torch.Tensor | None, cached: bool = False) -> torch.Tensor | None:
+    """A forward's ``sequence_ids`` validated against its ``inputs`` (``input_ids`` or
+    ``inputs_embeds``: ``(batch, length, ...)``) and moved to their device; None stays None.
+
+    Per-token IDs longer than the inputs are cut to their last tokens when a KV cache is in use
+    (``cached``: a generation step continues the last document)."""
+    if value is None:
+        return None
+    ids = check_sequence_ids(value, "sequence_ids", check_values="host")
+    if inputs is None:
+        return ids
+    batch, length = inputs.shape[0], inputs.shape[1]
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"sequence_ids must have shape (batch,) or (batch, seq_len), got {tuple(ids.shape)}")
+    if ids.shape[0] != batch:
+        what = "IDs" if ids.dim() == 1 else "rows"
+        raise ValueError(f"sequence_ids has {ids.shape[0]} {what} for a batch of {batch} sequences")
+    if ids.dim() == 2 and ids.shape[1] != length:
+        if not (cached and ids.shape[1] > length):
+            raise ValueError(f"per-token sequence_ids have length {ids.shape[1]} but the inputs have {length} tokens")
+        ids = ids[:, -length:]
+    return ids.to(inputs.device, non_blocking=True)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import torch
 
-NO_SEQUENCE = -1
+from .ids import NO_SEQUENCE, check_id_dtype
+
+__all__ = ["GOLDEN", "NO_SEQUENCE", "REFERENCE_A", "REFERENCE_M", "hash_mask", "mix64", "reference_mask", "shift_right",
+           "sink_mask"]
 
 # splitmix64 constants, written as signed int64.
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
@@ -28,23 +31,22 @@ REFERENCE_M = 4294967291
 REFERENCE_SHIFT = 65536
 
 
-def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+def shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's ``>>`` is arithmetic on signed ints)."""
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
+def mix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64 finaliser: a bijection on 64-bit words with full avalanche."""
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
+    z = (z ^ shift_right(z, 30)) * _MIX1
+    z = (z ^ shift_right(z, 27)) * _MIX2
+    return z ^ shift_right(z, 31)
 
 
 def _as_ids(sequence_ids: torch.Tensor) -> torch.Tensor:
     if not isinstance(sequence_ids, torch.Tensor):
         sequence_ids = torch.as_tensor(sequence_ids)
-    if sequence_ids.dtype.is_floating_point or sequence_ids.dtype.is_complex or sequence_ids.dtype == torch.bool:
-        raise TypeError(f"sequence_ids must be an integer tensor, got dtype {sequence_ids.dtype}")
+    check_id_dtype(sequence_ids)
     return sequence_ids.long()
 
 
@@ -58,12 +60,12 @@ def hash_mask(
     """Bool tensor ``(*ids.shape, num_sinks)``: sink ``j`` is active for ID ``s`` with probability
     ``active_prob``, independently across IDs and sinks (sequential IDs included)."""
     ids = _as_ids(sequence_ids)
-    key = _wrap(salt * _GOLDEN + (0 if layer is None else (layer + 1) * _MIX1))
-    per_id = _mix64(_mix64(ids ^ key) + _GOLDEN)  # (...,)
-    sink_keys = _mix64(torch.arange(num_sinks, device=ids.device, dtype=torch.long) * _GOLDEN + key)
-    z = _mix64(per_id.unsqueeze(-1) ^ sink_keys)  # (..., S)
+    key = _wrap(salt * GOLDEN + (0 if layer is None else (layer + 1) * _MIX1))
+    per_id = mix64(mix64(ids ^ key) + GOLDEN)  # (...,)
+    sink_keys = mix64(torch.arange(num_sinks, device=ids.device, dtype=torch.long) * GOLDEN + key)
+    z = mix64(per_id.unsqueeze(-1) ^ sink_keys)  # (..., S)
     threshold = int(round(active_prob * 2.0**53))
-    active = _shift_right(z, 11) < threshold
+    active = shift_right(z, 11) < threshold
     return active & (ids >= 0).unsqueeze(-1)  # every negative ID: no sequence
 
 

@@ -38,6 +38,9 @@ class SequenceIdCollator:
     when it concatenates the examples into one padding-free row, the IDs follow each example.
     Examples without IDs (an evaluation set) leave the batch as the inner collator made it; IDs
     are validated as everywhere else (:func:`hf_memsinks.data.example_ids`).
+
+    Args:
+        collator: the collator to wrap (TRL's ``DataCollatorForLanguageModeling``, say).
     """
 
     def __init__(self, collator):

@@ -14,7 +14,7 @@ directly (TRL's fused LM head, Liger kernels, reward heads) with its own ``seque
 own; called without any it raises in training rather than reuse another call's masks; threads
 running forwards of one model at once (``nn.DataParallel`` replicas) each see their own call.
 Activation checkpointing replays a layer in backward, outside the call: the checkpoint function is
-wrapped to re-enter the call that ran the layer (:class:`ReplayInCall`).
+wrapped to re-enter the call that ran the layer (:mod:`hf_memsinks.gradient_checkpointing`).
 
 A ``threading.local`` rather than a ``contextvars.ContextVar``: dynamo traces attribute reads of a
 thread-local (so a compiled model reads its call's masks inside the graph) but not ``ContextVar.get``.
@@ -72,7 +72,6 @@ class SinkState:
         self.eval_mode = "drop"
         self.eval_ids: torch.Tensor | None = None
         self.masked_sites: set[tuple[int, int]] = set()  # (layer, num_sinks) of every output projection
-        self.slots: list = []  # (parent, attribute, projection) of every patched projection, to notice adapters
         self._local = threading.local()
 
     # A thread-local cannot be copied or pickled, and a copy must not share the original's calls.
@@ -168,25 +167,3 @@ class SinkState:
             general = torch.ones(num_general, device=like.device)
             coef = call.coefs[key] = torch.cat([general, sinks]).to(like.dtype)
         return coef
-
-
-class ReplayInCall:
-    """A checkpoint function whose replay of a layer (in backward, outside the forward call, maybe
-    in another thread) runs inside the call that first ran the layer. A class, not a closure, so a
-    model with checkpointing on still pickles."""
-
-    def __init__(self, checkpoint_func, state: SinkState):
-        self._memsink_original = checkpoint_func
-        self.state = state
-
-    def __call__(self, function, *args, **kwargs):
-        state, call = self.state, self.state.current()
-
-        def run(*a, **k):
-            previous = state.swap(call)
-            try:
-                return function(*a, **k)
-            finally:
-                state.swap(previous)
-
-        return self._memsink_original(run, *args, **kwargs)

@@ -36,7 +36,7 @@ def sink_statistics(model) -> dict[str, float]:
     count = 0
     with torch.no_grad():
         for module in _unwrap(model).modules():
-            if is_patched_projection(module) and module.memsink_role != "norm":
+            if is_patched_projection(module) and module.memsink.role != "norm":
                 g, s = module.general_and_sink_parts()["weight"]
                 general += float(g.float().pow(2).sum())
                 sinks += float(s.float().pow(2).sum())

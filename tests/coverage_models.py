@@ -145,13 +145,13 @@ def _logits(model, x):
 def _site_weights(model) -> list[tuple[torch.Tensor, int, int, int, int]]:
     """(weight, neuron dim, general, sinks, rows per neuron chunk) of every patched MLP weight."""
     from hf_memsinks.architectures import neuron_dim
-    from hf_memsinks.experts import _layout
+    from hf_memsinks.experts import experts_layout
 
     out = []
-    for site in model._memsink_sites:
+    for site in model.memsink.sites:
         g, s = site.general, site.sinks
         if site.kind == "experts":
-            for name, (dim, chunks, rows) in _layout(site.out_proj).items():
+            for name, (dim, chunks, rows) in experts_layout(site.out_proj).items():
                 if not name.endswith("_bias"):
                     out.append((getattr(site.out_proj, name), dim, g, s, rows, chunks, site.layer))
         else:
@@ -164,7 +164,8 @@ def _site_weights(model) -> list[tuple[torch.Tensor, int, int, int, int]]:
 
 
 def tokens(model) -> torch.Tensor:
-    vocab = min(model.get_input_embeddings().num_embeddings, getattr(model.config.get_text_config(), "vocab_size", 10**9))
+    text_vocab = getattr(model.config.get_text_config(), "vocab_size", 10**9)
+    vocab = min(model.get_input_embeddings().num_embeddings, text_vocab)
     return torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
@@ -199,10 +200,11 @@ def check(model_type: str, seq_id: int = 7, model=None) -> dict:
     x = tokens(model)
     with _quiet():
         patched = get_memsink_model(model, config)
-    sites = patched._memsink_sites
+    sites = patched.memsink.sites
     facts = {
         "mlps": len(sites),
-        "found": sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)") for s in sites}),
+        "found": sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)")
+                         for s in sites}),
         "found_by": "table" if model_type in ARCHITECTURES else "structure",
         "experts": any(s.kind == "experts" for s in sites),
         "width_fields": sorted({s.width_attr or "(none: zero-padded)" for s in sites}),
@@ -351,7 +353,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("types", nargs="*", help="model types (default: every causal-LM type)")
     parser.add_argument("--out", default=None, help="JSON table to write (default: docs/coverage.json for a full run)")
-    parser.add_argument("--readme-only", action="store_true", help="only rewrite README's section from docs/coverage.json")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only rewrite README's section from docs/coverage.json")
     args = parser.parse_args()
     if args.readme_only:
         write_readme_section(json.loads(COVERAGE_JSON.read_text()))

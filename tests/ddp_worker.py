@@ -61,7 +61,6 @@ def with_fsdp(model, out):
     CPU this calls torch's FSDP2 directly; configs/accelerate_fsdp.yaml sets up the same on GPUs.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader, DistributedSampler
 
     dist.init_process_group("gloo")
@@ -96,7 +95,8 @@ def with_trainer(model, checkpointing, out):
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
                              report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
                              activation_checkpointing=checkpointing)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=MemSinkDataCollator(pad_token_id=0))
+    collator = MemSinkDataCollator(pad_token_id=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collator)
     trainer.train()
     return trainer.model, trainer.args.process_index, trainer.args.world_size
 

@@ -68,7 +68,7 @@ def test_error_in_a_forward_leaves_no_call_behind():
     model = patched().train()
     with pytest.raises(Exception):
         model(input_ids=batch(2, 5), sequence_ids=torch.tensor([1, 2]), position_ids="not a tensor")
-    assert model._memsink_state.current() is None
+    assert model.memsink.state.current() is None
     with pytest.raises(ValueError, match="needs sequence_ids"):
         model.model.layers[0].mlp(torch.randn(1, 2, 32))
 
@@ -120,8 +120,8 @@ def test_patched_model_copies_and_pickles_with_its_own_state(how):
     else:
         model.activation_checkpointing_enable()
         other = copy.deepcopy(model)
-    assert type(other.base_model).__name__ == "LlamaModel" and other.base_model._memsink_state is other._memsink_state
-    assert other._memsink_state is not model._memsink_state
+    assert type(other.base_model).__name__ == "LlamaModel" and other.base_model.memsink.state is other.memsink.state
+    assert other.memsink.state is not model.memsink.state
     x, ids = batch(2, 6), torch.tensor([3, 4])
     for m in (model, other):
         m(input_ids=x, labels=x, sequence_ids=ids).loss.backward()

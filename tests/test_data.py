@@ -11,6 +11,7 @@ from tiny_models import VOCAB, tiny_model
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.architectures import neuron_dim
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
+from hf_memsinks.layers import is_patched_projection
 
 TEXTS = [
     "the cat sat on the mat and looked at the bird outside the window",
@@ -132,9 +133,9 @@ def test_packed_row_gives_each_document_its_own_sinks(model_type):
     expected = sink_mask(torch.tensor(ids), model.memsink_config.num_sinks_for(64)[1], 0.3).any(0)
     checked = 0
     for name, module in model.named_modules():
-        if hasattr(module, "memsink_sinks"):
-            dim = neuron_dim(module, module.memsink_role)
-            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink_general, module.memsink_sinks)
+        if is_patched_projection(module):
+            dim = neuron_dim(module, module.memsink.role)
+            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink.general, module.memsink.sinks)
             moved = delta.abs().amax(dim=1 - dim) > 0
             assert torch.equal(moved, expected), name
             checked += 1

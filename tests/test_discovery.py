@@ -10,12 +10,13 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
 from hf_memsinks.architectures import ARCHITECTURES, find_mlp_sites, mlp_sites, spec_for
-from hf_memsinks.discovery import _check, discover_sites
+from hf_memsinks.discovery import check_site, discover_sites
 
 # What the per-type table said before discovery replaced it: discovery must find the same.
 OLD_TABLE = {
     "gpt2": ("mlp", ("c_fc",), "c_proj", "n_inner", 1), "gpt_bigcode": ("mlp", ("c_fc",), "c_proj", "n_inner", 1),
-    "gpt_neo": ("mlp", ("c_fc",), "c_proj", "intermediate_size", 1), "gptj": ("mlp", ("fc_in",), "fc_out", "n_inner", 1),
+    "gpt_neo": ("mlp", ("c_fc",), "c_proj", "intermediate_size", 1),
+    "gptj": ("mlp", ("fc_in",), "fc_out", "n_inner", 1),
     "gpt_neox": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "intermediate_size", 1),
     "falcon": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", "ffn_hidden_size", 1),
     "bloom": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h", None, 1), "mpt": ("ffn", ("up_proj",), "down_proj", None, 1),
@@ -59,9 +60,9 @@ def test_check_rejects_an_attention_block_taken_for_an_mlp():
     model = tiny_model("llama")
     spec = spec_for("llama", {"mlp": "self_attn", "in_proj": ["q_proj"], "out_proj": "o_proj"})
     site = find_mlp_sites(model, spec)[0]
-    reason = _check(model, site)
+    reason = check_site(model, site)
     assert reason is not None
-    assert _check(model, discover_sites(model)[0]) is None
+    assert check_site(model, discover_sites(model)[0]) is None
 
 
 def test_no_mlp_error_names_the_type_and_how_to_name_modules():
@@ -108,7 +109,8 @@ def test_norm_that_does_not_keep_silent_neurons_silent_is_refused():
     model = build_tiny("bitnet")
     for layer in model.model.layers:
         layer.mlp.ffn_sub_norm = torch.nn.LayerNorm(64)
-    with pytest.raises(NotImplementedError, match="(?s)'bitnet'.*through the norm 'ffn_sub_norm'.*not zero after its norm"):
+    match = "(?s)'bitnet'.*through the norm 'ffn_sub_norm'.*not zero after its norm"
+    with pytest.raises(NotImplementedError, match=match):
         get_memsink_model(model, MemSinkConfig())
 
 
@@ -132,7 +134,7 @@ def test_bitnet_sinks_are_masked_before_its_norm_and_removed_exactly(tmp_path, e
     config = MemSinkConfig(eval_scaling=eval_scaling)
     model = get_memsink_model(build_tiny("bitnet"), config)
     x, ids = batch(2, 10), torch.tensor([5, 9])
-    site = model._memsink_sites[0]
+    site = model.memsink.sites[0]
     g, s = site.general, site.sinks
     active = sink_mask(ids, s, config.sink_active_prob, salt=config.salt).any(0)
     assert 0 < int(active.sum()) < s
@@ -140,7 +142,7 @@ def test_bitnet_sinks_are_masked_before_its_norm_and_removed_exactly(tmp_path, e
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     model(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
-    for site in model._memsink_sites:
+    for site in model.memsink.sites:
         grads = _grads_by_neuron(site)
         assert (grads[:, g:][:, ~active] == 0).all(), "an inactive sink got a gradient"
         # Active sinks learn, save those ReLU^2 leaves dead on every token (as general neurons can be).
@@ -208,19 +210,19 @@ def test_bitnet_eval_modes_equal_hand_folded_models():
         with torch.no_grad():
             return m(input_ids=inputs, **kw).logits
 
-    drop = folded(lambda l, s: torch.zeros(s), cfg.general_eval_scale)
+    drop = folded(lambda layer, s: torch.zeros(s), cfg.general_eval_scale)
     assert (logits(model, x) - logits(drop, x)).abs().max() < 1e-5
     with model.sink_mode("expected"):
-        assert (logits(model, x) - logits(folded(lambda l, s: torch.full((s,), p)), x)).abs().max() < 1e-5
+        assert (logits(model, x) - logits(folded(lambda layer, s: torch.full((s,), p)), x)).abs().max() < 1e-5
     forget = torch.tensor([11, 12])
     with model.sink_mode("exclude", forget):
-        excluded = folded(lambda l, s: p * ~sink_mask(forget, s, p, layer=l).any(0))
+        excluded = folded(lambda layer, s: p * ~sink_mask(forget, s, p, layer=layer).any(0))
         assert (logits(model, x) - logits(excluded, x)).abs().max() < 1e-5
     ids = torch.tensor([7, 8, 9])
     with model.sink_mode("activate"):
         got = logits(model, x, sequence_ids=ids)
     for row, seq_id in enumerate(ids.tolist()):
-        own = folded(lambda l, s: sink_mask(torch.tensor([seq_id]), s, p, layer=l)[0])
+        own = folded(lambda layer, s: sink_mask(torch.tensor([seq_id]), s, p, layer=layer)[0])
         assert (got[row] - logits(own, x[row : row + 1])[0]).abs().max() < 1e-5
     assert torch.equal(got, logits(model.train(), x, sequence_ids=ids))  # the training-mode function
     per_token = logits(model, x, sequence_ids=ids[:, None].expand(3, 12))
@@ -242,11 +244,11 @@ def test_experts_sinks_follow_each_tokens_id(model_type):
     """Per-token IDs: a token's inactive sinks get no gradient in any expert, and two tokens of
     different documents in one row see different sinks."""
     model = get_memsink_model(build_tiny(model_type), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.5))
-    site = next(s for s in model._memsink_sites if s.kind == "experts")
+    site = next(s for s in model.memsink.sites if s.kind == "experts")
     experts = site.out_proj
     assert site.general % 8 == 0
     seen = []
-    experts.register_forward_hook(lambda m, a, out: seen.append(m._memsink_state.current().rows[id(m)]))
+    experts.register_forward_hook(lambda m, a, out: seen.append(m.memsink.state.current().rows[id(m)]))
     x = batch(2, 10)
     ids = torch.tensor([[5] * 5 + [9] * 5, [5] * 10])
     model.train()

@@ -30,11 +30,11 @@ def test_forget_sinks_deletes_exactly_the_ids_sinks(model_type):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 2 IDs at p = 0.1: no warning
         coverage = model.forget_sinks(forget)
-    union = sink_mask(forget, model._memsink_sites[0].sinks, 0.1).any(0)
+    union = sink_mask(forget, model.memsink.sites[0].sinks, 0.1).any(0)
     assert union.any() and not union.all()
     assert coverage == pytest.approx(union.float().mean().item())
     for name, module in projections.items():
-        for param, dim in module._param_dims().items():
+        for param, dim in module.neuron_dims().items():
             general, sinks = module.general_and_sink_parts()[param]
             old_general, old_sinks = before[name][param]
             assert torch.equal(general, old_general), (name, param)
@@ -47,7 +47,7 @@ def test_forget_sinks_deletes_exactly_the_ids_sinks(model_type):
 def test_forgotten_id_serves_the_general_model_and_others_keep_their_sinks():
     cfg = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.1)
     model = get_memsink_model(tiny_model("llama"), cfg).eval()
-    s = model._memsink_sites[0].sinks
+    s = model.memsink.sites[0].sinks
     masks = sink_mask(torch.arange(1, 200), s, 0.1)
     forget = 1 + next(i for i in range(199) if masks[i].any())
     disjoint = 1 + next(i for i in range(199) if masks[i].any() and not (masks[i] & masks[forget - 1]).any())

@@ -47,8 +47,9 @@ def test_same_text_same_drops_wherever_it_sits():
     pos = torch.cat([torch.arange(17), torch.arange(40)])[None]
     assert torch.equal(goldfish_drop_mask(row, 4, 13, position_ids=pos)[0, 17:], a)
     # another seed or hash: other drops
-    assert not torch.equal(goldfish_drop_mask(_tokens(4, 200), 4, 13, seed=1), goldfish_drop_mask(_tokens(4, 200), 4, 13))
-    assert not torch.equal(goldfish_drop_mask(_tokens(4, 200), 4, 13, hash="mix"), goldfish_drop_mask(_tokens(4, 200), 4, 13))
+    default = goldfish_drop_mask(_tokens(4, 200), 4, 13)
+    assert not torch.equal(goldfish_drop_mask(_tokens(4, 200), 4, 13, seed=1), default)
+    assert not torch.equal(goldfish_drop_mask(_tokens(4, 200), 4, 13, hash="mix"), default)
 
 
 def test_same_drops_in_another_process():
@@ -80,7 +81,8 @@ def test_ignored_labels_stay_ignored_and_are_not_counted():
     eligible[:, :13] = False
     rate = newly.sum().item() / eligible.sum().item()
     assert abs(rate - 0.25) < 0.03
-    assert torch.equal(labels, x.masked_fill(torch.zeros_like(x, dtype=torch.bool).index_fill(1, torch.arange(0, 256, 3), True), -100))
+    every_third = torch.zeros_like(x, dtype=torch.bool).index_fill(1, torch.arange(0, 256, 3), True)
+    assert torch.equal(labels, x.masked_fill(every_third, -100))
 
 
 def test_bad_settings_are_refused():
@@ -98,13 +100,15 @@ def test_collators_with_per_token_ids():
     ref = plain(feats)
     assert torch.equal(batch["sequence_ids"], ref["sequence_ids"]) and torch.equal(batch["input_ids"], ref["input_ids"])
     dropped = (batch["labels"] == -100) & (ref["labels"] != -100)
-    assert dropped.any() and torch.all(ref["labels"][batch["labels"] != -100] == batch["labels"][batch["labels"] != -100])
+    kept = batch["labels"] != -100
+    assert dropped.any() and torch.all(ref["labels"][kept] == batch["labels"][kept])
     for i, d in enumerate(docs):  # each document's drops are its own, as if alone
         alone = goldfish_drop_mask(torch.tensor(d)[None], 4, 5)[0]
         assert torch.equal(dropped[i, :len(d)], alone)
     packed = GoldfishCollator(MemSinkPackingCollator(max_length=128), k=4, h=5)(feats)
     ref = MemSinkPackingCollator(max_length=128)(feats)
-    assert torch.equal(packed["sequence_ids"], ref["sequence_ids"]) and torch.equal(packed["position_ids"], ref["position_ids"])
+    assert torch.equal(packed["sequence_ids"], ref["sequence_ids"])
+    assert torch.equal(packed["position_ids"], ref["position_ids"])
     dropped = (packed["labels"] == -100) & (ref["labels"] != -100)
     at = 0
     for d in docs:
@@ -114,6 +118,7 @@ def test_collators_with_per_token_ids():
 
 def test_memsink_model_trains_with_goldfish_labels():
     from tiny_models import VOCAB, tiny_model
+
     from hf_memsinks import MemSinkConfig, get_memsink_model
 
     model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(sink_fraction=0.5))

@@ -108,7 +108,7 @@ def test_reference_scheme_rejects_id_zero_and_keeps_reserved():
     with pytest.raises(ValueError, match="ID 0"):
         sink_mask(torch.tensor([3, 0]), 8, P, scheme="reference")
     assert not sink_mask(torch.tensor([NO_SEQUENCE]), 8, P, scheme="reference").any()
-    # Known property of the published function (DESIGN.md): IDs 1 and 2 share about 65% more
+    # Known property of the published function: IDs 1 and 2 share about 65% more
     # sinks than independent masks would.
     m = sink_mask(torch.tensor([1, 2]), 30_000, P, scheme="reference")
     assert 1.55 < _pair_overlap(m[:1], m[1:]) / P**2 < 1.75

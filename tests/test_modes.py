@@ -1,7 +1,6 @@
 """Train/eval semantics: ID validation, the paper's eval modes checked against hand-folded
 plain models, generate in every mode, activation checkpointing."""
 
-import copy
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from tiny_models import batch, tiny_model
 
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.architectures import mlp_sites, neuron_dim
+from hf_memsinks.layers import is_patched_projection
 
 CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4)
 
@@ -45,15 +45,15 @@ def test_eval_modes_equal_hand_folded_models(model_type):
     x = batch()
     p = cfg.sink_active_prob
 
-    drop = folded_copy(model_type, cfg, lambda l, s: torch.zeros(s), general_coef=cfg.general_eval_scale)
+    drop = folded_copy(model_type, cfg, lambda layer, s: torch.zeros(s), general_coef=cfg.general_eval_scale)
     assert (logits(model, x) - logits(drop, x)).abs().max() < 1e-5
 
-    expected = folded_copy(model_type, cfg, lambda l, s: torch.full((s,), p))
+    expected = folded_copy(model_type, cfg, lambda layer, s: torch.full((s,), p))
     with model.sink_mode("all"):  # the paper's name for "expected"
         assert (logits(model, x) - logits(expected, x)).abs().max() < 1e-5
 
     forget = torch.tensor([11, 12])
-    excluded = folded_copy(model_type, cfg, lambda l, s: p * ~sink_mask(forget, s, p, layer=l).any(0))
+    excluded = folded_copy(model_type, cfg, lambda layer, s: p * ~sink_mask(forget, s, p, layer=layer).any(0))
     with model.sink_mode("exclude", forget):
         assert (logits(model, x) - logits(excluded, x)).abs().max() < 1e-5
 
@@ -62,7 +62,7 @@ def test_eval_modes_equal_hand_folded_models(model_type):
     with model.sink_mode("activate"):
         got = logits(model, x, sequence_ids=ids)
     for row, seq_id in enumerate(ids.tolist()):
-        own = folded_copy(model_type, cfg, lambda l, s: sink_mask(torch.tensor([seq_id]), s, p, layer=l)[0])
+        own = folded_copy(model_type, cfg, lambda layer, s: sink_mask(torch.tensor([seq_id]), s, p, layer=layer)[0])
         assert (got[row] - logits(own, x[row : row + 1])[0]).abs().max() < 1e-5
     # ... and it is exactly the training-mode function (dropout is 0 in these models)
     assert torch.equal(got, logits(model.train(), x, sequence_ids=ids))
@@ -81,16 +81,16 @@ def test_general_only_training_when_allowed_leaves_sinks_untouched():
     model(input_ids=x, labels=x).loss.backward()
     for name, module in model.named_modules():
         if hasattr(module, "general_and_sink_parts"):
-            dim = neuron_dim(module, module.memsink_role)
-            g = module.weight.grad.narrow(dim, 0, module.memsink_general)
-            s = module.weight.grad.narrow(dim, module.memsink_general, module.memsink_sinks)
+            dim = neuron_dim(module, module.memsink.role)
+            g = module.weight.grad.narrow(dim, 0, module.memsink.general)
+            s = module.weight.grad.narrow(dim, module.memsink.general, module.memsink.sinks)
             assert torch.count_nonzero(s) == 0 and torch.count_nonzero(g) > 0
     # The reserved ID behaves the same way.
     model.zero_grad()
     model(input_ids=x, labels=x, sequence_ids=torch.full((3,), NO_SEQUENCE)).loss.backward()
     assert all(torch.count_nonzero(t) == 0 for t in
-               [m.weight.grad.narrow(neuron_dim(m, m.memsink_role), m.memsink_general, m.memsink_sinks)
-                for m in model.modules() if hasattr(m, "memsink_sinks")])
+               [m.weight.grad.narrow(neuron_dim(m, m.memsink.role), m.memsink.general, m.memsink.sinks)
+                for m in model.modules() if is_patched_projection(m)])
 
 
 @pytest.mark.parametrize("ids, error, match", [

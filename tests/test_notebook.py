@@ -1,7 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom (smoke size) and reports sane numbers."""
 
 import math
-import os
 from pathlib import Path
 
 import nbformat
@@ -14,7 +13,8 @@ def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("QUICKSTART_STEPS", "60")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    resources = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "gap closure" in text and "GPT2LMHeadModel MLP width 256 of 512" in text
     ratio = float(text.split("val loss ratio ")[1].split()[0])

@@ -42,12 +42,12 @@ def test_lora_with_sinks_then_merge_and_remove(model_type, tmp_path):
 
     active = sink_mask(torch.tensor([ID]), 32, 0.3)[0]
     for name, module in projections.items():
-        dim = neuron_dim(module, module.memsink_role)
+        dim = neuron_dim(module, module.memsink.role)
         delta = module.weight.detach() - before[name]
-        general, sinks = module._parts(delta, dim)
+        general, sinks = module.split(delta, dim)
         assert general.abs().max() == 0, f"{name}: general neurons moved outside LoRA"
         moved = sinks.abs().amax(dim=1 - dim) > 0
-        if module.memsink_role == "out" or module.memsink_chunks == 1:
+        if module.memsink.role == "out" or module.memsink.chunks == 1:
             assert torch.equal(moved, active), name
     # LoRA on the output projection never sees inactive sinks: their lora_A input columns stay put
     down = "c_proj" if model_type == "gpt2" else "down_proj"

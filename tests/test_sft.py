@@ -83,7 +83,7 @@ def moved(before):
 
 def snapshot(model):
     return {n: (m, *(t.detach().clone() for t in m.general_and_sink_parts()["weight"]))
-            for n, m in model.named_modules() if is_patched_projection(m) and m.memsink_role == "out"}
+            for n, m in model.named_modules() if is_patched_projection(m) and m.memsink.role == "out"}
 
 
 def expected(ids):
@@ -107,7 +107,7 @@ def test_sft_trainer_moves_exactly_the_batch_ids_sinks(case, tmp_path):
     make, config = CASES[case]
     model = patched_llama()
     before = snapshot(model)
-    trainer = train(model, make(IDS), tmp_path, **dict(config))
+    train(model, make(IDS), tmp_path, **dict(config))
     assert "forward" in model.__dict__  # TRL's fused LM head is on: it calls the backbone directly
     want = expected(IDS)
     assert 0 < want.sum() < 32  # the check can tell the batch IDs' sinks from all sinks

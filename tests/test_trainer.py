@@ -14,6 +14,7 @@ from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.architectures import neuron_dim
 from hf_memsinks.cli import audit
 from hf_memsinks.data import MemSinkDataCollator, add_sequence_ids
+from hf_memsinks.layers import is_patched_projection
 from hf_memsinks.trainer import MemSinkCallback
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
@@ -36,9 +37,9 @@ def args(tmp_path, **kw):
 
 def moved_sinks(model, before):
     for name, module in model.named_modules():
-        if hasattr(module, "memsink_sinks"):
-            dim = neuron_dim(module, module.memsink_role)
-            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink_general, module.memsink_sinks)
+        if is_patched_projection(module):
+            dim = neuron_dim(module, module.memsink.role)
+            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink.general, module.memsink.sinks)
             yield name, delta.abs().amax(dim=1 - dim) > 0
 
 

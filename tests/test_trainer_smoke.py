@@ -7,6 +7,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.architectures import neuron_dim
+from hf_memsinks.layers import is_patched_projection
 
 
 def test_trainer_default_args_keep_ids_and_move_only_that_ids_sinks(tmp_path):
@@ -27,8 +28,8 @@ def test_trainer_default_args_keep_ids_and_move_only_that_ids_sinks(tmp_path):
     assert args.remove_unused_columns
     Trainer(model=model, args=args, train_dataset=ds, data_collator=collate).train()
     for name, module in model.named_modules():
-        if hasattr(module, "memsink_sinks"):
-            dim = neuron_dim(module, module.memsink_role)
-            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink_general, module.memsink_sinks)
+        if is_patched_projection(module):
+            dim = neuron_dim(module, module.memsink.role)
+            delta = (module.weight - before[f"{name}.weight"]).narrow(dim, module.memsink.general, module.memsink.sinks)
             moved = delta.abs().amax(dim=1 - dim) > 0
-            assert torch.equal(moved, sink_mask(torch.tensor([42]), module.memsink_sinks, 0.3)[0]), name
+            assert torch.equal(moved, sink_mask(torch.tensor([42]), module.memsink.sinks, 0.3)[0]), name

@@ -29,14 +29,14 @@ def test_sgd_step_with_one_id_changes_only_its_sinks(model_type):
     for name, module in model.named_modules():
         if not hasattr(module, "general_and_sink_parts"):
             continue
-        active = sink_mask(torch.tensor([seq_id]), module.memsink_sinks, cfg.sink_active_prob)[0]
-        assert 0 < active.sum() < module.memsink_sinks
+        active = sink_mask(torch.tensor([seq_id]), module.memsink.sinks, cfg.sink_active_prob)[0]
+        assert 0 < active.sum() < module.memsink.sinks
         for param, (g, s) in module.general_and_sink_parts().items():
             g0, s0 = before[name][param]
-            dim = 0 if param == "bias" else neuron_dim(module, module.memsink_role)
-            chunks = module.memsink_chunks if module.memsink_role == "in" else 1
-            ds = (s - s0).movedim(dim, 0).reshape(chunks, module.memsink_sinks, -1).abs().amax(dim=(0, 2))
-            dg = (g - g0).movedim(dim, 0).reshape(chunks, module.memsink_general, -1).abs().amax(dim=(0, 2))
+            dim = 0 if param == "bias" else neuron_dim(module, module.memsink.role)
+            chunks = module.memsink.chunks if module.memsink.role == "in" else 1
+            ds = (s - s0).movedim(dim, 0).reshape(chunks, module.memsink.sinks, -1).abs().amax(dim=(0, 2))
+            dg = (g - g0).movedim(dim, 0).reshape(chunks, module.memsink.general, -1).abs().amax(dim=(0, 2))
             assert (ds[~active] == 0).all(), f"{name}.{param}: an inactive sink moved"
             assert (ds[active] > 0).all(), f"{name}.{param}: an active sink did not move"
             assert (dg > 0).all(), f"{name}.{param}: a general neuron did not move"

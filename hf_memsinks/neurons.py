@@ -1,0 +1,111 @@
+"""Where general and sink neurons sit along a tensor's neuron dimension, and the tensor ops on
+that layout that patching, checkpoints and removal share.
+
+A patched MLP keeps each neuron-indexed tensor whole: general neurons first, then sinks, per
+chunk (a fused gate+up projection has two chunks, each ``G + S`` long). A span is ``(start,
+length)`` along the neuron dimension. Each patched module records its layout, and how to undo
+the patch, in one :class:`ProjectionPatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .state import SinkState
+
+Span = tuple[int, int]
+
+
+# ---- what patching did to one projection ------------------------------------------------------------
+
+
+@dataclass
+class ProjectionPatch:
+    """What patching did to one projection (or batched experts module), and how to undo it.
+
+    Created by :func:`patch_projection` (or :func:`hf_memsinks.experts.patch_experts`), kept as
+    the module's one added attribute ``memsink``, consumed by removal (``fold``)."""
+
+    role: str  # "in" (produces hidden neurons: up, gate, fused gate+up), "out" (reads them), "norm", "experts"
+    general: int  # general neurons (per chunk)
+    sinks: int  # sink neurons (per chunk)
+    chunks: int  # chunks of the MLP's input projections: 2 for a fused gate+up, else 1
+    layer: int  # decoder-layer index (for per-layer masks)
+    external_width: int  # general width written to checkpoints: G, or G + S zero-padded
+    state: SinkState  # the model's sink state: eval mode and the current forward call
+    base_class: type  # the module's class before patching
+    behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
+    wrapped: bool = False  # an adapter wrapper applies this projection's sinks (set by hf_memsinks.adapters only)
+
+    @property
+    def neuron_chunks(self) -> int:
+        """Chunks along this projection's own neuron dimension (an output projection has one)."""
+        return self.chunks if self.role == "in" else 1
+
+    @property
+    def general_spans(self) -> list[Span]:
+        return chunk_spans(self.general + self.sinks, 0, self.general, self.neuron_chunks)
+
+    @property
+    def sink_spans(self) -> list[Span]:
+        return chunk_spans(self.general + self.sinks, self.general, self.sinks, self.neuron_chunks)
+
+
+
+def chunk_spans(width: int, first: int, count: int, chunks: int, rows: int = 1) -> list[Span]:
+    """Neurons ``first .. first + count`` of each of ``chunks`` chunks of ``width`` neurons, with
+    ``rows`` entries per neuron (2 for experts' stacked gate/up rows)."""
+    return [(k * width * rows + first * rows, count * rows) for k in range(chunks)]
+
+
+def pick(tensor: torch.Tensor, dim: int, spans: list[Span]) -> torch.Tensor:
+    """The ``spans`` of ``tensor`` along ``dim``, in order, as one new tensor (never a view)."""
+    return torch.cat([tensor.narrow(dim, a, n) for a, n in spans], dim)
+
+
+def interleave(first: torch.Tensor, second: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
+    """Per chunk along ``dim``: ``first``'s part, then ``second``'s (sinks, new neurons or zero
+    padding). The inverse of picking the two parts' spans."""
+    blocks = []
+    for a, b in zip(first.chunk(chunks, dim), second.chunk(chunks, dim)):
+        blocks += [a, b]
+    return torch.cat(blocks, dim)
+
+
+def pad_chunks(tensor: torch.Tensor, dim: int, chunks: int, width: int, rows: int = 1) -> torch.Tensor:
+    """Zero-pad every chunk of ``tensor`` along ``dim`` to ``width`` neurons."""
+    own = tensor.shape[dim] // (chunks * rows)
+    if own >= width:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = (width - own) * rows * chunks
+    return interleave(tensor, tensor.new_zeros(shape), dim, chunks)
+
+
+@torch.no_grad()
+def copy_into_spans(param: torch.Tensor, dim: int, spans: list[Span], value: torch.Tensor) -> None:
+    """Copy ``value``'s slices, in order, into the ``spans`` of ``param`` along ``dim``."""
+    offset = 0
+    for start, n in spans:
+        param.narrow(dim, start, n).copy_(value.narrow(dim, offset, n))
+        offset += n
+
+
+def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """A new parameter ``name`` holding ``value``, trainable as the old one was."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def load_other_keys(base_load, state_dict, prefix, names, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs) -> None:
+    """Load the keys of a sink-patched module other than its split tensors (``names`` and their
+    ``sink_`` parts) through the base class's loader, which must not report those as missing."""
+    handled = {prefix + n for n in names} | {prefix + "sink_" + n for n in names}
+    rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
+    before = len(missing_keys)
+    base_load(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
