@@ -56,7 +56,8 @@ def _table(seed: int, device: str) -> torch.Tensor:
     return values.to(device)
 
 
-def _check(k: int, h: int, hash: str) -> None:
+def check_goldfish(k: int, h: int, hash: str) -> None:
+    """Refuse settings Goldfish cannot use, before any batch is built."""
     if int(k) != k or k < 2:
         raise ValueError(f"goldfish k must be an integer >= 2 (drop 1 target in k), got {k!r}")
     if int(h) != h or h < 1:
@@ -80,7 +81,7 @@ def goldfish_drop_mask(input_ids: torch.Tensor, k: int = 4, h: int = 13, *, hash
                        position_ids: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool ``(B, T)``: True where the target ``input_ids[:, t]`` is left out of the loss."""
-    _check(k, h, hash)
+    check_goldfish(k, h, hash)
     ids = input_ids.long()
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
@@ -127,7 +128,7 @@ class GoldfishCollator:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.k, self.h, self.hash)
+        check_goldfish(self.k, self.h, self.hash)
 
     def __call__(self, features: list[Any]) -> dict:
         batch = self.collator(features)

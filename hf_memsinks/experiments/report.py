@@ -177,61 +177,67 @@ def write_forgetting_plot(report: dict, out: Path) -> Path | None:
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
+    """``curves.png``, ``tradeoff.png`` and ``forgetting.png``, each where the report has its data."""
     import matplotlib
 
     matplotlib.use("Agg")
+    paths = [write_curves_plot(report, out), write_tradeoff_plot(report, out), write_forgetting_plot(report, out)]
+    return [p for p in paths if p]
+
+
+def write_curves_plot(report: dict, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    paths = []
     curves = report["curves"]
-    if curves:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharex=True)
-        titles = (("repeated_loss", "repeated documents"), ("control_loss", "control (never trained on)"),
-                  ("val_loss", "validation"))
-        for ax, (key, title) in zip(axes, titles):
-            for name, points in curves.items():
-                label = "memsinks (sinks removed)" if name == "memsinks" else name
-                ax.plot([p["step"] for p in points], [p[key] for p in points], label=label, marker=".")
-            ax.set_title(f"loss on {title}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        paths.append(out / "curves.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharex=True)
+    titles = (("repeated_loss", "repeated documents"), ("control_loss", "control (never trained on)"),
+              ("val_loss", "validation"))
+    for ax, (key, title) in zip(axes, titles):
+        for name, points in curves.items():
+            label = "memsinks (sinks removed)" if name == "memsinks" else name
+            ax.plot([p["step"] for p in points], [p[key] for p in points], label=label, marker=".")
+        ax.set_title(f"loss on {title}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tradeoff_plot(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
 
     m = report["metrics"]
-    if "standard" in m:
-        std = m["standard"]
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if "standard" not in m:
+        return None
+    std = m["standard"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
 
-        def point(run):
-            return run["val_loss"] / std["val_loss"], 1 - run["memorization_gap"] / std["memorization_gap"]
+    def point(run):
+        return run["val_loss"] / std["val_loss"], 1 - run["memorization_gap"] / std["memorization_gap"]
 
-        sweep = report.get("posthoc_sweep", [])
-        if sweep:
-            xs, ys = zip(*[(1.0, 0.0)] + [point(p) for p in sweep])
-            ax.plot(xs, ys, "o-", color="tab:gray", label="post-hoc neuron zeroing (sweep)")
-            for p, x, y in zip(sweep, xs[1:], ys[1:]):
-                ax.annotate(f"{p['fraction_removed']:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-        ax.plot([1.0], [0.0], "s", color="black", label="standard")
-        if "dedup" in m:
-            ax.plot(*point(m["dedup"]), "^", color="tab:green", markersize=9, label="dedup")
-        if "goldfish" in m:
-            ax.plot(*point(m["goldfish"]), "D", color="tab:orange", markersize=8, label="goldfish")
-        if "memsinks_goldfish_removed" in m:
-            ax.plot(*point(m["memsinks_goldfish_removed"]), "P", color="tab:purple", markersize=10,
-                    label="memsinks+goldfish, sinks removed")
-        if "memsinks_removed" in m:
-            ax.plot(*point(m["memsinks_removed"]), "*", color="tab:red", markersize=14, label="memsinks, sinks removed")
-        paths.append(save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs",
-                                   out / "tradeoff.png"))
-    forget = write_forgetting_plot(report, out)
-    if forget:
-        paths.append(forget)
-    return paths
+    sweep = report.get("posthoc_sweep", [])
+    if sweep:
+        xs, ys = zip(*[(1.0, 0.0)] + [point(p) for p in sweep])
+        ax.plot(xs, ys, "o-", color="tab:gray", label="post-hoc neuron zeroing (sweep)")
+        for p, x, y in zip(sweep, xs[1:], ys[1:]):
+            ax.annotate(f"{p['fraction_removed']:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.plot([1.0], [0.0], "s", color="black", label="standard")
+    for key, style, label in (("dedup", dict(marker="^", color="tab:green", markersize=9), "dedup"),
+                              ("goldfish", dict(marker="D", color="tab:orange", markersize=8), "goldfish"),
+                              ("memsinks_goldfish_removed", dict(marker="P", color="tab:purple", markersize=10),
+                               "memsinks+goldfish, sinks removed"),
+                              ("memsinks_removed", dict(marker="*", color="tab:red", markersize=14),
+                               "memsinks, sinks removed")):
+        if key in m:
+            ax.plot(*point(m[key]), linestyle="none", label=label, **style)
+    return save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs", out / "tradeoff.png")
 
 
 def save_tradeoff(fig, ax, title: str, path: Path) -> Path:
