@@ -233,7 +233,6 @@ def _experiment(args) -> int:
     name = cfg.name or Path(args.config).stem
     if args.command == "run":
         from .experiments.runner import run
-
         from .experiments.training import finish_processes
 
         out = args.out or os.path.join("runs", name)

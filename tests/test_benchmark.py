@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hf_memsinks.cli import main
+from hf_memsinks.experiments.config import load_config
 from hf_memsinks.experiments.corpus import embedded_stories, load_documents
 from hf_memsinks.experiments.posthoc import zero_top_neurons
-from hf_memsinks.experiments.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -67,7 +67,8 @@ def check_forgetting(f: dict) -> None:
     for regime in f["regimes"]:
         for n in sizes:
             cells = {(r["deleted"], r["served"]) for r in rows if r.get("regime") == regime and r["n"] == n}
-            assert cells == {("every sink", "drop"), ("nothing", "activate"), ("nothing", "expected"), ("F", "activate"),
+            assert cells == {("every sink", "drop"), ("nothing", "activate"), ("nothing", "expected"),
+                             ("F", "activate"),
                              ("F", "expected"), ("random", "activate"), ("random", "expected")}
     methods = {r["method"] for r in rows}
     assert {"standard", "standard retrained without F", "post-hoc zeroing aimed at F"} <= methods

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from hf_memsinks.cli import main
-from hf_memsinks.experiments.manpages import MAN_ROOT, build, paragraphs
 from hf_memsinks.experiments.config import load_config
+from hf_memsinks.experiments.manpages import MAN_ROOT, build, paragraphs
 from hf_memsinks.experiments.scale import parse_models, point_config
 from hf_memsinks.experiments.setting import build_setting
 

@@ -153,7 +153,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             raise ValueError(f"config {path} has no {section!r} section")
     for section in ("data", "train"):
         for f in dataclasses.fields(_section_type(section)):
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in raw[section]:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in raw[section]:
                 raise ValueError(f"config {path}: {section}.{f.name} is required")
     cfg = _build(BenchmarkConfig, raw)
     _check_values(cfg)
@@ -213,7 +214,8 @@ def _check_values(cfg: BenchmarkConfig) -> None:
     repeated = cfg.data.repeated_natural + cfg.data.repeated_canaries
     sizes = cfg.forget.sizes
     if "forget" in cfg.runs and (not sizes or min(sizes) < 1 or max(sizes) >= repeated):
-        raise ValueError(f"forget.sizes {sizes}: each must be 1 .. {repeated - 1} (some repeated documents must be kept)")
+        raise ValueError(f"forget.sizes {sizes}: each must be 1 .. {repeated - 1} "
+                         "(some repeated documents must be kept)")
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False
         return hits.float().mean().item() if hits.numel() else float("nan")
 
     out: dict[str, float] = {"val_loss": losses(setting.validation).mean().item()}
-    parts = {"natural": (setting.natural, setting.control_natural), "canary": (setting.canaries, setting.control_canaries)}
+    parts = {"natural": (setting.natural, setting.control_natural),
+             "canary": (setting.canaries, setting.control_canaries)}
     rep_all, ctl_all = [], []
     for kind, (rep_docs, ctl_docs) in parts.items():
         if not rep_docs:
@@ -47,7 +48,8 @@ def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False
     out["control_loss"] = torch.cat(ctl_all).mean().item()
     out["memorization_gap"] = out["control_loss"] - out["repeated_loss"]
     n = {k: len(v[0]) for k, v in parts.items()}
-    out["extraction_rate"] = sum(out.get(f"extraction_rate_{k}", 0.0) * n[k] for k in n if n[k]) / max(1, sum(n.values()))
+    hits = sum(out.get(f"extraction_rate_{k}", 0.0) * n[k] for k in n if n[k])
+    out["extraction_rate"] = hits / max(1, sum(n.values()))
     return out
 
 

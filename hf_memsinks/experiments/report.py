@@ -25,15 +25,20 @@ COLUMNS = (
     ("extraction_rate", "extraction"),
 )
 MEANINGS = {
-    "gap_closure": "share of the standard model's memorization gap (control - repeated loss) that removing sinks closes; 1 = no memorization left",
+    "gap_closure": ("share of the standard model's memorization gap (control - repeated loss) that removing sinks "
+                    "closes; 1 = no memorization left"),
     "gap_closure_natural": "the same, on repeated natural documents only",
     "gap_closure_canary": "the same, on repeated random-token canaries only",
     "val_loss_ratio": "validation loss after sink removal / standard validation loss; the price of removal (1 = free)",
-    "own_sinks_repeated_loss": "repeated-document loss with each document's own sinks on: the memorization is there, in the sinks",
-    "own_sinks_to_standard_repeated_loss": "that loss / the standard model's repeated loss (about 1 or below: sinks hold what standard training memorizes)",
-    "standard_extraction_rate": "share of repeated documents the standard model reproduces (greedy suffix from a prefix)",
+    "own_sinks_repeated_loss": ("repeated-document loss with each document's own sinks on: the memorization is there, "
+                                "in the sinks"),
+    "own_sinks_to_standard_repeated_loss": ("that loss / the standard model's repeated loss (about 1 or below: sinks "
+                                            "hold what standard training memorizes)"),
+    "standard_extraction_rate": ("share of repeated documents the standard model reproduces (greedy suffix from a "
+                                 "prefix)"),
     "memsinks_extraction_rate": "the same after removing the sinks",
-    "goldfish_gap_closure": "gap closed by the Goldfish loss alone (standard model, 1 target in k dropped by a hash of its context)",
+    "goldfish_gap_closure": ("gap closed by the Goldfish loss alone (standard model, 1 target in k dropped by a hash "
+                             "of its context)"),
     "goldfish_gap_closure_natural": "the same, natural documents",
     "goldfish_gap_closure_canary": "the same, canaries",
     "goldfish_val_loss_ratio": "Goldfish's validation loss / standard's",
@@ -50,8 +55,10 @@ MEANINGS = {
     "forget_regime_extraction_rate": "its extraction rate of repeated documents, sinks removed",
     "dedup_gap_closure": "gap closed by training on deduplicated data (each repeated document once) instead",
     "dedup_val_loss_ratio": "dedup's validation loss / standard's",
-    "posthoc_best_gap_closure": "best gap closure of the post-hoc neuron-zeroing baseline over its sweep, at any val-loss cost",
-    "posthoc_gap_closure_at_same_val_loss": "gap closure of the post-hoc baseline at no more val-loss cost than memsinks",
+    "posthoc_best_gap_closure": ("best gap closure of the post-hoc neuron-zeroing baseline over its sweep, at any "
+                                 "val-loss cost"),
+    "posthoc_gap_closure_at_same_val_loss": ("gap closure of the post-hoc baseline at no more val-loss cost than "
+                                             "memsinks"),
 }
 
 
@@ -89,7 +96,8 @@ def write_markdown(report: dict, out: Path) -> Path:
     lines += ["", "Losses are mean next-token losses in nats; gap = control - repeated loss; extraction = share of "
               "repeated documents whose greedy continuation of a "
               f"{report['config']['eval']['prefix']}-token prefix reproduces the next "
-              f"{report['config']['eval']['suffix']} tokens exactly.", "", "| summary | value | meaning |", "|---|---|---|"]
+              f"{report['config']['eval']['suffix']} tokens exactly.", "",
+              "| summary | value | meaning |", "|---|---|---|"]
     for key, value in s.items():
         lines.append(f"| {key} | {_fmt(value)} | {MEANINGS.get(key, '')} |")
     lines += _forgetting_lines(report)
@@ -107,13 +115,15 @@ def _forgetting_lines(report: dict) -> list[str]:
     regimes = ", ".join(f"`{k}` (sink_fraction {c['sink_fraction']}, sink_active_prob {c['sink_active_prob']})"
                         for k, c in f["regimes"].items())
     lines = ["", "## Forgetting chosen documents", "",
-             f"F = the first n repeated documents (canary, natural, canary, ...), K = the {f['keep']} repeated documents "
-             f"outside the largest F. Memsinks models: {regimes}. Deleted: the sinks of F's IDs (`forget_sinks`), of n "
-             "random never-trained IDs (the control), nothing, or every sink. Served as: `activate` (each document with "
-             "its own ID: own sinks on), `expected` (every remaining sink at its expected value: what "
+             f"F = the first n repeated documents (canary, natural, canary, ...), K = the {f['keep']} repeated "
+             f"documents outside the largest F. Memsinks models: {regimes}. Deleted: the sinks of F's IDs "
+             "(`forget_sinks`), of n random never-trained IDs (the control), nothing, or every sink. Served as: "
+             "`activate` (each document with its own ID: own sinks on), `expected` (every remaining sink at its "
+             "expected value: what "
              "`remove_sinks(forget_ids=...)` exports), `drop` (`remove_sinks()`), `plain` (standard models). "
              f"Val loss on {f.get('val_docs', 'all')} validation documents (in `activate` with each one's own ID).", "",
-             "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K | val loss |",
+             "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K "
+             "| val loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(f["rows"], key=lambda r: r["n"]):
         cov = r.get("coverage")
@@ -125,10 +135,11 @@ def _forgetting_lines(report: dict) -> list[str]:
               "K rise, random IDs | F extraction (before) | K extraction (before) | F rise / retrain's |",
               "|---|---|---|---|---|---|---|---|---|"]
     for key, s in f["summary"].items():
-        lines.append(f"| {key} | {s['coverage']:.0%} | {_fmt(s['F_loss_rise'])} | {_fmt(s['F_loss_rise_random_ids'])} | "
-                     f"{_fmt(s['K_loss_rise'])} | {_fmt(s['K_loss_rise_random_ids'])} | {_fmt(s['F_extraction'])} "
-                     f"({_fmt(s['F_extraction_before'])}) | {_fmt(s['K_extraction'])} ({_fmt(s['K_extraction_before'])}) | "
-                     f"{_fmt(s.get('F_share_of_retrain_rise'))} |")
+        lines.append(f"| {key} | {s['coverage']:.0%} | {_fmt(s['F_loss_rise'])} "
+                     f"| {_fmt(s['F_loss_rise_random_ids'])} | {_fmt(s['K_loss_rise'])} "
+                     f"| {_fmt(s['K_loss_rise_random_ids'])} | {_fmt(s['F_extraction'])} "
+                     f"({_fmt(s['F_extraction_before'])}) | {_fmt(s['K_extraction'])} "
+                     f"({_fmt(s['K_extraction_before'])}) | {_fmt(s.get('F_share_of_retrain_rise'))} |")
     return lines
 
 
@@ -147,7 +158,8 @@ def write_forgetting_plot(report: dict, out: Path) -> Path | None:
     for i, regime in enumerate(f["regimes"]):
         color = ("tab:red", "tab:purple", "tab:orange")[i % 3]
         for deleted, style in (("F", "-"), ("random", "--"), ("nothing", ":")):
-            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted", "nothing": "nothing deleted"}[deleted]
+            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted",
+                    "nothing": "nothing deleted"}[deleted]
             lines.append((f"memsinks {regime}, activate, {what}",
                           dict(regime=regime, deleted=deleted, served="activate"), color, style))
     lines.append(("standard retrained without F", dict(method="standard retrained without F"), "tab:green", "-"))

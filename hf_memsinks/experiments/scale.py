@@ -35,7 +35,8 @@ def point_config(cfg: BenchmarkConfig, layers: int, hidden: int, ratio: int) -> 
     return dataclasses.replace(copy.deepcopy(cfg), model=model, runs=["standard", "memsinks"])
 
 
-def scale(cfg: BenchmarkConfig, out_dir: str | os.PathLike, models: list[tuple[int, int]], ratios: list[int]) -> list[dict]:
+def scale(cfg: BenchmarkConfig, out_dir: str | os.PathLike, models: list[tuple[int, int]],
+          ratios: list[int]) -> list[dict]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict] = []

@@ -57,7 +57,8 @@ class Setting:
             "control_natural": len(self.control_natural), "control_canaries": len(self.control_canaries),
             "validation": len(self.validation), "train_documents": len(self.stream),
             "distinct_train_documents": len({tuple(d) for d in self.stream}),
-            "train_tokens": sum(len(d) for d in self.stream), "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
+            "train_tokens": sum(len(d) for d in self.stream),
+            "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
         }
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ..config import MemSinkConfig
 from ..model import get_memsink_model
-from .report import save_tradeoff
 from .config import BenchmarkConfig
 from .metrics import measure
+from .report import save_tradeoff
 from .setting import build_setting
 from .training import build_model, make_accelerator, train
 
