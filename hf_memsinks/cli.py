@@ -227,13 +227,12 @@ def _main(argv: list[str] | None = None) -> int:
 def _experiment(args) -> int:
     from pathlib import Path
 
-    from .experiments.runner import load_config
+    from .experiments.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    name = cfg.get("name") or Path(args.config).stem
+    name = cfg.name or Path(args.config).stem
     if args.command == "run":
         from .experiments.runner import run
-
         from .experiments.training import finish_processes
 
         out = args.out or os.path.join("runs", name)

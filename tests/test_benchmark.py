@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from hf_memsinks.cli import main
+from hf_memsinks.experiments.config import load_config
 from hf_memsinks.experiments.corpus import embedded_stories, load_documents
 from hf_memsinks.experiments.posthoc import zero_top_neurons
-from hf_memsinks.experiments.runner import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -67,7 +67,8 @@ def check_forgetting(f: dict) -> None:
     for regime in f["regimes"]:
         for n in sizes:
             cells = {(r["deleted"], r["served"]) for r in rows if r.get("regime") == regime and r["n"] == n}
-            assert cells == {("every sink", "drop"), ("nothing", "activate"), ("nothing", "expected"), ("F", "activate"),
+            assert cells == {("every sink", "drop"), ("nothing", "activate"), ("nothing", "expected"),
+                             ("F", "activate"),
                              ("F", "expected"), ("random", "activate"), ("random", "expected")}
     methods = {r["method"] for r in rows}
     assert {"standard", "standard retrained without F", "post-hoc zeroing aimed at F"} <= methods
@@ -128,7 +129,7 @@ def test_config_errors(tmp_path):
         load_config(SMOKE, ["runs=[standard,bogus]"])
     with pytest.raises(ValueError, match="sink_fraction"):
         load_config(SMOKE, ["memsinks.sink_fraction=1.5"])
-    assert load_config(SMOKE, ["train.steps=7"])["train"]["steps"] == 7
+    assert load_config(SMOKE, ["train.steps=7"]).train.steps == 7
 
 
 def test_embedded_corpus_has_variety():
@@ -152,4 +153,4 @@ def test_posthoc_zeroes_the_top_scored_neurons():
 @pytest.mark.parametrize("name", ["demo", "demo_wide", "manpages", "smoke", "sweep_small", "tinystories_gpu"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
-    assert cfg["train"]["steps"] > 0 and cfg["model"]["type"] in ("gpt2", "llama", "gpt_neox")
+    assert cfg.train.steps > 0 and cfg.model.type in ("gpt2", "llama", "gpt_neox")

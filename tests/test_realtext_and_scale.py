@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from hf_memsinks.cli import main
+from hf_memsinks.experiments.config import load_config
 from hf_memsinks.experiments.manpages import MAN_ROOT, build, paragraphs
-from hf_memsinks.experiments.runner import load_config
 from hf_memsinks.experiments.scale import parse_models, point_config
 from hf_memsinks.experiments.setting import build_setting
 
@@ -96,9 +96,8 @@ def test_scale_points_and_model_list():
         with pytest.raises(ValueError, match="LAYERSxHIDDEN"):
             parse_models(bad)
     cfg = point_config(load_config(SMOKE), 4, 128, 4)
-    assert {k: cfg["model"][k] for k in ("layers", "hidden", "heads", "mlp")} == {
-        "layers": 4, "hidden": 128, "heads": 4, "mlp": 512}
-    assert cfg["runs"] == ["standard", "memsinks"]
+    assert (cfg.model.layers, cfg.model.hidden, cfg.model.heads, cfg.model.mlp) == (4, 128, 4, 512)
+    assert cfg.runs == ["standard", "memsinks"]
 
 
 def test_scale_study_end_to_end(tmp_path):

@@ -8,7 +8,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 # ---- the embedded generator: short, plausible English stories -----------------------------------
 
@@ -166,12 +166,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
                                    pad_token="<|endoftext|>")
 
 
-def load_or_train_tokenizer(spec: dict[str, Any], texts: list[str]):
-    if spec.get("path"):
+def load_or_train_tokenizer(spec, texts: list[str]):
+    """The tokenizer at ``spec.path``, else a BPE of ``spec.vocab_size`` trained on ``texts``."""
+    if spec.path:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(spec["path"])
+        tok = AutoTokenizer.from_pretrained(spec.path)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    return train_tokenizer(texts, int(spec.get("vocab_size", 1024)))
+    return train_tokenizer(texts, spec.vocab_size)

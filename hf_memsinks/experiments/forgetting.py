@@ -50,19 +50,19 @@ def random_ids(n: int, seed: int) -> torch.Tensor:
 
 
 def _docs(model, docs, cfg, pad_id, own_ids: bool) -> tuple[float, float]:
-    e = cfg["eval"]
+    e = cfg.eval
     ids = ids_for_documents(docs) if own_ids else None
-    loss = document_losses(model, docs, ids, batch_size=int(e["batch_size"]), pad_id=pad_id).mean().item()
-    hits = extraction_hits(model, docs, int(e["prefix"]), int(e["suffix"]), ids, int(e["batch_size"]))
+    loss = document_losses(model, docs, ids, batch_size=e.batch_size, pad_id=pad_id).mean().item()
+    hits = extraction_hits(model, docs, e.prefix, e.suffix, ids, e.batch_size)
     return loss, (hits.float().mean().item() if hits.numel() else float("nan"))
 
 
 def _row(model, setting, cfg, forget, keep, own_ids: bool, **info) -> dict:
     lf, ef = _docs(model, forget, cfg, setting.pad_id, own_ids)
     lk, ek = _docs(model, keep, cfg, setting.pad_id, own_ids)
-    docs = setting.validation[: int(cfg["forget"].get("val_docs") or len(setting.validation))]
+    docs = setting.validation[: cfg.forget.val_docs or len(setting.validation)]
     val = document_losses(model, docs, ids_for_documents(docs) if own_ids else None,
-                          batch_size=int(cfg["eval"]["batch_size"]), pad_id=setting.pad_id).mean().item()
+                          batch_size=cfg.eval.batch_size, pad_id=setting.pad_id).mean().item()
     return {**info, "loss_F": lf, "loss_K": lk, "extraction_F": ef, "extraction_K": ek, "val_loss": val}
 
 
@@ -104,10 +104,10 @@ def evaluate_standard(standard, retrained, setting, cfg, sets: dict[int, list], 
         if fractions:
             scores = neuron_specificity(standard, forget, setting.general_sample, setting.pad_id)
             for fraction in fractions:
-                pruned = zero_top_neurons(standard, scores, float(fraction))
+                pruned = zero_top_neurons(standard, scores, fraction)
                 rows.append(_row(pruned, setting, cfg, forget, keep, False, method="post-hoc zeroing aimed at F",
                                  deleted=f"top {fraction:.0%} F-specific neurons", served="plain", n=n,
-                                 fraction_removed=float(fraction)))
+                                 fraction_removed=fraction))
     return rows
 
 

@@ -38,7 +38,8 @@ _ESCAPES = [
     (re.compile(r"\\\((..)"), lambda m: _NAMED.get(m.group(1), "")),     # \(xx special characters
     (re.compile(r"\\\[([^\]]*)\]"), lambda m: _NAMED.get(m.group(1), "")),
     (re.compile(r"\\[hvwoxlLDNbXZ]'[^']*'"), ""),                          # motions, drawings
-    (re.compile(r"\\-"), "-"), (re.compile(r"\\e"), lambda m: "\\"), (re.compile(r"\\ "), " "), (re.compile(r"\\~"), " "),
+    (re.compile(r"\\-"), "-"), (re.compile(r"\\e"), lambda m: "\\"),
+    (re.compile(r"\\ "), " "), (re.compile(r"\\~"), " "),
     (re.compile(r"\\[&|^c%:/,)0]"), ""),
     (re.compile(r"\\."), ""),                                              # anything else escaped
 ]
@@ -118,7 +119,8 @@ def build(out: Path, root: Path = MAN_ROOT, min_words: int = 16, limit: int | No
     """Write ``out`` (JSON lines, one ``{"text", "page"}`` per paragraph); returns counts."""
     files = pages(root)[:limit]
     if not files:
-        raise FileNotFoundError(f"no manual pages under {root}/man1..man8 (is the man-db / manpages package in the image?)")
+        raise FileNotFoundError(f"no manual pages under {root}/man1..man8 "
+                                "(are the packages' manual pages left out of this image?)")
     seen: set[str] = set()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -25,15 +25,20 @@ COLUMNS = (
     ("extraction_rate", "extraction"),
 )
 MEANINGS = {
-    "gap_closure": "share of the standard model's memorization gap (control - repeated loss) that removing sinks closes; 1 = no memorization left",
+    "gap_closure": ("share of the standard model's memorization gap (control - repeated loss) that removing sinks "
+                    "closes; 1 = no memorization left"),
     "gap_closure_natural": "the same, on repeated natural documents only",
     "gap_closure_canary": "the same, on repeated random-token canaries only",
     "val_loss_ratio": "validation loss after sink removal / standard validation loss; the price of removal (1 = free)",
-    "own_sinks_repeated_loss": "repeated-document loss with each document's own sinks on: the memorization is there, in the sinks",
-    "own_sinks_to_standard_repeated_loss": "that loss / the standard model's repeated loss (about 1 or below: sinks hold what standard training memorizes)",
-    "standard_extraction_rate": "share of repeated documents the standard model reproduces (greedy suffix from a prefix)",
+    "own_sinks_repeated_loss": ("repeated-document loss with each document's own sinks on: the memorization is there, "
+                                "in the sinks"),
+    "own_sinks_to_standard_repeated_loss": ("that loss / the standard model's repeated loss (about 1 or below: sinks "
+                                            "hold what standard training memorizes)"),
+    "standard_extraction_rate": ("share of repeated documents the standard model reproduces (greedy suffix from a "
+                                 "prefix)"),
     "memsinks_extraction_rate": "the same after removing the sinks",
-    "goldfish_gap_closure": "gap closed by the Goldfish loss alone (standard model, 1 target in k dropped by a hash of its context)",
+    "goldfish_gap_closure": ("gap closed by the Goldfish loss alone (standard model, 1 target in k dropped by a hash "
+                             "of its context)"),
     "goldfish_gap_closure_natural": "the same, natural documents",
     "goldfish_gap_closure_canary": "the same, canaries",
     "goldfish_val_loss_ratio": "Goldfish's validation loss / standard's",
@@ -50,8 +55,10 @@ MEANINGS = {
     "forget_regime_extraction_rate": "its extraction rate of repeated documents, sinks removed",
     "dedup_gap_closure": "gap closed by training on deduplicated data (each repeated document once) instead",
     "dedup_val_loss_ratio": "dedup's validation loss / standard's",
-    "posthoc_best_gap_closure": "best gap closure of the post-hoc neuron-zeroing baseline over its sweep, at any val-loss cost",
-    "posthoc_gap_closure_at_same_val_loss": "gap closure of the post-hoc baseline at no more val-loss cost than memsinks",
+    "posthoc_best_gap_closure": ("best gap closure of the post-hoc neuron-zeroing baseline over its sweep, at any "
+                                 "val-loss cost"),
+    "posthoc_gap_closure_at_same_val_loss": ("gap closure of the post-hoc baseline at no more val-loss cost than "
+                                             "memsinks"),
 }
 
 
@@ -89,7 +96,8 @@ def write_markdown(report: dict, out: Path) -> Path:
     lines += ["", "Losses are mean next-token losses in nats; gap = control - repeated loss; extraction = share of "
               "repeated documents whose greedy continuation of a "
               f"{report['config']['eval']['prefix']}-token prefix reproduces the next "
-              f"{report['config']['eval']['suffix']} tokens exactly.", "", "| summary | value | meaning |", "|---|---|---|"]
+              f"{report['config']['eval']['suffix']} tokens exactly.", "",
+              "| summary | value | meaning |", "|---|---|---|"]
     for key, value in s.items():
         lines.append(f"| {key} | {_fmt(value)} | {MEANINGS.get(key, '')} |")
     lines += _forgetting_lines(report)
@@ -107,13 +115,15 @@ def _forgetting_lines(report: dict) -> list[str]:
     regimes = ", ".join(f"`{k}` (sink_fraction {c['sink_fraction']}, sink_active_prob {c['sink_active_prob']})"
                         for k, c in f["regimes"].items())
     lines = ["", "## Forgetting chosen documents", "",
-             f"F = the first n repeated documents (canary, natural, canary, ...), K = the {f['keep']} repeated documents "
-             f"outside the largest F. Memsinks models: {regimes}. Deleted: the sinks of F's IDs (`forget_sinks`), of n "
-             "random never-trained IDs (the control), nothing, or every sink. Served as: `activate` (each document with "
-             "its own ID: own sinks on), `expected` (every remaining sink at its expected value: what "
+             f"F = the first n repeated documents (canary, natural, canary, ...), K = the {f['keep']} repeated "
+             f"documents outside the largest F. Memsinks models: {regimes}. Deleted: the sinks of F's IDs "
+             "(`forget_sinks`), of n random never-trained IDs (the control), nothing, or every sink. Served as: "
+             "`activate` (each document with its own ID: own sinks on), `expected` (every remaining sink at its "
+             "expected value: what "
              "`remove_sinks(forget_ids=...)` exports), `drop` (`remove_sinks()`), `plain` (standard models). "
              f"Val loss on {f.get('val_docs', 'all')} validation documents (in `activate` with each one's own ID).", "",
-             "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K | val loss |",
+             "| n | model | deleted | served as | sinks deleted | loss F | loss K | extraction F | extraction K "
+             "| val loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(f["rows"], key=lambda r: r["n"]):
         cov = r.get("coverage")
@@ -125,10 +135,11 @@ def _forgetting_lines(report: dict) -> list[str]:
               "K rise, random IDs | F extraction (before) | K extraction (before) | F rise / retrain's |",
               "|---|---|---|---|---|---|---|---|---|"]
     for key, s in f["summary"].items():
-        lines.append(f"| {key} | {s['coverage']:.0%} | {_fmt(s['F_loss_rise'])} | {_fmt(s['F_loss_rise_random_ids'])} | "
-                     f"{_fmt(s['K_loss_rise'])} | {_fmt(s['K_loss_rise_random_ids'])} | {_fmt(s['F_extraction'])} "
-                     f"({_fmt(s['F_extraction_before'])}) | {_fmt(s['K_extraction'])} ({_fmt(s['K_extraction_before'])}) | "
-                     f"{_fmt(s.get('F_share_of_retrain_rise'))} |")
+        lines.append(f"| {key} | {s['coverage']:.0%} | {_fmt(s['F_loss_rise'])} "
+                     f"| {_fmt(s['F_loss_rise_random_ids'])} | {_fmt(s['K_loss_rise'])} "
+                     f"| {_fmt(s['K_loss_rise_random_ids'])} | {_fmt(s['F_extraction'])} "
+                     f"({_fmt(s['F_extraction_before'])}) | {_fmt(s['K_extraction'])} "
+                     f"({_fmt(s['K_extraction_before'])}) | {_fmt(s.get('F_share_of_retrain_rise'))} |")
     return lines
 
 
@@ -147,7 +158,8 @@ def write_forgetting_plot(report: dict, out: Path) -> Path | None:
     for i, regime in enumerate(f["regimes"]):
         color = ("tab:red", "tab:purple", "tab:orange")[i % 3]
         for deleted, style in (("F", "-"), ("random", "--"), ("nothing", ":")):
-            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted", "nothing": "nothing deleted"}[deleted]
+            what = {"F": "F's sinks deleted", "random": "random IDs' sinks deleted",
+                    "nothing": "nothing deleted"}[deleted]
             lines.append((f"memsinks {regime}, activate, {what}",
                           dict(regime=regime, deleted=deleted, served="activate"), color, style))
     lines.append(("standard retrained without F", dict(method="standard retrained without F"), "tab:green", "-"))
@@ -177,61 +189,67 @@ def write_forgetting_plot(report: dict, out: Path) -> Path | None:
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
+    """``curves.png``, ``tradeoff.png`` and ``forgetting.png``, each where the report has its data."""
     import matplotlib
 
     matplotlib.use("Agg")
+    paths = [write_curves_plot(report, out), write_tradeoff_plot(report, out), write_forgetting_plot(report, out)]
+    return [p for p in paths if p]
+
+
+def write_curves_plot(report: dict, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    paths = []
     curves = report["curves"]
-    if curves:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharex=True)
-        titles = (("repeated_loss", "repeated documents"), ("control_loss", "control (never trained on)"),
-                  ("val_loss", "validation"))
-        for ax, (key, title) in zip(axes, titles):
-            for name, points in curves.items():
-                label = "memsinks (sinks removed)" if name == "memsinks" else name
-                ax.plot([p["step"] for p in points], [p[key] for p in points], label=label, marker=".")
-            ax.set_title(f"loss on {title}")
-            ax.set_xlabel("training step")
-            ax.set_ylabel("loss (nats)")
-            ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        paths.append(out / "curves.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharex=True)
+    titles = (("repeated_loss", "repeated documents"), ("control_loss", "control (never trained on)"),
+              ("val_loss", "validation"))
+    for ax, (key, title) in zip(axes, titles):
+        for name, points in curves.items():
+            label = "memsinks (sinks removed)" if name == "memsinks" else name
+            ax.plot([p["step"] for p in points], [p[key] for p in points], label=label, marker=".")
+        ax.set_title(f"loss on {title}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tradeoff_plot(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
 
     m = report["metrics"]
-    if "standard" in m:
-        std = m["standard"]
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if "standard" not in m:
+        return None
+    std = m["standard"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
 
-        def point(run):
-            return run["val_loss"] / std["val_loss"], 1 - run["memorization_gap"] / std["memorization_gap"]
+    def point(run):
+        return run["val_loss"] / std["val_loss"], 1 - run["memorization_gap"] / std["memorization_gap"]
 
-        sweep = report.get("posthoc_sweep", [])
-        if sweep:
-            xs, ys = zip(*[(1.0, 0.0)] + [point(p) for p in sweep])
-            ax.plot(xs, ys, "o-", color="tab:gray", label="post-hoc neuron zeroing (sweep)")
-            for p, x, y in zip(sweep, xs[1:], ys[1:]):
-                ax.annotate(f"{p['fraction_removed']:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-        ax.plot([1.0], [0.0], "s", color="black", label="standard")
-        if "dedup" in m:
-            ax.plot(*point(m["dedup"]), "^", color="tab:green", markersize=9, label="dedup")
-        if "goldfish" in m:
-            ax.plot(*point(m["goldfish"]), "D", color="tab:orange", markersize=8, label="goldfish")
-        if "memsinks_goldfish_removed" in m:
-            ax.plot(*point(m["memsinks_goldfish_removed"]), "P", color="tab:purple", markersize=10,
-                    label="memsinks+goldfish, sinks removed")
-        if "memsinks_removed" in m:
-            ax.plot(*point(m["memsinks_removed"]), "*", color="tab:red", markersize=14, label="memsinks, sinks removed")
-        paths.append(save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs",
-                                   out / "tradeoff.png"))
-    forget = write_forgetting_plot(report, out)
-    if forget:
-        paths.append(forget)
-    return paths
+    sweep = report.get("posthoc_sweep", [])
+    if sweep:
+        xs, ys = zip(*[(1.0, 0.0)] + [point(p) for p in sweep])
+        ax.plot(xs, ys, "o-", color="tab:gray", label="post-hoc neuron zeroing (sweep)")
+        for p, x, y in zip(sweep, xs[1:], ys[1:]):
+            ax.annotate(f"{p['fraction_removed']:.0%}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.plot([1.0], [0.0], "s", color="black", label="standard")
+    for key, style, label in (("dedup", dict(marker="^", color="tab:green", markersize=9), "dedup"),
+                              ("goldfish", dict(marker="D", color="tab:orange", markersize=8), "goldfish"),
+                              ("memsinks_goldfish_removed", dict(marker="P", color="tab:purple", markersize=10),
+                               "memsinks+goldfish, sinks removed"),
+                              ("memsinks_removed", dict(marker="*", color="tab:red", markersize=14),
+                               "memsinks, sinks removed")):
+        if key in m:
+            ax.plot(*point(m[key]), linestyle="none", label=label, **style)
+    return save_tradeoff(fig, ax, "Removing memorization: what it closes and what it costs", out / "tradeoff.png")
 
 
 def save_tradeoff(fig, ax, title: str, path: Path) -> Path:

@@ -7,10 +7,12 @@ every point, so a stopped study keeps what it measured."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
 
+from .config import BenchmarkConfig
 from .runner import run
 
 
@@ -25,17 +27,16 @@ def parse_models(text: str) -> list[tuple[int, int]]:
     return models
 
 
-def point_config(cfg: dict, layers: int, hidden: int, ratio: int) -> dict:
+def point_config(cfg: BenchmarkConfig, layers: int, hidden: int, ratio: int) -> BenchmarkConfig:
     """The config of one point: the model resized, heads of 32 dimensions (at least 2), the
     runs reduced to standard and memsinks."""
-    out = copy.deepcopy(cfg)
-    out["model"] = {**cfg["model"], "layers": layers, "hidden": hidden, "heads": max(2, hidden // 32),
-                    "mlp": hidden * ratio}
-    out["runs"] = ["standard", "memsinks"]
-    return out
+    model = dataclasses.replace(cfg.model, layers=layers, hidden=hidden, heads=max(2, hidden // 32),
+                                mlp=hidden * ratio)
+    return dataclasses.replace(copy.deepcopy(cfg), model=model, runs=["standard", "memsinks"])
 
 
-def scale(cfg: dict, out_dir: str | os.PathLike, models: list[tuple[int, int]], ratios: list[int]) -> list[dict]:
+def scale(cfg: BenchmarkConfig, out_dir: str | os.PathLike, models: list[tuple[int, int]],
+          ratios: list[int]) -> list[dict]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points: list[dict] = []
@@ -58,8 +59,8 @@ def scale(cfg: dict, out_dir: str | os.PathLike, models: list[tuple[int, int]], 
     return points
 
 
-def _write(points: list[dict], cfg: dict, out: Path) -> None:
-    (out / "scale.json").write_text(json.dumps({"points": points, "config": cfg}, indent=2, default=float))
+def _write(points: list[dict], cfg: BenchmarkConfig, out: Path) -> None:
+    (out / "scale.json").write_text(json.dumps({"points": points, "config": cfg.to_dict()}, indent=2, default=float))
     rows = ["| model | parameters | MLP | gap closed (natural / canary) | val-loss ratio | gap: standard -> removed "
             "| extraction: standard -> removed |", "|---|---|---|---|---|---|---|"]
     for p in points:

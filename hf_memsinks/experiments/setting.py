@@ -57,75 +57,93 @@ class Setting:
             "control_natural": len(self.control_natural), "control_canaries": len(self.control_canaries),
             "validation": len(self.validation), "train_documents": len(self.stream),
             "distinct_train_documents": len({tuple(d) for d in self.stream}),
-            "train_tokens": sum(len(d) for d in self.stream), "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
+            "train_tokens": sum(len(d) for d in self.stream),
+            "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
         }
 
 
-def build_setting(cfg: dict) -> Setting:
-    data, train = cfg["data"], cfg["train"]
-    seed = int(cfg.get("seed", 0))
-    k_nat, k_can = int(data["repeated_natural"]), int(data["repeated_canaries"])
-    reps = int(data["repetitions"])
-    n_ctrl, n_val = int(data["control"]), int(data["validation"])
-    max_length = int(data["max_length"])
-    slots = int(train["steps"]) * int(train["batch_size"])
-    n_repeat_slots = (k_nat + k_can) * reps
-    n_general = slots - n_repeat_slots
-    if n_general <= 0:
-        raise ValueError(f"steps x batch_size = {slots} documents cannot hold {n_repeat_slots} repeated ones")
-    n_fresh = (k_nat + k_can) * (reps - 1)  # dedup replaces the extra repetitions with fresh documents
-    needed = n_general + n_fresh + k_nat + n_ctrl + n_val
-
-    corpus = cfg["corpus"]
-    try:
-        texts = load_documents(corpus.get("source", "embedded"), needed, text_field=corpus.get("text_field", "text"),
-                               split=corpus.get("split", "train"), seed=seed)
-    except CorpusTooSmall as err:
-        batch = int(train["batch_size"])
-        fit = (err.available - n_fresh - k_nat - n_ctrl - n_val + n_repeat_slots) // batch
-        lower = (f"lower train.steps to at most {fit}" if fit * batch > n_repeat_slots else
-                 "lower data.repetitions (or data.repeated_natural / repeated_canaries)")
-        raise ValueError(f"{err.source} has {err.available} distinct documents but this config needs {needed} "
-                         f"({n_general} general, {n_fresh} dedup fillers, {n_ctrl} control, {n_val} validation, "
-                         f"{k_nat} repeated): {lower}, or data.validation / data.control") from None
+def build_setting(cfg) -> Setting:
+    """The setting of a ``BenchmarkConfig``: documents from its corpus, a tokenizer, the streams."""
+    data, seed = cfg.data, cfg.seed
+    n = document_counts(cfg)
+    texts = _load_texts(cfg, n)
     rng = random.Random(seed)
     rng.shuffle(texts)
-    tokenizer = load_or_train_tokenizer(cfg.get("tokenizer", {}), texts[: min(len(texts), 20000)])
+    tokenizer = load_or_train_tokenizer(cfg.tokenizer, texts[: min(len(texts), 20000)])
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    docs = [([eos] + e)[:max_length] for e in encoded]  # BOS-like start token, then the document
+    docs = iter([([eos] + e)[:data.max_length] for e in encoded])  # BOS-like start token, then the document
 
-    at = 0
+    def take(count: int) -> list[list[int]]:
+        return [next(docs) for _ in range(count)]
 
-    def take(n: int) -> list[list[int]]:
-        nonlocal at
-        out = docs[at:at + n]
-        at += n
-        return out
+    natural, control_natural, validation = take(data.repeated_natural), take(data.control), take(data.validation)
+    general, fresh = take(n["general"]), take(n["fresh"])
+    canaries = _canary_sampler(general, len(tokenizer), eos, data.canary_length or data.max_length, seed)
+    canary_docs, control_canaries = canaries(data.repeated_canaries), canaries(data.control)
+    stream, dedup = _streams(general, natural + canary_docs, fresh, data.repetitions, rng)
+    return Setting(tokenizer, data.max_length, pad_id, natural, canary_docs, control_natural, control_canaries,
+                   validation, stream, dedup, general[: max(data.control, 64)], fresh)
 
-    natural, control_natural, validation = take(k_nat), take(n_ctrl), take(n_val)
-    general, fresh = take(n_general), take(n_fresh)
 
-    # Canaries are i.i.d. draws from the general documents' unigram distribution: random
-    # sequences, but of tokens that general training uses too. (Uniform draws over the whole
-    # vocabulary would give rare tokens whose embeddings only canaries ever train, a place where
-    # memorization sits outside every MLP and is never overwritten.)
+def document_counts(cfg) -> dict[str, int]:
+    """How many corpus documents each part of the setting takes: ``general`` (the stream's slots
+    left by the repeats), ``fresh`` (dedup's replacements for the extra repetitions) and the
+    ``needed`` total with the repeated natural, control and validation documents."""
+    data = cfg.data
+    repeated = data.repeated_natural + data.repeated_canaries
+    slots = cfg.train.steps * cfg.train.batch_size
+    repeat_slots = repeated * data.repetitions
+    general = slots - repeat_slots
+    if general <= 0:
+        raise ValueError(f"steps x batch_size = {slots} documents cannot hold {repeat_slots} repeated ones")
+    fresh = repeated * (data.repetitions - 1)
+    needed = general + fresh + data.repeated_natural + data.control + data.validation
+    return {"general": general, "fresh": fresh, "repeat_slots": repeat_slots, "needed": needed}
+
+
+def _load_texts(cfg, n: dict[str, int]) -> list[str]:
+    """The corpus' documents, or one line that says which setting to lower."""
+    corpus, data, batch = cfg.corpus, cfg.data, cfg.train.batch_size
+    try:
+        return load_documents(corpus.source, n["needed"], text_field=corpus.text_field, split=corpus.split,
+                              seed=cfg.seed)
+    except CorpusTooSmall as err:
+        others = n["needed"] - n["general"]
+        fit = (err.available - others + n["repeat_slots"]) // batch
+        lower = (f"lower train.steps to at most {fit}" if fit * batch > n["repeat_slots"] else
+                 "lower data.repetitions (or data.repeated_natural / repeated_canaries)")
+        raise ValueError(f"{err.source} has {err.available} distinct documents but this config needs {n['needed']} "
+                         f"({n['general']} general, {n['fresh']} dedup fillers, {data.control} control, "
+                         f"{data.validation} validation, {data.repeated_natural} repeated): {lower}, "
+                         "or data.validation / data.control") from None
+
+
+def _canary_sampler(general: list[list[int]], vocab: int, eos: int, length: int, seed: int):
+    """Canaries are i.i.d. draws from the general documents' unigram distribution: random
+    sequences, but of tokens that general training uses too. (Uniform draws over the whole
+    vocabulary would give rare tokens whose embeddings only canaries ever train, a place where
+    memorization sits outside every MLP and is never overwritten.)"""
     g = torch.Generator().manual_seed(seed + 1)
-    counts = torch.zeros(len(tokenizer), dtype=torch.float64)
+    counts = torch.zeros(vocab, dtype=torch.float64)
     for doc in general[:20000]:
         counts.index_add_(0, torch.tensor(doc[1:], dtype=torch.long), torch.ones(len(doc) - 1, dtype=torch.float64))
     counts[eos] = 0
-    length = int(data.get("canary_length", max_length))
 
     def canaries(n: int) -> list[list[int]]:
         body = torch.multinomial(counts, n * (length - 1), replacement=True, generator=g).reshape(n, -1).tolist()
         return [[eos] + b for b in body]
 
-    canary_docs, control_canaries = canaries(k_can), canaries(n_ctrl)
+    return canaries
 
-    repeated = natural + canary_docs
-    entries = [("g", i) for i in range(n_general)] + [("r", i) for i in range(len(repeated)) for _ in range(reps)]
+
+def _streams(general, repeated, fresh, repetitions: int, rng: random.Random) -> tuple[list, list]:
+    """The training stream (general documents once, each repeated one ``repetitions`` times,
+    shuffled) and dedup's stream (the same order, each repeat after the first replaced by a fresh
+    document)."""
+    entries = [("g", i) for i in range(len(general))] + [("r", i) for i in range(len(repeated))
+                                                          for _ in range(repetitions)]
     rng.shuffle(entries)
     stream, dedup, first_seen = [], [], set()
     fresh_iter = iter(fresh)
@@ -135,7 +153,7 @@ def build_setting(cfg: dict) -> Setting:
         if kind == "r" and i in first_seen:
             dedup.append(next(fresh_iter))
         else:
-            first_seen.add(i) if kind == "r" else None
+            if kind == "r":
+                first_seen.add(i)
             dedup.append(doc)
-    return Setting(tokenizer, max_length, pad_id, natural, canary_docs, control_natural, control_canaries,
-                   validation, stream, dedup, general[: max(n_ctrl, 64)], fresh)
+    return stream, dedup

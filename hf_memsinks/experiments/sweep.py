@@ -10,13 +10,14 @@ from pathlib import Path
 
 from ..config import MemSinkConfig
 from ..model import get_memsink_model
+from .config import BenchmarkConfig
+from .metrics import measure
 from .report import save_tradeoff
-from .runner import build_model, measure
 from .setting import build_setting
-from .training import make_accelerator, train
+from .training import build_model, make_accelerator, train
 
 
-def sweep(cfg: dict, out_dir: str | os.PathLike, fractions: list[float], probs: list[float]) -> dict:
+def sweep(cfg: BenchmarkConfig, out_dir: str | os.PathLike, fractions: list[float], probs: list[float]) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
@@ -28,7 +29,7 @@ def sweep(cfg: dict, out_dir: str | os.PathLike, fractions: list[float], probs: 
     points = []
     for fraction in fractions:
         for prob in probs:
-            settings = {**cfg["memsinks"], "sink_fraction": fraction, "sink_active_prob": prob}
+            settings = {**cfg.memsinks, "sink_fraction": fraction, "sink_active_prob": prob}
             model = get_memsink_model(copy.deepcopy(base), MemSinkConfig(**settings))
             train(model, setting, setting.stream, cfg, with_ids=True, label=f"memsinks {fraction}/{prob}",
                   accelerator=accelerator)
@@ -36,7 +37,7 @@ def sweep(cfg: dict, out_dir: str | os.PathLike, fractions: list[float], probs: 
             points.append({"sink_fraction": fraction, "sink_active_prob": prob,
                            "gap_closure": 1 - removed["memorization_gap"] / std["memorization_gap"],
                            "val_loss_ratio": removed["val_loss"] / std["val_loss"], **removed})
-    result = {"standard": std, "points": points, "config": cfg}
+    result = {"standard": std, "points": points, "config": cfg.to_dict()}
     (out / "sweep.json").write_text(json.dumps(result, indent=2, default=float))
     _plot(points, out / "sweep.png")
     return result

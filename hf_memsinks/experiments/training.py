@@ -1,4 +1,4 @@
-"""The benchmark's training loop, through accelerate: one process, or data-parallel over N
+"""The benchmark's model and its training loop, through accelerate: one process, or data-parallel over N
 processes (``accelerate launch --multi_gpu --num_processes N -m hf_memsinks.cli run ...``), in
 fp32 or bf16 autocast.
 
@@ -23,20 +23,40 @@ from tqdm.auto import tqdm
 from ..data import ids_for_documents
 from ..evaluation import document_losses, pad_documents
 from ..goldfish import goldfish_labels
+from .config import BenchmarkConfig, GoldfishConfig
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
+    """The config's model (``model.type`` gpt2, llama or gpt_neox; no dropout), randomly
+    initialised from ``seed``, in fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if m.type == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.mlp,
+                                      n_positions=max_length, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      **common)
+    else:
+        config = AutoConfig.for_model(m.type, hidden_size=m.hidden, num_hidden_layers=m.layers,
+                                      num_attention_heads=m.heads, intermediate_size=m.mlp,
+                                      max_position_embeddings=max_length, **common)
+        if m.type == "llama":
+            config.num_key_value_heads = m.heads
+            config.tie_word_embeddings = True
+        else:
+            config.hidden_dropout = config.attention_dropout = 0.0
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def make_accelerator(cfg: dict):
+def make_accelerator(cfg: BenchmarkConfig):
     """The run's ``Accelerator``: ``device`` "cpu" / "cuda" / "auto", ``train.precision`` "auto"
     (bf16 where a CUDA device supports it, else fp32), "no", "bf16" or "fp16"."""
     from accelerate import Accelerator
 
-    device = cfg.get("device", "auto")
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    precision = cfg["train"].get("precision", "auto")
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {precision!r}")
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     return Accelerator(cpu=cpu, mixed_precision=precision)
@@ -53,8 +73,18 @@ def warmup_cosine(steps: int, warmup: int, floor: float) -> Callable[[int], floa
     return factor
 
 
+def optimizer(model, t) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas 0.9, 0.95; no weight decay on biases and norms) and its ``warmup_cosine``
+    schedule, for the ``TrainConfig`` ``t``."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup, t.min_lr_ratio))
+
+
 def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool,
-                   goldfish: dict | None = None) -> Iterator[dict]:
+                   goldfish: GoldfishConfig | None = None) -> Iterator[dict]:
     """The stream cut into padded batches of ``batch_size`` documents, in order (a short tail is
     dropped): ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding and on Goldfish's
     dropped targets) and, ``with_ids``, each document's ``sequence_ids``."""
@@ -63,8 +93,7 @@ def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_i
         tokens, mask = pad_documents(docs, pad_id)
         labels = tokens.masked_fill(~mask, -100)
         if goldfish:
-            labels = goldfish_labels(tokens, labels, int(goldfish["k"]), int(goldfish["h"]),
-                                     hash=goldfish.get("hash", "table"), seed=int(goldfish.get("seed", 0)),
+            labels = goldfish_labels(tokens, labels, goldfish.k, goldfish.h, hash=goldfish.hash, seed=goldfish.seed,
                                      attention_mask=mask)
         batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
         if with_ids:
@@ -99,8 +128,8 @@ def curve_point(model, setting, step: int, n: int) -> dict:
     return {"step": step, **losses}
 
 
-def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool, label: str,
-          goldfish: dict | None = None, accelerator=None) -> tuple[list[dict], dict]:
+def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool, label: str,
+          goldfish: GoldfishConfig | None = None, accelerator=None) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
     and the shares: documents and target tokens each process trained on.
@@ -109,24 +138,19 @@ def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool,
         model: a causal LM, patched or not, already on the accelerator's device.
         stream: the documents in training order (the same on every process).
         with_ids: pass each document's sequence ID (memsinks runs).
-        goldfish: train with the Goldfish loss (its ``k``, ``h``, ``hash``, ``seed``).
+        goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
-    t = cfg["train"]
-    steps, every, curve_docs = int(t["steps"]), int(t["eval_every"]), int(t["curve_docs"])
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(t["weight_decay"])},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=float(t["lr"]), betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(steps, int(t["warmup"]), float(t.get("min_lr_ratio", 0.0))))
-    curve = [curve_point(model, setting, 0, curve_docs)]
+    t = cfg.train
+    steps, every = t.steps, t.eval_every
+    opt, schedule = optimizer(model, t)
+    curve = [curve_point(model, setting, 0, t.curve_docs)]
     wrapped, prepared_opt = accelerator.prepare(model, opt)
     wrapped.train()
     counts = torch.zeros(2, dtype=torch.long)  # this process's documents, target tokens
-    batches = global_batches(stream, int(t["batch_size"]), setting.pad_id, with_ids, goldfish)
+    batches = global_batches(stream, t.batch_size, setting.pad_id, with_ids, goldfish)
     bar = tqdm(batches, total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
                disable=not accelerator.is_main_process)
     for step, batch in enumerate(bar, 1):
@@ -143,7 +167,7 @@ def train(model, setting, stream: list[list[int]], cfg: dict, *, with_ids: bool,
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item() / processes:.3f}")
         if step % every == 0 or step == steps:
-            curve.append(curve_point(model, setting, step, curve_docs))
+            curve.append(curve_point(model, setting, step, t.curve_docs))
             wrapped.train()
         if step >= steps:
             break
