@@ -66,9 +66,6 @@ def check_goldfish(k: int, h: int, hash: str) -> None:
         raise ValueError(f"unknown goldfish hash {hash!r}; use one of {HASHES}")
 
 
-_check = check_goldfish  # TODO(issue 15): experiments side (runner.py) still imports this old name
-
-
 def positions_in_document(input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, T)`` position of each token inside its document (see the module docstring)."""

@@ -1,0 +1,142 @@
+"""Export a sink-free model from a memsink checkpoint (``hf-memsinks export``), and audit a
+directory for any trace of sinks (``hf-memsinks audit``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+AUDIT_WORDS = ("sink_weight", "sink_bias", "sink_gate_up_proj", "sink_up_proj", "sink_down_proj", "memsink",
+               "sink_layout", "sink_fraction", "sink_active_prob")
+
+
+class CLIError(ValueError):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+def _json_file(path: str, rel: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CLIError(f"cannot audit {path}: not a readable JSON file ({err})") from None
+    return text
+
+
+def audit(directory: str) -> list[str]:
+    """Everything in ``directory`` that betrays sinks: sink tensors, sink config fields, memsink
+    metadata files. Empty for a clean export.
+
+    Anything that is not a readable model directory is an error (:class:`CLIError`), never
+    "clean": a missing path, a file, a directory without ``config.json`` or without weights, a
+    weights or JSON file that cannot be read."""
+    from safetensors import safe_open
+
+    if not os.path.exists(directory):
+        raise CLIError(f"cannot audit {directory}: no such directory")
+    if not os.path.isdir(directory):
+        raise CLIError(f"cannot audit {directory}: not a directory")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise CLIError(f"cannot audit {directory}: not a model directory (no config.json)")
+    findings = []
+    weights = 0
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if "memsink" in name.lower():
+                findings.append(f"{rel}: memsink metadata file")
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        keys = [k for k in f.keys() if ".sink_" in k]
+                        meta = f.metadata() or {}
+                except Exception as err:  # safetensors raises its own error types
+                    raise CLIError(f"cannot audit {path}: not a readable safetensors file ({err})") from None
+                weights += 1
+                findings += [f"{rel}: sink tensor {k}" for k in keys]
+                findings += [f"{rel}: metadata {k}" for k, v in meta.items() if "memsink" in f"{k}{v}".lower()]
+            elif name.endswith(".json"):
+                text = _json_file(path, rel)
+                findings += [f"{rel}: mentions {w!r}" for w in AUDIT_WORDS if w in text and "memsink" not in name]
+            elif name.endswith((".bin", ".pt", ".pth", ".ckpt")):
+                weights += 1
+                findings.append(f"{rel}: pickled weights cannot be audited; export with safetensors")
+    if weights == 0:
+        raise CLIError(f"cannot audit {directory}: no weights in it (no .safetensors file)")
+    return findings
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags:
+- memsinks
+---
+# {name}
+
+This model was trained with MemSinks (Ghosal, Maini, Raghunathan, ICML 2025) using
+hf_memsinks: every training sequence carried a sequence ID that switched on
+its own subset of extra "sink" neurons in each MLP, so that memorization of repeated sequences
+collects there. **The sink neurons were removed** before export, {how}.
+
+The checkpoint is a plain `{arch}` model: load it with `AutoModelForCausalLM.from_pretrained`; it
+holds no sink tensor and its config no sink field.
+
+Training setting: sink_fraction={sink_fraction}, sink_active_prob={sink_active_prob},
+mode={mode}, eval_scaling={eval_scaling}, mask_scheme={mask_scheme}.
+"""
+
+
+def _check_export_target(checkpoint: str, out: str, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an output that would lose data."""
+    same = os.path.realpath(checkpoint) == os.path.realpath(out) or (
+        os.path.exists(checkpoint) and os.path.exists(out) and os.path.samefile(checkpoint, out))
+    if same:
+        raise CLIError(f"export: the output {out} is the input checkpoint itself; "
+                       "write the export to another directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"export: the output {out} exists and is not a directory")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and not overwrite:
+        raise CLIError(
+            f"export: the output {out} is not empty ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); "
+            "pass --overwrite to replace the files an export writes there (other files are kept)"
+        )
+    if any("memsink" in e.lower() for e in entries):
+        raise CLIError(f"export: the output {out} holds a memsink checkpoint (memsink_config.json); an export there "
+                       "would not be clean: write it to another directory")
+
+
+def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overwrite: bool = False) -> None:
+    """The sink-free model of ``checkpoint``, with its tokenizer files and a model card, written
+    atomically to ``out`` (:func:`hf_memsinks.saving.atomic_save`). ``out`` must not be the
+    checkpoint, and must be empty unless ``overwrite``; files of ``out`` the export does not write
+    are kept, never deleted."""
+    from .auto import AutoMemSinkModelForCausalLM
+    from .saving import atomic_save
+
+    _check_export_target(checkpoint, out, overwrite)
+    if forget_ids is not None:
+        from .ids import check_sequence_ids
+
+        check_sequence_ids(forget_ids, "--forget-ids")
+    model = AutoMemSinkModelForCausalLM.from_pretrained(checkpoint)
+    cfg = model.memsink_config
+    model.remove_sinks(forget_ids=forget_ids)
+    how = ("keeping every sink at its expected value except the sinks of sequence IDs "
+           f"{forget_ids} (zeroed)") if forget_ids else "with the general neurons kept"
+    card = MODEL_CARD.format(name=os.path.basename(os.path.abspath(out)), how=how,
+                             arch=type(model).__name__, **{k: getattr(cfg, k) for k in (
+                                 "sink_fraction", "sink_active_prob", "mode", "eval_scaling", "mask_scheme")})
+
+    def write(directory: str) -> None:
+        model.save_pretrained(directory)
+        for name in os.listdir(checkpoint) if os.path.isdir(checkpoint) else []:
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or name == "chat_template.jinja":
+                shutil.copy(os.path.join(checkpoint, name), os.path.join(directory, name))
+        with open(os.path.join(directory, "README.md"), "w") as f:
+            f.write(card)
+
+    atomic_save(out, write)
