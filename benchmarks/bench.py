@@ -236,13 +236,42 @@ def eval_fn(model, batch):
     return run
 
 
-def bench_one(shape: str, size_name: str, reps: int) -> dict:
-    size = SIZES[size_name]
+def eval_measurements(clock, patched, removed, batch, size, reps) -> tuple[dict, float, float]:
+    """Eval forwards: end-to-end medians of the removed model and the patched one with sinks dropped,
+    their layer-0 MLP ratio in ABBA pairs, and the model wrapper's share of the patched forward."""
+    wrapper_shares: list[float] = []
+    drop = clock.measured(eval_fn(patched, batch), wrapper_shares, "model_wrapper")
+    evals = median_times({"removed": eval_fn(removed, batch), "memsinks_drop": drop}, reps * 2)
+    eval_mlp_ratio = paired_ratio(*eval_mlp_fns(patched, removed, size), pairs=8 * reps)
+    return evals, eval_mlp_ratio, statistics.median(wrapper_shares[1:])
+
+
+def mask_seconds(ids, layers: int, general: int, sinks: int, per_layer_ref: bool = False, n: int = 20) -> float:
+    """Seconds to build one step's masks: ours once per forward, or the reference's full-width float
+    mask once per layer."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if per_layer_ref:
+            for _ in range(layers):
+                reference_full_mask(ids, general, sinks, like=torch.empty(0))
+        else:
+            sink_mask(ids, sinks, MEMSINK.sink_active_prob)
+    return (time.perf_counter() - t0) / n
+
+
+def random_batch(size: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, one ID per row, and per-token IDs of 4 documents per row (seeded)."""
     b, t = size["batch"], size["seq"]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (b, t), generator=g)
     seq_ids = torch.randint(1, 2**62, (b,), generator=g)
-    tok_ids = torch.randint(1, 2**62, (b, 4), generator=g).repeat_interleave(t // 4, dim=1)  # 4 documents per row
+    tok_ids = torch.randint(1, 2**62, (b, 4), generator=g).repeat_interleave(t // 4, dim=1)
+    return tokens, seq_ids, tok_ids
+
+
+def bench_one(shape: str, size_name: str, reps: int) -> dict:
+    size = SIZES[size_name]
+    tokens, seq_ids, tok_ids = random_batch(size)
 
     vanilla = build(shape, size)
     patched = get_memsink_model(build(shape, size), MEMSINK)
@@ -271,23 +300,12 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
         "memsinks_tok": saved_bytes(patched, tok_batch),
         "reference": saved_bytes(reference, plain_batch),
     }
-    wrapper_shares: list[float] = []
-    drop = clock.measured(eval_fn(patched, plain_batch), wrapper_shares, "model_wrapper")
-    evals = median_times({"removed": eval_fn(removed, plain_batch), "memsinks_drop": drop}, reps * 2)
-    eval_mlp_ratio = paired_ratio(*eval_mlp_fns(patched, removed, size), pairs=8 * reps)
+    evals, eval_mlp_ratio, eval_wrapper_share = eval_measurements(clock, patched, removed, plain_batch, size, reps)
 
-    def mask_time(ids, per_layer_ref=False, n=20):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            if per_layer_ref:
-                for _ in range(size["layers"]):
-                    reference_full_mask(ids, general, sinks, like=torch.empty(0))
-            else:
-                sink_mask(ids, sinks, MEMSINK.sink_active_prob)
-        return (time.perf_counter() - t0) / n
+    def mask_time(ids, per_layer_ref=False):
+        return mask_seconds(ids, size["layers"], general, sinks, per_layer_ref)
 
     in_step_share = {k: statistics.median(v[1:]) for k, v in shares.items()}  # v[0]: median_times' warmup
-    eval_wrapper_share = statistics.median(wrapper_shares[1:])
     out = {
         "shape": shape, "size": size_name, **size, "general": general, "sinks": sinks,
         "step_s": steps, "step_ratio": {k: v / steps["vanilla"] for k, v in steps.items()},
