@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a non-empty output directory: replace the files an export writes, keep the others")
     p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks")
     p.add_argument("directory")
-    p = sub.add_parser("run", help="the memorization benchmark: standard / memsinks / dedup / post-hoc, report "
-                       "and plots")
+    p = sub.add_parser("run", help="the memorization benchmark: standard, memsinks, dedup, post-hoc, goldfish, "
+                       "memsinks+goldfish, forgetting; report and plots")
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=200 memsinks.sink_fraction=0.5")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
@@ -103,38 +103,43 @@ def _experiment(args) -> int:
     from pathlib import Path
 
     from .experiments.config import load_config
+    from .experiments.training import finish_processes
 
     cfg = load_config(args.config, args.overrides)
     name = cfg.name or Path(args.config).stem
     if args.command == "run":
         from .experiments.runner import run
-        from .experiments.training import finish_processes
 
         out = args.out or os.path.join("runs", name)
-        report = run(cfg, out)
-        if report["processes"]["rank"] == 0:
-            print((Path(out) / "report.md").read_text())
-            print(f"report.json, report.md, curves.png, tradeoff.png in {out}")
-        finish_processes()
-        return 0
-    if args.command == "scale":
+        run(cfg, out)
+        text = [(Path(out) / "report.md").read_text() if _is_main_process() else "",
+                f"report.json, report.md, curves.png, tradeoff.png in {out}"]
+    elif args.command == "scale":
         from .experiments.scale import parse_models, scale
 
         out = args.out or os.path.join("runs", f"{name}-scale")
         ratios = [int(x) for x in args.mlp_ratios.split(",")]
         points = scale(cfg, out, parse_models(args.models), ratios)
-        print((Path(out) / "scale.md").read_text())
-        print(f"scale.json, scale.md and scale.png in {out} ({len(points)} points)")
-        return 0
-    from .experiments.sweep import sweep
+        text = [(Path(out) / "scale.md").read_text() if _is_main_process() else "",
+                f"scale.json, scale.md and scale.png in {out} ({len(points)} points)"]
+    else:
+        from .experiments.sweep import sweep
 
-    out = args.out or os.path.join("runs", f"{name}-sweep")
-    fractions = [float(x) for x in args.sink_fractions.split(",")]
-    probs = [float(x) for x in args.active_probs.split(",")]
-    result = sweep(cfg, out, fractions, probs)
-    print(json.dumps(result["points"], indent=1))
-    print(f"sweep.json and sweep.png in {out}")
+        out = args.out or os.path.join("runs", f"{name}-sweep")
+        fractions = [float(x) for x in args.sink_fractions.split(",")]
+        probs = [float(x) for x in args.active_probs.split(",")]
+        result = sweep(cfg, out, fractions, probs)
+        text = [json.dumps(result["points"], indent=1), f"sweep.json and sweep.png in {out}"]
+    if _is_main_process():
+        print("\n".join(text))
+    finish_processes()
     return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ class CLIError(ValueError):
     """A user error: printed as one line on stderr, exit status 2."""
 
 
-def _json_file(path: str, rel: str) -> str:
+def _json_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -59,7 +59,7 @@ def audit(directory: str) -> list[str]:
                 findings += [f"{rel}: sink tensor {k}" for k in keys]
                 findings += [f"{rel}: metadata {k}" for k, v in meta.items() if "memsink" in f"{k}{v}".lower()]
             elif name.endswith(".json"):
-                text = _json_file(path, rel)
+                text = _json_file(path)
                 findings += [f"{rel}: mentions {w!r}" for w in AUDIT_WORDS if w in text and "memsink" not in name]
             elif name.endswith((".bin", ".pt", ".pth", ".ckpt")):
                 weights += 1

@@ -129,14 +129,6 @@ def check_sequence_ids(value: Any, name: str = "sequence_ids", *, check_values: 
     return t
 
 
-def check_sequence_id(value: Any, name: str = "sequence ID") -> int:
-    """One ID (per-example form) as a Python int, validated like :func:`check_sequence_ids`."""
-    t = check_sequence_ids(value, name)
-    if t.dim() != 0:
-        raise ValueError(f"{name} must be a single ID, got shape {tuple(t.shape)}")
-    return int(t)
-
-
 def check_id_list(value: Iterable[Any] | torch.Tensor, name: str,
                   if_empty: str = "no sequence IDs given") -> torch.Tensor:
     """A non-empty collection of IDs (tensor, array, list or any iterable) as a flat int64 tensor."""

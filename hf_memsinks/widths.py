@@ -60,10 +60,11 @@ def plan_widths(model: PreTrainedModel, widths: dict[str, int], original_widths:
     for name in all_widths:
         by_field.setdefault(width_attrs.get(name), []).append(name)
     external: dict[str, int] = {}
+    settings: dict[str, int] = {}  # applied only once every MLP is known to fit: a refusal changes nothing
     for field, names in by_field.items():
         values = {all_widths[n] for n in names}
         if field is not None and len(values) == 1:
-            set_field(model.config, field, values.pop())
+            settings[field] = values.pop()
             external.update((n, all_widths[n]) for n in names if n in widths)
             continue
         for name in (n for n in names if n in widths):
@@ -74,6 +75,8 @@ def plan_widths(model: PreTrainedModel, widths: dict[str, int], original_widths:
                     + ": patch every layer, or use mode='split'"
                 )
             external[name] = original_widths[name]
+    for field, value in settings.items():
+        set_field(model.config, field, value)
     return external
 
 

@@ -374,6 +374,10 @@ CASES = [
          write_config("data: {max_lenght: 32}\ntrain: {steps: 1, batch_size: 1}\n"), CLIFailed,
          "did you mean 'data.max_length'"),
     Case("run config that is not YAML", write_config("train: [unclosed\n"), CLIFailed, "not valid YAML"),
+    Case("run on a device by index", lambda c: cli("run", SMOKE, "device=cuda:1"), CLIFailed,
+         "device must be one of .* CUDA_VISIBLE_DEVICES"),
+    Case("run with an unknown precision", lambda c: cli("run", SMOKE, "train.precision=fp8"), CLIFailed,
+         "train.precision must be one of"),
     Case("run missing config file", lambda c: cli("run", c.root / "none.yaml"), CLIFailed, "No such file"),
 ]
 

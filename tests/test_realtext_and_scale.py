@@ -51,6 +51,32 @@ def test_paragraphs_of_a_roff_page():
     ]
 
 
+MDOC = r""".Dd January 1, 2020
+.Sh NAME
+.Nm frob
+.Nd frobnicate files
+.Sh SYNOPSIS
+.Nm
+.Op Fl v
+.Ar file
+with enough words after it to pass the length filter if it were not skipped here
+.Sh DESCRIPTION
+The
+.Nm frob
+utility reads each file \" an inline comment that is never text
+and writes what it found to the standard output, in the order given.
+.Pp
+.SH
+SEE ALSO
+the words of a section named on the line after a bare section macro are never text either
+"""
+
+
+def test_paragraphs_of_mdoc_and_comments_and_bare_section_titles():
+    assert list(paragraphs(MDOC, min_words=12)) == [
+        "The frob utility reads each file and writes what it found to the standard output, in the order given."]
+
+
 def test_build_dedups_skips_stubs_and_is_deterministic(tmp_path):
     man1 = tmp_path / "man" / "man1"
     man1.mkdir(parents=True)

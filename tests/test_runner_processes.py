@@ -72,28 +72,16 @@ def test_each_process_takes_its_contiguous_share_of_the_global_batch():
         share(batch, 0, 3)
 
 
-def test_bf16_autocast_trains_and_leaves_plain_models(tmp_path):
-    """bf16 autocast on the CPU (a separate process: accelerate's precision is per process). The
-    removed model is evaluated in fp32 through its own class's forward, not autocast's wrapper."""
-    report = run_smoke(tmp_path, 1, "train.precision=bf16", "runs=[standard,memsinks]")
-    assert report["processes"]["precision"] == "bf16"
-    fp32 = run_smoke(tmp_path / "fp32", 1, "runs=[standard,memsinks]")
-    for run in ("standard", "memsinks_removed", "memsinks_own_sinks"):
-        bf16_loss, fp32_loss = report["metrics"][run]["val_loss"], fp32["metrics"][run]["val_loss"]
-        assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=0.05), run
+def test_bf16_and_fp32_runs_share_a_process(tmp_path):
+    """bf16 autocast trains (on the CPU too), evaluation stays fp32, and runs of different
+    precisions follow each other in one process (accelerate's own mixed precision is per process)."""
+    from hf_memsinks.experiments.config import load_config
+    from hf_memsinks.experiments.runner import run
 
-
-def test_autocast_wrapper_is_dropped_after_training():
-    from tiny_models import tiny_model
-
-    from hf_memsinks import MemSinkConfig, get_memsink_model
-    from hf_memsinks.experiments.training import drop_autocast_wrapper
-
-    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig())
-    model._original_forward = model.forward
-    model.forward = lambda *a, **k: None  # what accelerate's prepare leaves under mixed precision
-    drop_autocast_wrapper(model)
-    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
-    plain = model.remove_sinks()
-    assert type(plain).__name__ == "GPT2LMHeadModel" and "forward" not in plain.__dict__
-    assert plain(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+    reports = {p: run(load_config(SMOKE, [f"train.precision={p}", "runs=[standard,memsinks]"]), tmp_path / p)
+               for p in ("bf16", "fp32")}
+    assert [reports[p]["processes"]["precision"] for p in ("bf16", "fp32")] == ["bf16", "fp32"]
+    for name in ("standard", "memsinks_removed", "memsinks_own_sinks"):
+        bf16, fp32 = reports["bf16"]["metrics"][name]["val_loss"], reports["fp32"]["metrics"][name]["val_loss"]
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05), name
+    assert reports["fp32"]["metrics"] == json.loads((tmp_path / "fp32" / "report.json").read_text())["metrics"]

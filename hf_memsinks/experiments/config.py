@@ -5,7 +5,6 @@ error naming the key, and nothing is cast where it is used."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -13,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from ..config import MemSinkConfig
+from ..config import MemSinkConfig, did_you_mean
 
 RUNS = ("standard", "memsinks", "dedup", "posthoc", "goldfish", "memsinks+goldfish", "forget")
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 # integers that may be 0; every other integer must be positive
 MAY_BE_ZERO = {"warmup", "control", "repeated_natural", "repeated_canaries", "seed"}
@@ -109,7 +109,7 @@ class BenchmarkConfig:
     name: str | None = None
     seed: int = 0
     threads: int | None = None
-    device: str = "auto"  # "auto": cuda when available, else cpu
+    device: str = "auto"  # "auto": cuda when available, else cpu; pick GPUs with CUDA_VISIBLE_DEVICES
     save_models: bool = False
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -183,7 +183,7 @@ def _check_section(raw: Any, kind: type, prefix: str, where: str) -> None:
                 _check_memsinks_section(value, name, where)
         elif not _type_ok(value, hint):
             raise ValueError(f"{where}: '{name}' must be {_describe(hint)}, got {value!r}")
-        elif prefix and hint is int and value < (0 if key in MAY_BE_ZERO else 1):
+        elif prefix and hint in (int, int | None) and value is not None and value < (0 if key in MAY_BE_ZERO else 1):
             raise ValueError(f"{where}: '{name}' must be a positive integer, got {value!r}")
 
 
@@ -206,6 +206,8 @@ def _check_values(cfg: BenchmarkConfig) -> None:
         raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
     if cfg.model.type not in MODEL_TYPES:
         raise ValueError(f"model.type must be gpt2, llama or gpt_neox, got {cfg.model.type!r}")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {cfg.device!r} (pick GPUs with CUDA_VISIBLE_DEVICES)")
     if cfg.train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg.train.precision!r}")
     cfg.memsink_config()  # fail early on a bad MemSink setting
@@ -276,8 +278,8 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def _nearest(key: str, valid, prefix: str = "") -> str:
-    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{near[0]}'?)" if near else f" (valid: {', '.join(sorted(valid))})"
+    hint = did_you_mean(prefix + key, [prefix + v for v in valid])
+    return hint or f" (valid: {', '.join(sorted(valid))})"
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -304,5 +306,5 @@ def _describe(hint: Any) -> str:
     if args and type(None) in args:
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if typing.get_origin(hint) is list:
-        return "list"
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", str(hint))

@@ -16,6 +16,7 @@ import gzip
 import json
 import re
 import sys
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -23,8 +24,15 @@ from tqdm.auto import tqdm
 
 MAN_ROOT = Path("/usr/share/man")
 SECTIONS = ("man1", "man2", "man3", "man4", "man5", "man6", "man7", "man8")
-BREAKS = {"PP", "P", "LP", "TP", "IP", "HP", "SH", "SS", "sp", "br", "TQ", "RS", "RE", "nf", "fi", "EX", "EE"}
-TEXT_MACROS = {"B", "I", "R", "SM", "SB", "BR", "BI", "IB", "IR", "RB", "RI"}
+# paragraph and section macros of man(7) and mdoc(7)
+BREAKS = {"PP", "P", "LP", "TP", "IP", "HP", "SH", "SS", "sp", "br", "TQ", "RS", "RE", "nf", "fi", "EX", "EE",
+          "Sh", "Ss", "Pp", "Lp", "Bl", "El", "It", "Bd", "Ed", "D1", "Dl"}
+SECTION_MACROS = {"SH", "Sh"}
+# macros whose arguments are running text: man(7) fonts, mdoc(7) inline semantics
+TEXT_MACROS = {"B", "I", "R", "SM", "SB", "BR", "BI", "IB", "IR", "RB", "RI",
+               "Nm", "Ar", "Em", "Sy", "Pa", "Xr", "Va", "Ev", "Cm", "Dq", "Ql", "Li", "Ic", "Dv", "Er", "Fn",
+               "Ft", "Sq", "Pq", "Aq", "Tn", "No", "Ns", "Ux", "Fa", "Vt", "Mt", "Lk"}
+_COMMENT = re.compile(r'\\["#].*$')  # \" and \# comments run to the end of the line
 SKIPPED_SECTIONS = {"SYNOPSIS", "SEE ALSO", "AUTHOR", "AUTHORS", "COPYRIGHT", "REPORTING BUGS", "FILES", "EXAMPLE",
                     "EXAMPLES", "NAME"}
 _NAMED = {"aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'", "em": "-", "en": "-", "hy": "-",
@@ -56,10 +64,10 @@ def _macro_words(args: str) -> str:
 
 
 def paragraphs(source: str, min_words: int = 16) -> Iterator[str]:
-    """Running-text paragraphs of one page's roff source."""
+    """Running-text paragraphs of one page's roff source (man or mdoc macros)."""
     words: list[str] = []
     section = ""
-    in_definition = False
+    in_definition = title_next = False
 
     def flush() -> Iterator[str]:
         text = " ".join(" ".join(words).split())
@@ -71,27 +79,30 @@ def paragraphs(source: str, min_words: int = 16) -> Iterator[str]:
             yield text
 
     for raw in source.splitlines():
-        line = raw.rstrip()
         if in_definition:
-            in_definition = line not in ("..", ".  .", ". .")
+            in_definition = raw.rstrip() not in ("..", ".  .", ". .")
             continue
+        line = _COMMENT.sub("", raw).rstrip()
         if line.startswith((".", "'")):
             name, _, args = line[1:].strip().partition(" ")
             if name in ("de", "de1", "am", "ig"):
                 in_definition = True
                 continue
-            if name.startswith('\\"') or name == "":
-                continue
-            if name in BREAKS or name == "SH":
+            if name in BREAKS:
                 yield from flush()
-                if name in ("SH", "SS"):
-                    section = _plain(_macro_words(args)).upper() if name == "SH" else section
+                if name in SECTION_MACROS:
+                    section = _plain(_macro_words(args)).upper()
+                    title_next = not args.strip()  # `.SH` alone: the title is the next line
                 continue
             if name in TEXT_MACROS:
                 words.append(_plain(_macro_words(args)))
-            continue  # any other request: no text
+            continue  # any other request or macro: no text
         if not line.strip():
-            yield from flush()
+            if not raw.strip():
+                yield from flush()
+            continue
+        if title_next:
+            section, title_next = _plain(line).strip().upper(), False
             continue
         words.append(_plain(line))
     yield from flush()
@@ -128,7 +139,7 @@ def build(out: Path, root: Path = MAN_ROOT, min_words: int = 16, limit: int | No
         for path in tqdm(files, desc="manual pages", mininterval=2.0):
             try:
                 source = read_page(path)
-            except (OSError, EOFError, gzip.BadGzipFile):
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error):
                 continue
             if source.lstrip().startswith(".so "):
                 continue

@@ -23,20 +23,20 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import MemSinkConfig
-from ..model import get_memsink_model
+from ..patching import get_memsink_model
 from . import forgetting
 from .config import BenchmarkConfig, GoldfishConfig
 from .metrics import measure, summarize
 from .posthoc import neuron_specificity, zero_top_neurons
 from .setting import build_setting
-from .training import build_model, make_accelerator, train
+from .training import build_model, make_accelerator, precision, train
 
 
 def run(cfg: BenchmarkConfig, out_dir: str | os.PathLike) -> dict:
     """Every configured run on one stream, then report.json, report.md and plots in ``out_dir``.
     Under ``accelerate launch`` each training is data-parallel; every process evaluates the same
     (identical) models and only the main process writes."""
-    bench = Benchmark(cfg)
+    bench = Benchmark(cfg, out_dir)
     runs = set(cfg.runs) | ({"standard"} if {"posthoc", "forget"} & set(cfg.runs) else set())
     for name, step in (("standard", bench.standard), ("memsinks", bench.memsinks), ("dedup", bench.dedup),
                        ("goldfish", bench.goldfish), ("memsinks+goldfish", bench.memsinks_goldfish),
@@ -46,9 +46,6 @@ def run(cfg: BenchmarkConfig, out_dir: str | os.PathLike) -> dict:
     report = bench.report()
     if bench.accelerator.is_main_process:
         write_report(report, Path(out_dir))
-        if cfg.save_models and "memsinks" in bench.models:
-            bench.removed["memsinks"].save_pretrained(Path(out_dir) / "memsinks_removed")
-            bench.setting.tokenizer.save_pretrained(Path(out_dir) / "memsinks_removed")
     bench.accelerator.wait_for_everyone()
     return report
 
@@ -65,8 +62,8 @@ def write_report(report: dict, out: Path) -> None:
 class Benchmark:
     """The shared state of one ``run`` and its steps."""
 
-    def __init__(self, cfg: BenchmarkConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: BenchmarkConfig, out_dir: str | os.PathLike):
+        self.cfg, self.out = cfg, Path(out_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.accelerator = make_accelerator(cfg)
@@ -80,7 +77,6 @@ class Benchmark:
         self.curves: dict[str, list] = {}
         self.shares: dict[str, dict] = {}
         self.models: dict[str, Any] = {}
-        self.removed: dict[str, Any] = {}
         self.forgetting: dict | None = None
 
     # -- training -------------------------------------------------------------------------------
@@ -103,8 +99,9 @@ class Benchmark:
         removed = copy.deepcopy(model).remove_sinks()
         self.timings[f"{key}_remove_sinks"] = time.time() - t0
         self.metrics[f"{key}_removed"] = measure(removed, self.setting, self.cfg)
-        if self.cfg.save_models:
-            self.removed[key] = removed
+        if key == "memsinks" and self.cfg.save_models and self.accelerator.is_main_process:
+            removed.save_pretrained(self.out / "memsinks_removed")  # (atomic: hf_memsinks.saving)
+            self.setting.tokenizer.save_pretrained(self.out / "memsinks_removed")
         return model
 
     def train_plain(self, name: str, stream, goldfish: GoldfishConfig | None = None) -> None:
@@ -143,8 +140,8 @@ class Benchmark:
         self.timings["posthoc"] = time.time() - t0
 
     def forget(self) -> None:
-        """The forgetting experiment (experiments/forgetting.py): forget F of 1, 4, 16 repeated
-        documents in each memsinks regime, against random IDs, retraining and post-hoc zeroing."""
+        """The forgetting experiment (experiments/forgetting.py): forget F of each of ``forget.sizes``
+        repeated documents in each memsinks regime, against random IDs, retraining and post-hoc zeroing."""
         f, setting, seed = self.cfg.forget, self.setting, self.cfg.seed
         order = forgetting.forget_order(setting, seed)
         sizes = sorted(f.sizes)
@@ -188,7 +185,7 @@ class Benchmark:
             "config": self.cfg.to_dict(),
             "memsink_config": self.memsink_config.to_dict(),
             "model_parameters": sum(p.numel() for p in self.base.parameters()),
-            "processes": {"count": a.num_processes, "rank": a.process_index, "precision": a.mixed_precision,
+            "processes": {"count": a.num_processes, "rank": a.process_index, "precision": precision(self.cfg, a.device),
                           "device": a.device.type, "shares": self.shares},
             "versions": versions(),
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},

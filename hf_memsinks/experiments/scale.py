@@ -17,21 +17,29 @@ from .runner import run
 
 
 def parse_models(text: str) -> list[tuple[int, int]]:
-    """``"2x64,4x128"`` -> ``[(2, 64), (4, 128)]`` (layers x hidden)."""
+    """``"2x64,4x128"`` -> ``[(2, 64), (4, 128)]`` (layers x hidden), each checked before any
+    point trains: the hidden size must split into ``heads_for(hidden)`` heads."""
     models = []
     for item in text.split(","):
         layers, _, hidden = item.strip().partition("x")
         if not (layers.isdigit() and hidden.isdigit()) or int(layers) < 1 or int(hidden) < 8:
             raise ValueError(f"--models: {item!r} is not LAYERSxHIDDEN (e.g. 4x128)")
+        if int(hidden) % heads_for(int(hidden)):
+            raise ValueError(f"--models: hidden size {hidden} does not split into {heads_for(int(hidden))} heads "
+                             "(use a multiple of 32)")
         models.append((int(layers), int(hidden)))
     return models
+
+
+def heads_for(hidden: int) -> int:
+    """Attention heads of 32 dimensions, at least 2."""
+    return max(2, hidden // 32)
 
 
 def point_config(cfg: BenchmarkConfig, layers: int, hidden: int, ratio: int) -> BenchmarkConfig:
     """The config of one point: the model resized, heads of 32 dimensions (at least 2), the
     runs reduced to standard and memsinks."""
-    model = dataclasses.replace(cfg.model, layers=layers, hidden=hidden, heads=max(2, hidden // 32),
-                                mlp=hidden * ratio)
+    model = dataclasses.replace(cfg.model, layers=layers, hidden=hidden, heads=heads_for(hidden), mlp=hidden * ratio)
     return dataclasses.replace(copy.deepcopy(cfg), model=model, runs=["standard", "memsinks"])
 
 
@@ -55,7 +63,8 @@ def scale(cfg: BenchmarkConfig, out_dir: str | os.PathLike, models: list[tuple[i
                            "standard_extraction": s["standard_extraction_rate"],
                            "removed_extraction": s["memsinks_extraction_rate"],
                            "seconds": report["timings_s"]["total"]})
-            _write(points, cfg, out)
+            if report["processes"]["rank"] == 0:
+                _write(points, cfg, out)
     return points
 
 
@@ -65,11 +74,15 @@ def _write(points: list[dict], cfg: BenchmarkConfig, out: Path) -> None:
             "| extraction: standard -> removed |", "|---|---|---|---|---|---|---|"]
     for p in points:
         rows.append(f"| {p['layers']} x {p['hidden']} | {p['parameters'] / 1e6:.2f}M | {p['mlp_ratio']}x "
-                    f"| {p['gap_closure']:.3f} ({p['gap_closure_natural']:.3f} / {p['gap_closure_canary']:.3f}) "
+                    f"| {p['gap_closure']:.3f} ({_fmt(p['gap_closure_natural'])} / {_fmt(p['gap_closure_canary'])}) "
                     f"| {p['val_loss_ratio']:.3f} | {p['standard_gap']:.2f} -> {p['removed_gap']:.2f} "
                     f"| {p['standard_extraction']:.2f} -> {p['removed_extraction']:.2f} |")
     (out / "scale.md").write_text("\n".join(rows) + "\n")
     _plot(points, out / "scale.png")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _plot(points: list[dict], path: Path) -> None:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import MemSinkConfig
-from ..model import get_memsink_model
+from ..patching import get_memsink_model
 from .config import BenchmarkConfig
 from .metrics import measure
 from .report import save_tradeoff
@@ -19,7 +19,6 @@ from .training import build_model, make_accelerator, train
 
 def sweep(cfg: BenchmarkConfig, out_dir: str | os.PathLike, fractions: list[float], probs: list[float]) -> dict:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     setting = build_setting(cfg)
     base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(accelerator.device)
@@ -38,8 +37,10 @@ def sweep(cfg: BenchmarkConfig, out_dir: str | os.PathLike, fractions: list[floa
                            "gap_closure": 1 - removed["memorization_gap"] / std["memorization_gap"],
                            "val_loss_ratio": removed["val_loss"] / std["val_loss"], **removed})
     result = {"standard": std, "points": points, "config": cfg.to_dict()}
-    (out / "sweep.json").write_text(json.dumps(result, indent=2, default=float))
-    _plot(points, out / "sweep.png")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(result, indent=2, default=float))
+        _plot(points, out / "sweep.png")
     return result
 
 

@@ -1,6 +1,6 @@
 """The benchmark's model and its training loop, through accelerate: one process, or data-parallel over N
 processes (``accelerate launch --multi_gpu --num_processes N -m hf_memsinks.cli run ...``), in
-fp32 or bf16 autocast.
+fp32 or under bf16 autocast (``train.precision``; accelerate's own ``--mixed_precision`` is not used).
 
 Every process builds the same document stream and the same global batch of ``train.batch_size``
 documents (padded together, Goldfish labels included), then trains on its own contiguous share of
@@ -51,15 +51,24 @@ def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
 
 
 def make_accelerator(cfg: BenchmarkConfig):
-    """The run's ``Accelerator``: ``device`` "cpu" / "cuda" / "auto", ``train.precision`` "auto"
-    (bf16 where a CUDA device supports it, else fp32), "no", "bf16" or "fp16"."""
+    """The run's ``Accelerator`` on ``device`` ("cpu", "cuda" or "auto": cuda when available).
+    Its own mixed precision stays off: ``train`` autocasts the training forward itself (see
+    ``precision``), so evaluation always runs in fp32 and runs of different precisions can share
+    a process."""
     from accelerate import Accelerator
 
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda, but torch finds no CUDA device (use device: auto or cpu)")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    return Accelerator(cpu=cpu, mixed_precision="no")
+
+
+def precision(cfg: BenchmarkConfig, device: torch.device) -> str:
+    """``train.precision`` resolved on ``device``: "auto" is "bf16" on a CUDA device that has it,
+    else "fp32"."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def warmup_cosine(steps: int, warmup: int, floor: float) -> Callable[[int], float]:
@@ -143,6 +152,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
+    bf16 = precision(cfg, accelerator.device) == "bf16"
     t = cfg.train
     steps, every = t.steps, t.eval_every
     opt, schedule = optimizer(model, t)
@@ -158,37 +168,24 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         part = share(batch, rank, processes)
         counts += torch.tensor([part["input_ids"].shape[0], int((part["labels"][:, 1:] != -100).sum())])
         mine = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
-        loss = loss_sum(wrapped, mine) * (processes / targets)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_sum(wrapped, mine) * (processes / targets)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
         prepared_opt.step()
         schedule.step()
         prepared_opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item() / processes:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # (about the batch's mean loss)
         if step % every == 0 or step == steps:
             curve.append(curve_point(model, setting, step, t.curve_docs))
             wrapped.train()
         if step >= steps:
             break
-    drop_autocast_wrapper(model)
     model.eval()
     shares = accelerator.gather(counts.to(accelerator.device)).reshape(processes, 2).cpu()
     accelerator.free_memory()
     return curve, {"documents": shares[:, 0].tolist(), "tokens": shares[:, 1].tolist()}
-
-
-def drop_autocast_wrapper(model) -> None:
-    """Under mixed precision ``accelerator.prepare`` wraps ``model.forward`` in autocast, as an
-    instance attribute. Put the original back, so evaluation runs in fp32 and a later class swap
-    (``remove_sinks()``) is not shadowed by a stale bound method."""
-    original = model.__dict__.pop("_original_forward", None)
-    if original is None:
-        return
-    if getattr(original, "__func__", None) is type(model).forward:
-        model.__dict__.pop("forward", None)
-    else:
-        model.forward = original
 
 
 def finish_processes() -> None:
