@@ -53,6 +53,7 @@ def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
             out_proj=target_modules["out_proj"],
             width_attr=target_modules.get("width_attr"),
             in_proj_chunks=target_modules.get("in_proj_chunks", 1),
+            norm=target_modules.get("norm"),
         )
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]

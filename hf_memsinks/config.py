@@ -18,7 +18,7 @@ CONFIG_NAME = "memsink_config.json"
 MODES = ("split", "add")
 EVAL_SCALINGS = ("none", "paper")
 MASK_SCHEMES = ("hash", "reference")
-TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr"}
+TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr", "norm"}
 
 
 def did_you_mean(name: str, choices) -> str:
@@ -55,8 +55,9 @@ class MemSinkConfig:
         target_modules: module names for an architecture the built-in table does not know:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
-            (the config field holding the MLP width). ``"mlp": ""`` means the projections sit
-            on the decoder layer itself.
+            (the config field holding the MLP width), and ``"norm"``: the MLP's norm over its hidden
+            neurons between the projections (BitNet's ``"ffn_sub_norm"``; the sinks are then applied
+            at its input). ``"mlp": ""`` means the projections sit on the decoder layer itself.
     """
 
     sink_fraction: float = 0.3
@@ -131,6 +132,8 @@ class MemSinkConfig:
         width_attr = tm.get("width_attr")
         if width_attr is not None and (not isinstance(width_attr, str) or not width_attr.isidentifier()):
             fail("target_modules", "'width_attr' must be the name of a model config field, or None")
+        if tm.get("norm") is not None and (not isinstance(tm["norm"], str) or not tm["norm"]):
+            fail("target_modules", "'norm' must be the name of the MLP's norm over its hidden neurons, or None")
         if not isinstance(tm.get("out_proj"), str) or not tm["out_proj"]:
             fail("target_modules", "needs 'out_proj': the name of the MLP's output (down) projection")
         in_proj = tm.get("in_proj")
@@ -147,6 +150,7 @@ class MemSinkConfig:
             "out_proj": tm["out_proj"],
             "in_proj_chunks": chunks,
             "width_attr": tm.get("width_attr"),
+            **({"norm": tm["norm"]} if tm.get("norm") is not None else {}),
         }
 
     # ---- derived values -------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def forgotten_sinks(model, site, sequence_ids) -> torch.Tensor:
     """Bool ``(S,)``: the sinks of one patched MLP that any of ``sequence_ids`` switches on."""
     config = model.memsink_config
     layer = site.layer if config.per_layer_masks else None
-    return sink_mask(torch.as_tensor(sequence_ids), site.sinks, config.sink_active_prob, salt=config.salt, layer=layer,
+    ids = check_id_list(sequence_ids, "forgotten_sinks(sequence_ids=)")
+    return sink_mask(ids, site.sinks, config.sink_active_prob, salt=config.salt, layer=layer,
                      scheme=config.mask_scheme).any(0)
 
 

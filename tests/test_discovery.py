@@ -286,3 +286,24 @@ def test_experts_checkpoint_round_trip_and_forget_ids(tmp_path, model_type):
     forgot = restored.remove_sinks(forget_ids=[2])
     with torch.no_grad():
         assert (forgot(input_ids=x).logits - excluded).abs().max() < 1e-5
+
+
+def test_bitnet_named_by_hand_with_its_norm_equals_discovery():
+    """target_modules with "norm" gives the sites discovery finds: the same masked training step
+    and the same removed model."""
+    x, ids = batch(2, 10), torch.tensor([5, 9])
+    names = {"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj",
+             "width_attr": "intermediate_size", "norm": "ffn_sub_norm"}
+    found = get_memsink_model(build_tiny("bitnet"), MemSinkConfig())
+    named = get_memsink_model(build_tiny("bitnet"), MemSinkConfig(target_modules=names))
+    assert [s.norm is not None for s in named.memsink.sites] == [True] * len(found.memsink.sites)
+    for model in (found, named):
+        model.train()
+        model(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
+    for (name, p), (_, q) in zip(found.named_parameters(), named.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    with torch.no_grad():
+        assert torch.equal(found.remove_sinks().eval()(input_ids=x).logits,
+                           named.remove_sinks().eval()(input_ids=x).logits)
+    with pytest.raises(ValueError, match="'norm' must be the name"):
+        MemSinkConfig(target_modules={**names, "norm": 3})
