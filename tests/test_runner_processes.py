@@ -85,3 +85,17 @@ def test_bf16_and_fp32_runs_share_a_process(tmp_path):
         bf16, fp32 = reports["bf16"]["metrics"][name]["val_loss"], reports["fp32"]["metrics"][name]["val_loss"]
         assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05), name
     assert reports["fp32"]["metrics"] == json.loads((tmp_path / "fp32" / "report.json").read_text())["metrics"]
+
+
+def test_every_entry_point_gets_the_configured_threads():
+    """`threads` is applied where every run, sweep and scale point starts: making the accelerator
+    (a sweep with two threads beside a one-thread job ran 5x slower than alone)."""
+    from hf_memsinks.experiments.config import load_config
+    from hf_memsinks.experiments.training import make_accelerator
+
+    before = torch.get_num_threads()
+    try:
+        make_accelerator(load_config(SMOKE, ["threads=1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -64,8 +64,6 @@ class Benchmark:
 
     def __init__(self, cfg: BenchmarkConfig, out_dir: str | os.PathLike):
         self.cfg, self.out = cfg, Path(out_dir)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         self.accelerator = make_accelerator(cfg)
         self.start = time.time()
         self.timings: dict[str, float] = {}

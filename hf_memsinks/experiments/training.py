@@ -51,12 +51,15 @@ def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
 
 
 def make_accelerator(cfg: BenchmarkConfig):
-    """The run's ``Accelerator`` on ``device`` ("cpu", "cuda" or "auto": cuda when available).
+    """The run's ``Accelerator`` on ``device`` ("cpu", "cuda" or "auto": cuda when available),
+    with ``threads`` CPU threads when set.
     Its own mixed precision stays off: ``train`` autocasts the training forward itself (see
     ``precision``), so evaluation always runs in fp32 and runs of different precisions can share
     a process."""
     from accelerate import Accelerator
 
+    if cfg.threads:  # (every entry point makes its accelerator first: run, sweep, scale's runs)
+        torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda, but torch finds no CUDA device (use device: auto or cpu)")
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
