@@ -99,8 +99,11 @@ def _plot(points: list[dict], path: Path) -> None:
         right.plot(x, [p["val_loss_ratio"] for p in row], "o-", label=f"MLP {ratio}x hidden")
     left.axhline(0.5, color="grey", lw=0.8, ls="--")
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ticks = sorted({p["parameters"] / 1e6 for p in points})
     for ax, title in ((left, "gap closed by removing sinks"), (right, "val loss, sinks removed / standard")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xticks(ticks, [f"{t:.2f}" for t in ticks], fontsize=8)
         ax.set_xlabel("parameters (millions)")
         ax.set_title(title)
         ax.legend()
