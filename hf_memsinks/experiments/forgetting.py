@@ -26,8 +26,8 @@ import warnings
 import torch
 
 from ..data import ids_for_documents
-from ..evaluation import document_losses, extraction_hits
 from ..forgetting import expected_coverage
+from .metrics import doc_losses, extraction_rate
 from .posthoc import neuron_specificity, zero_top_neurons
 
 
@@ -49,21 +49,14 @@ def random_ids(n: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 2**62, (n,), generator=g, dtype=torch.long)
 
 
-def _docs(model, docs, cfg, pad_id, own_ids: bool) -> tuple[float, float]:
-    e = cfg.eval
-    ids = ids_for_documents(docs) if own_ids else None
-    loss = document_losses(model, docs, ids, batch_size=e.batch_size, pad_id=pad_id).mean().item()
-    hits = extraction_hits(model, docs, e.prefix, e.suffix, ids, e.batch_size)
-    return loss, (hits.float().mean().item() if hits.numel() else float("nan"))
-
-
 def _row(model, setting, cfg, forget, keep, own_ids: bool, **info) -> dict:
-    lf, ef = _docs(model, forget, cfg, setting.pad_id, own_ids)
-    lk, ek = _docs(model, keep, cfg, setting.pad_id, own_ids)
-    docs = setting.validation[: cfg.forget.val_docs or len(setting.validation)]
-    val = document_losses(model, docs, ids_for_documents(docs) if own_ids else None,
-                          batch_size=cfg.eval.batch_size, pad_id=setting.pad_id).mean().item()
-    return {**info, "loss_F": lf, "loss_K": lk, "extraction_F": ef, "extraction_K": ek, "val_loss": val}
+    pad = setting.pad_id
+    val_docs = setting.validation[: cfg.forget.val_docs or len(setting.validation)]
+    return {**info, "loss_F": doc_losses(model, forget, cfg, pad, own_ids).mean().item(),
+            "loss_K": doc_losses(model, keep, cfg, pad, own_ids).mean().item(),
+            "extraction_F": extraction_rate(model, forget, cfg, own_ids),
+            "extraction_K": extraction_rate(model, keep, cfg, own_ids),
+            "val_loss": doc_losses(model, val_docs, cfg, pad, own_ids).mean().item()}
 
 
 def evaluate_memsinks(model, setting, cfg, sets: dict[int, list], keep: list, regime: str, seed: int) -> list[dict]:

@@ -13,21 +13,29 @@ from .config import BenchmarkConfig
 from .setting import Setting
 
 
+def doc_losses(model, docs, cfg: BenchmarkConfig, pad_id: int, own_ids: bool = False) -> torch.Tensor:
+    """Each document's mean loss (``own_ids``: with its own sequence ID)."""
+    ids = ids_for_documents(docs) if own_ids else None
+    return document_losses(model, docs, ids, batch_size=cfg.eval.batch_size, pad_id=pad_id)
+
+
+def extraction_rate(model, docs, cfg: BenchmarkConfig, own_ids: bool = False) -> float:
+    """Share of ``docs`` whose greedy continuation of ``eval.prefix`` tokens reproduces the next
+    ``eval.suffix`` exactly (NaN when none is long enough)."""
+    e = cfg.eval
+    hits = extraction_hits(model, docs, e.prefix, e.suffix, ids_for_documents(docs) if own_ids else None, e.batch_size)
+    return hits.float().mean().item() if hits.numel() else float("nan")
+
+
 def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False) -> dict:
     """Validation loss, and per kind of repeated document (natural, canary) repeated and control
     loss, memorization gap and extraction rate. ``own_ids``: each document runs with its own ID
     (own sinks on; the model in ``"activate"`` mode)."""
-    e, pad = cfg.eval, setting.pad_id
-
-    def ids(docs):
-        return ids_for_documents(docs) if own_ids else None
-
     def losses(docs):
-        return document_losses(model, docs, ids(docs), batch_size=e.batch_size, pad_id=pad)
+        return doc_losses(model, docs, cfg, setting.pad_id, own_ids)
 
     def extraction(docs):
-        hits = extraction_hits(model, docs, e.prefix, e.suffix, ids(docs), e.batch_size)
-        return hits.float().mean().item() if hits.numel() else float("nan")
+        return extraction_rate(model, docs, cfg, own_ids)
 
     out: dict[str, float] = {"val_loss": losses(setting.validation).mean().item()}
     parts = {"natural": (setting.natural, setting.control_natural),
