@@ -1,20 +1,39 @@
 """hf_memsinks: MemSinks (memorization sinks) for Hugging Face Transformers causal LMs."""
 
-__version__ = "0.1.0"
-
-from .auto import AutoMemSinkModelForCausalLM  # noqa: E402
-from .config import MemSinkConfig  # noqa: E402
-from .masks import NO_SEQUENCE, sink_mask  # noqa: E402
-from .model import is_memsink_model, remove_sinks  # noqa: E402
-from .patching import get_memsink_model  # noqa: E402
+from .checkpoints.auto import AutoMemSinkModelForCausalLM
+from .config import MemSinkConfig
+from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
+from .ids import NO_SEQUENCE, sink_mask
+from .integrations.peft import train_sinks
+from .integrations.trainer import MemSinkCallback
+from .model.patched import is_memsink_model, remove_sinks
+from .model.patching import get_memsink_model
+from .version import __version__
 
 __all__ = [
     "AutoMemSinkModelForCausalLM",
+    "GoldfishCollator",
+    "MemSinkCallback",
     "MemSinkConfig",
+    "MemSinkDataCollator",
+    "MemSinkPackingCollator",
+    "MemSinkSFTTrainer",
     "NO_SEQUENCE",
+    "add_sequence_ids",
     "get_memsink_model",
     "is_memsink_model",
     "remove_sinks",
     "sink_mask",
+    "stable_id",
+    "train_sinks",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``MemSinkSFTTrainer`` needs ``trl``, so it is imported on first use only."""
+    if name == "MemSinkSFTTrainer":
+        from .integrations.sft import MemSinkSFTTrainer
+
+        return MemSinkSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``hf-memsinks``: the command line. Each command is one call into the library: ``export`` and
-``audit`` (:mod:`hf_memsinks.export`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
+``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .export import audit, export
+from .checkpoints.export import audit, export
 
 
 def _user_errors() -> tuple[type, ...]:

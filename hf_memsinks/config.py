@@ -75,6 +75,9 @@ class MemSinkConfig:
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.
     sink_layout: dict[str, Any] | None = field(default=None, repr=False)
+    # Written with it: how the model's MLPs were found (hf_memsinks.sites.resolve), so that restoring
+    # runs no discovery and does not depend on the Transformers version.
+    found_mlps: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -192,8 +195,9 @@ class MemSinkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["sink_layout"] is None:
-            del out["sink_layout"]
+        for name in ("sink_layout", "found_mlps"):
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod
@@ -208,7 +212,7 @@ class MemSinkConfig:
         return cls(**data)
 
     def to_json_string(self) -> str:
-        from . import __version__
+        from .version import __version__
 
         return json.dumps({**self.to_dict(), "hf_memsinks_version": __version__}, indent=2, sort_keys=True) + "\n"
 
@@ -247,12 +251,6 @@ def find_config_file(path: str | os.PathLike, **hub_kwargs) -> str | None:
     if os.path.isdir(path):
         file = os.path.join(path, CONFIG_NAME)
         return file if os.path.isfile(file) else None
-    from transformers.utils import cached_file
+    from .transformers_internals import hub_file
 
-    return cached_file(
-        path,
-        CONFIG_NAME,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
+    return hub_file(path, CONFIG_NAME, **hub_kwargs)

@@ -144,8 +144,8 @@ def _logits(model, x):
 
 def _site_weights(model) -> list[tuple[torch.Tensor, int, int, int, int]]:
     """(weight, neuron dim, general, sinks, rows per neuron chunk) of every patched MLP weight."""
-    from hf_memsinks.architectures import neuron_dim
-    from hf_memsinks.experts import experts_layout
+    from hf_memsinks.layers.experts import experts_layout
+    from hf_memsinks.layers.neurons import neuron_dim
 
     out = []
     for site in model.memsink.sites:
@@ -191,8 +191,7 @@ def check(model_type: str, seq_id: int = 7, model=None) -> dict:
     """Patch with the default config, train one step with one ID, compare with remove_sinks(),
     save and reload with plain Transformers. Returns facts; raises AssertionError on a failure."""
     from hf_memsinks import MemSinkConfig, get_memsink_model
-    from hf_memsinks.architectures import ARCHITECTURES
-    from hf_memsinks.masks import sink_mask
+    from hf_memsinks.ids.masks import sink_mask
 
     model = build_tiny(model_type) if model is None else model
     base_class = type(model)
@@ -205,7 +204,6 @@ def check(model_type: str, seq_id: int = 7, model=None) -> dict:
         "mlps": len(sites),
         "found": sorted({re.sub(r"\.\d+(?=\.|$)", ".N", s.name) + ("" if s.kind == "mlp" else " (experts)")
                          for s in sites}),
-        "found_by": "table" if model_type in ARCHITECTURES else "structure",
         "experts": any(s.kind == "experts" for s in sites),
         "width_fields": sorted({s.width_attr or "(none: zero-padded)" for s in sites}),
     }

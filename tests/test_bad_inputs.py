@@ -26,7 +26,7 @@ from tiny_models import batch, tiny_model
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
 from hf_memsinks.cli import main
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids
-from hf_memsinks.trainer import MemSinkCallback
+from hf_memsinks.integrations.trainer import MemSinkCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")

@@ -6,7 +6,7 @@ import inspect
 import torch
 from tiny_models import batch, tiny_model
 
-import hf_memsinks.model as model_module
+import hf_memsinks.model.patched as model_module
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
 
 

@@ -22,7 +22,8 @@ from test_checkpoints import trained
 from tiny_models import batch, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model, saving
+from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
+from hf_memsinks.checkpoints import atomic as saving
 from hf_memsinks.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,8 @@ CHILD = textwrap.dedent(r"""
 
     import torch
     import transformers.modeling_utils as modeling_utils
-    from hf_memsinks import MemSinkConfig, get_memsink_model, saving
+    from hf_memsinks import MemSinkConfig, get_memsink_model
+    from hf_memsinks.checkpoints import atomic as saving
     from hf_memsinks.config import MemSinkConfig as Config
     from tiny_models import tiny_model
 
@@ -69,7 +71,7 @@ CHILD = textwrap.dedent(r"""
         main(["export", source, target, "--overwrite"])
     elif mode == "callback":
         from transformers import Trainer, TrainingArguments
-        from hf_memsinks.trainer import MemSinkCallback
+        from hf_memsinks.integrations.trainer import MemSinkCallback
         model = get_memsink_model(tiny_model("gpt2", seed=5), MemSinkConfig(sink_fraction=0.5))
         rows = [{{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "sequence_ids": i}} for i in range(4)]
         args = TrainingArguments(output_dir=os.path.join(source, "run"), max_steps=1, per_device_train_batch_size=2,

@@ -9,9 +9,9 @@ from datasets import Dataset
 from tiny_models import VOCAB, tiny_model
 
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.architectures import neuron_dim
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
-from hf_memsinks.layers import is_patched_projection
+from hf_memsinks.layers.neurons import neuron_dim
+from hf_memsinks.layers.projections import is_patched_projection
 
 TEXTS = [
     "the cat sat on the mat and looked at the bird outside the window",

@@ -1,4 +1,4 @@
-"""Discovery of MLPs from structure (hf_memsinks.discovery) and sinks in batched MoE experts."""
+"""Discovery of MLPs from structure (hf_memsinks.sites.discovery) and sinks in batched MoE experts."""
 
 import copy
 
@@ -9,8 +9,9 @@ from tiny_models import MODEL_TYPES, batch, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
-from hf_memsinks.architectures import ARCHITECTURES, find_mlp_sites, mlp_sites, spec_for
-from hf_memsinks.discovery import check_site, discover_sites
+from hf_memsinks.sites.discovery import check_site, discover_sites
+from hf_memsinks.sites.resolve import mlp_sites
+from hf_memsinks.sites.spec import find_mlp_sites, spec_from_target_modules
 
 # What the per-type table said before discovery replaced it: discovery must find the same.
 OLD_TABLE = {
@@ -29,8 +30,8 @@ GATED = ("mlp", ("gate_proj", "up_proj"), "down_proj", "intermediate_size", 1)
 
 def _table_spec(model_type):
     mlp, ins, out, width, chunks = OLD_TABLE.get(model_type, GATED)
-    return spec_for(model_type, {"mlp": mlp, "in_proj": list(ins), "out_proj": out, "width_attr": width,
-                                 "in_proj_chunks": chunks})
+    return spec_from_target_modules({"mlp": mlp, "in_proj": list(ins), "out_proj": out, "width_attr": width,
+                                     "in_proj_chunks": chunks})
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -42,7 +43,6 @@ def test_discovery_finds_what_the_old_table_named(model_type):
     for f, e in zip(found, expected):
         assert f.in_proj == e.in_proj and f.out_proj is e.out_proj
         assert (f.width, f.chunks, f.width_attr) == (e.width, e.chunks, e.width_attr)
-    assert model_type not in ARCHITECTURES  # the table holds exceptions only
 
 
 def test_unset_width_field_is_found_by_rebuilding():
@@ -58,7 +58,7 @@ def test_check_rejects_an_attention_block_taken_for_an_mlp():
     """q/k/v -> o maps the hidden size to a width and back, but its neurons are heads: deleting
     some is not zeroing their output weights. The check must say no."""
     model = tiny_model("llama")
-    spec = spec_for("llama", {"mlp": "self_attn", "in_proj": ["q_proj"], "out_proj": "o_proj"})
+    spec = spec_from_target_modules({"mlp": "self_attn", "in_proj": ["q_proj"], "out_proj": "o_proj"})
     site = find_mlp_sites(model, spec)[0]
     reason = check_site(model, site)
     assert reason is not None
@@ -99,7 +99,6 @@ def test_mlp_with_a_norm_over_its_neurons_is_found_with_its_norm():
         mlp = model.model.layers[i].mlp
         assert site.in_proj == [mlp.gate_proj, mlp.up_proj] and site.out_proj is mlp.down_proj
         assert site.norm is mlp.ffn_sub_norm and (site.width, site.width_attr) == (64, "intermediate_size")
-    assert "bitnet" not in ARCHITECTURES  # found from structure, not from the table
     assert all(s.norm is None for s in discover_sites(tiny_model("llama")))
 
 
@@ -129,7 +128,7 @@ def test_bitnet_sinks_are_masked_before_its_norm_and_removed_exactly(tmp_path, e
     gradient, also through the norm's statistics); eval in the default mode equals the
     remove_sinks() model (full width, sink weights zero), which plain Transformers saves and
     reloads with no missing or unexpected keys and the same logits."""
-    from hf_memsinks.masks import sink_mask
+    from hf_memsinks.ids.masks import sink_mask
 
     config = MemSinkConfig(eval_scaling=eval_scaling)
     model = get_memsink_model(build_tiny("bitnet"), config)
@@ -190,7 +189,7 @@ def test_bitnet_eval_modes_equal_hand_folded_models():
     weights) with the mode's coefficient on each neuron *before* the norm (folded into up_proj's
     rows: BitNet's MLP is linear in them) and the drop mode's general scale after it (on
     down_proj's columns)."""
-    from hf_memsinks.masks import sink_mask
+    from hf_memsinks.ids.masks import sink_mask
 
     cfg = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper", per_layer_masks=True)
     p = cfg.sink_active_prob

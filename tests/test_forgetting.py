@@ -10,7 +10,7 @@ import torch
 from tiny_models import batch, tiny_model
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.forgetting import COVERAGE_WARNING, expected_coverage, sink_coverage
+from hf_memsinks.model.forgetting import COVERAGE_WARNING, expected_coverage, sink_coverage
 
 
 def logits(model, x, **kw):
@@ -20,7 +20,7 @@ def logits(model, x, **kw):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_forget_sinks_deletes_exactly_the_ids_sinks(model_type):
-    from hf_memsinks.layers import is_patched_projection
+    from hf_memsinks.layers.projections import is_patched_projection
 
     cfg = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.1)
     model = get_memsink_model(tiny_model(model_type), cfg).eval()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator
-from hf_memsinks.goldfish import GoldfishCollator, goldfish_drop_mask, goldfish_labels
+from hf_memsinks.data.goldfish import GoldfishCollator, goldfish_drop_mask, goldfish_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_same_text_same_drops_wherever_it_sits():
 
 
 def test_same_drops_in_another_process():
-    code = ("import torch, sys; from hf_memsinks.goldfish import goldfish_drop_mask; "
+    code = ("import torch, sys; from hf_memsinks.data.goldfish import goldfish_drop_mask; "
             "x = torch.randint(1, 50000, (8, 300), generator=torch.Generator().manual_seed(0)); "
             "sys.stdout.write(''.join('1' if v else '0' for v in "
             "torch.cat([goldfish_drop_mask(x, 4, 13, hash=h).flatten() for h in ('table', 'mix')]).tolist()))")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_memsinks.masks import NO_SEQUENCE, REFERENCE_A, REFERENCE_M, sink_mask
+from hf_memsinks.ids.masks import NO_SEQUENCE, REFERENCE_A, REFERENCE_M, sink_mask
 
 S, P = 300, 0.3
 
@@ -55,7 +55,7 @@ def test_deterministic_across_dtypes_shapes_and_processes():
     per_token = sink_mask(ids.reshape(1, 5).expand(2, 5), 64, P)
     assert per_token.shape == (2, 5, 64) and torch.equal(per_token[1], m)
     code = (
-        "import torch; from hf_memsinks.masks import sink_mask; "
+        "import torch; from hf_memsinks.ids.masks import sink_mask; "
         "m = sink_mask(torch.tensor([1, 2, 3, 2**40 + 7, 123456789]), 64, 0.3); "
         "print(''.join('1' if v else '0' for v in m.flatten().tolist()))"
     )

@@ -8,10 +8,10 @@ from tiny_models import batch, tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.adapters import train_sinks
-from hf_memsinks.architectures import neuron_dim
 from hf_memsinks.cli import audit
-from hf_memsinks.layers import is_patched_projection
+from hf_memsinks.integrations.peft import train_sinks
+from hf_memsinks.layers.neurons import neuron_dim
+from hf_memsinks.layers.projections import is_patched_projection
 
 TARGETS = {
     "gpt2": ["c_attn", "c_fc", "c_proj"],

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import batch, tiny_model
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
-from hf_memsinks.adapters import train_sinks
+from hf_memsinks.integrations.peft import train_sinks
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
 

@@ -14,8 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from trl import SFTConfig
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.layers import is_patched_projection
-from hf_memsinks.sft import MemSinkSFTTrainer, SequenceIdCollator
+from hf_memsinks.integrations.sft import MemSinkSFTTrainer, SequenceIdCollator
+from hf_memsinks.layers.projections import is_patched_projection
 
 WORDS = [f"w{i}" for i in range(60)]
 SPECIAL = ["<pad>", "<eos>", "<u>", "<a>"]

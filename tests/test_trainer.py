@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, Trainer, Trainin
 from transformers.utils import hub as hf_hub
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.architectures import neuron_dim
 from hf_memsinks.cli import audit
 from hf_memsinks.data import MemSinkDataCollator, add_sequence_ids
-from hf_memsinks.layers import is_patched_projection
-from hf_memsinks.trainer import MemSinkCallback
+from hf_memsinks.integrations.trainer import MemSinkCallback
+from hf_memsinks.layers.neurons import neuron_dim
+from hf_memsinks.layers.projections import is_patched_projection
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
 

@@ -6,8 +6,8 @@ from tiny_models import tiny_model
 from transformers import Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.architectures import neuron_dim
-from hf_memsinks.layers import is_patched_projection
+from hf_memsinks.layers.neurons import neuron_dim
+from hf_memsinks.layers.projections import is_patched_projection
 
 
 def test_trainer_default_args_keep_ids_and_move_only_that_ids_sinks(tmp_path):

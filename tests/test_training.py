@@ -5,7 +5,7 @@ import torch
 from tiny_models import batch, tiny_model
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.architectures import neuron_dim
+from hf_memsinks.layers.neurons import neuron_dim
 
 
 def snapshot(model):

@@ -82,7 +82,7 @@ class PosthocConfig:
 
 @dataclass
 class GoldfishConfig:
-    """Goldfish loss (hf_memsinks.goldfish): drop 1 target in k, by a hash of the h tokens ending at it."""
+    """Goldfish loss (hf_memsinks.data.goldfish): drop 1 target in k, by a hash of the h tokens ending at it."""
 
     k: int = 4
     h: int = 13
@@ -199,7 +199,7 @@ def _check_memsinks_section(value: Any, name: str, where: str) -> None:
 def _check_values(cfg: BenchmarkConfig) -> None:
     """What types cannot say: known runs and model types, valid MemSink and Goldfish settings,
     forget sizes that keep some repeated documents."""
-    from ..goldfish import check_goldfish
+    from ..data.goldfish import check_goldfish
 
     unknown = set(cfg.runs) - set(RUNS)
     if unknown:

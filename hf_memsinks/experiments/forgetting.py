@@ -25,8 +25,8 @@ import warnings
 
 import torch
 
-from ..data import ids_for_documents
-from ..forgetting import expected_coverage
+from ..data.sequence_ids import ids_for_documents
+from ..model.forgetting import expected_coverage
 from .metrics import doc_losses, extraction_rate
 from .posthoc import neuron_specificity, zero_top_neurons
 

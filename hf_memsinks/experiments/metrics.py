@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..data import ids_for_documents
-from ..evaluation import document_losses, extraction_hits
+from ..data.sequence_ids import ids_for_documents
+from ..evaluation.memorization import document_losses, extraction_hits
 from .config import BenchmarkConfig
 from .setting import Setting
 

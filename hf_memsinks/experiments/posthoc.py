@@ -11,8 +11,9 @@ import copy
 
 import torch
 
-from ..architectures import mlp_sites, neuron_dim
-from ..evaluation import pad_documents
+from ..evaluation.memorization import pad_documents
+from ..layers.neurons import neuron_dim
+from ..sites.resolve import mlp_sites
 
 
 @torch.no_grad()

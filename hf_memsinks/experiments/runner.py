@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..config import MemSinkConfig
-from ..patching import get_memsink_model
+from ..model.patching import get_memsink_model
+from ..version import __version__
 from . import forgetting
 from .config import BenchmarkConfig, GoldfishConfig
 from .metrics import measure, summarize
@@ -98,7 +98,7 @@ class Benchmark:
         self.timings[f"{key}_remove_sinks"] = time.time() - t0
         self.metrics[f"{key}_removed"] = measure(removed, self.setting, self.cfg)
         if key == "memsinks" and self.cfg.save_models and self.accelerator.is_main_process:
-            removed.save_pretrained(self.out / "memsinks_removed")  # (atomic: hf_memsinks.saving)
+            removed.save_pretrained(self.out / "memsinks_removed")  # (atomic: hf_memsinks.checkpoints.atomic)
             self.setting.tokenizer.save_pretrained(self.out / "memsinks_removed")
         return model
 

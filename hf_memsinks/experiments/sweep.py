@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import MemSinkConfig
-from ..patching import get_memsink_model
+from ..model.patching import get_memsink_model
 from .config import BenchmarkConfig
 from .metrics import measure
 from .report import save_tradeoff

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import ids_for_documents
-from ..evaluation import document_losses, pad_documents
-from ..goldfish import goldfish_labels
+from ..data.goldfish import goldfish_labels
+from ..data.sequence_ids import ids_for_documents
+from ..evaluation.memorization import document_losses, pad_documents
 from .config import BenchmarkConfig, GoldfishConfig
 
 

@@ -6,7 +6,7 @@ which torch does identically on CPU and GPU, and the final test is an integer co
 floating-point rounding can differ between devices.
 
 ``NO_SEQUENCE`` (-1) is reserved: it activates no sink (padding, unlabeled text). Other negative
-IDs are refused where IDs enter the library (:mod:`hf_memsinks.ids`); should one reach a mask
+IDs are refused where IDs enter the library (:mod:`hf_memsinks.ids.validation`); should one reach a mask
 unchecked (a tensor on an accelerator, whose values forward does not read back), it activates no
 sink either.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .ids import NO_SEQUENCE, check_id_dtype
+from .validation import NO_SEQUENCE, check_id_dtype
 
 __all__ = ["GOLDEN", "NO_SEQUENCE", "REFERENCE_A", "REFERENCE_M", "hash_mask", "mix64", "reference_mask", "shift_right",
            "sink_mask"]

@@ -29,9 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .architectures import neuron_dim
 from .masking import MaskSinks, general_only, maskable_in_place
-from .neurons import ProjectionPatch, copy_into_spans, interleave, load_other_keys, pad_chunks, pick, replace_parameter
+from .neurons import (
+    ProjectionPatch,
+    copy_into_spans,
+    interleave,
+    load_other_keys,
+    neuron_dim,
+    pad_chunks,
+    pick,
+    replace_parameter,
+)
 from .state import ForwardSinks, SinkState
 
 # ---- the projection subclasses ---------------------------------------------------------------------
@@ -221,7 +229,7 @@ class SinkInProjection(SinkProjection):
 class SinkOutProjection(SinkProjection):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.memsink
-        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.adapters)
+        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.integrations.peft)
             return super().forward(h)
         call = m.state.call_for_projection(self.training)
         if call.skip_sinks:

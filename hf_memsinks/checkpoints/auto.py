@@ -1,5 +1,5 @@
 """``AutoMemSinkModelForCausalLM``: one call that loads a base model and patches it, or restores a
-saved memsink checkpoint (:mod:`hf_memsinks.checkpoint`), from a local directory or the Hub."""
+saved memsink checkpoint (:mod:`hf_memsinks.checkpoints.format`), from a local directory or the Hub."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import HUB_KWARGS, load_ignoring_sinks, load_sink_tensors, sink_tensor_keys
-from .config import MemSinkConfig, find_config_file
-from .patching import get_memsink_model
+from ..config import MemSinkConfig, find_config_file
+from ..model.patching import get_memsink_model
+from .format import HUB_KWARGS, load_ignoring_sinks, load_sink_tensors, sink_tensor_keys
 
 
 class AutoMemSinkModelForCausalLM:

@@ -111,15 +111,15 @@ def _check_export_target(checkpoint: str, out: str, overwrite: bool) -> None:
 
 def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overwrite: bool = False) -> None:
     """The sink-free model of ``checkpoint``, with its tokenizer files and a model card, written
-    atomically to ``out`` (:func:`hf_memsinks.saving.atomic_save`). ``out`` must not be the
+    atomically to ``out`` (:func:`hf_memsinks.checkpoints.atomic.atomic_save`). ``out`` must not be the
     checkpoint, and must be empty unless ``overwrite``; files of ``out`` the export does not write
     are kept, never deleted."""
+    from .atomic import atomic_save
     from .auto import AutoMemSinkModelForCausalLM
-    from .saving import atomic_save
 
     _check_export_target(checkpoint, out, overwrite)
     if forget_ids is not None:
-        from .ids import check_sequence_ids
+        from ..ids.validation import check_sequence_ids
 
         check_sequence_ids(forget_ids, "--forget-ids")
     model = AutoMemSinkModelForCausalLM.from_pretrained(checkpoint)

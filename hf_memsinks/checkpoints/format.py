@@ -3,7 +3,7 @@
 A memsink checkpoint is a Transformers checkpoint plus ``memsink_config.json`` (the config and the
 sink layout: general and sink neurons per MLP). Its weights hold each MLP's general neurons under
 the usual names, so plain Transformers loads the sink-free model, and the sinks under ``sink_*``
-names that plain Transformers ignores. Restoring (:mod:`hf_memsinks.auto`) loads the plain model
+names that plain Transformers ignores. Restoring (:mod:`hf_memsinks.checkpoints.auto`) loads the plain model
 without the unused-weights report for the sinks, patches it with the saved layout, then loads
 exactly the sink tensors that layout describes.
 """
@@ -18,10 +18,11 @@ from typing import Callable
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .config import MemSinkConfig
-from .saving import atomic_save
+from ..config import MemSinkConfig
+from ..transformers_internals import causal_lm_class, class_ignoring_unexpected, hub_file, hub_file_or_raise
+from .atomic import atomic_save
 
-SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.experts):
+SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.layers.experts):
                     ".sink_gate_up_proj", ".sink_gate_up_proj_bias", ".sink_up_proj", ".sink_up_proj_bias",
                     ".sink_down_proj")
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -32,7 +33,7 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 
 def save_checkpoint(model: PreTrainedModel, save_directory: str | os.PathLike, base_save: Callable, *args, **kwargs):
     """``base_save`` (Transformers' ``save_pretrained``) plus ``memsink_config.json`` with the sink
-    layout, atomically (:func:`hf_memsinks.saving.atomic_save`); other processes than the main one
+    layout, atomically (:func:`hf_memsinks.checkpoints.atomic.atomic_save`); other processes than the main one
     save as Transformers does."""
     is_main = args[0] if args else kwargs.get("is_main_process", True)
     if not is_main:
@@ -41,7 +42,8 @@ def save_checkpoint(model: PreTrainedModel, save_directory: str | os.PathLike, b
         kwargs["repo_id"] = os.path.basename(os.path.abspath(os.fspath(save_directory)))
     patch = model.memsink
     layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in patch.sites}
-    memsink_config = MemSinkConfig.from_dict({**patch.config.to_dict(), "sink_layout": layout})
+    memsink_config = MemSinkConfig.from_dict({**patch.config.to_dict(), "sink_layout": layout,
+                                              "found_mlps": patch.found_mlps})
     result = []
 
     def write(directory: str) -> None:
@@ -81,15 +83,10 @@ def load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
     if config is None:
         hub = {k: kwargs[k] for k in HUB_KWARGS + ("trust_remote_code",) if k in kwargs}
         config = AutoConfig.from_pretrained(path, **hub)
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping:
+    base = causal_lm_class(config)
+    if base is None:
         return AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
-    base = mapping[type(config)]
-    ignoring = type(base.__name__, (base,), {
-        "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or [])
-        + [re.escape(marker) + "$" for marker in SINK_KEY_MARKERS],
-        "__module__": base.__module__,
-    })
+    ignoring = class_ignoring_unexpected(base, [re.escape(marker) + "$" for marker in SINK_KEY_MARKERS])
     model = ignoring.from_pretrained(path, *model_args, **kwargs)
     model.__class__ = base
     return model
@@ -99,16 +96,13 @@ def _checkpoint_files(path, hub_kwargs: dict) -> list[str]:
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     else:
-        from transformers.utils import cached_file
-
-        index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
-                            **hub_kwargs)
+        index = hub_file(path, "model.safetensors.index.json", offline_is_missing=False, **hub_kwargs)
         if index is not None:
             with open(index) as f:
                 names = sorted(set(json.load(f)["weight_map"].values()))
-            files = [cached_file(path, n, **hub_kwargs) for n in names]
+            files = [hub_file_or_raise(path, n, **hub_kwargs) for n in names]
         else:
-            files = [cached_file(path, "model.safetensors", **hub_kwargs)]
+            files = [hub_file_or_raise(path, "model.safetensors", **hub_kwargs)]
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {path}")
     return files

@@ -25,10 +25,11 @@ from datasets import Dataset
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
-from .adapters import train_sinks
-from .data import ID_COLUMN, example_ids
-from .masks import NO_SEQUENCE
-from .model import is_memsink_model
+from ..data.collators import example_ids
+from ..data.sequence_ids import ID_COLUMN
+from ..ids.masks import NO_SEQUENCE
+from ..model.patched import is_memsink_model
+from .peft import train_sinks
 
 
 class SequenceIdCollator:
@@ -37,7 +38,7 @@ class SequenceIdCollator:
     An example's ID is one integer or one per token. Rows the inner collator pads get ``-1``;
     when it concatenates the examples into one padding-free row, the IDs follow each example.
     Examples without IDs (an evaluation set) leave the batch as the inner collator made it; IDs
-    are validated as everywhere else (:func:`hf_memsinks.data.example_ids`).
+    are validated as everywhere else (:func:`hf_memsinks.data.collators.example_ids`).
 
     Args:
         collator: the collator to wrap (TRL's ``DataCollatorForLanguageModeling``, say).

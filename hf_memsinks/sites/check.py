@@ -1,4 +1,4 @@
-"""Is a candidate MLP one that sinks can go in? (Step 3 of :mod:`hf_memsinks.discovery`.)
+"""Is a candidate MLP one that sinks can go in? (Step 3 of :mod:`hf_memsinks.sites.discovery`.)
 
 Sinks need the hidden neurons to be independent of each other, and removal needs the model to
 run with fewer of them. So one model forward with the last quarter of its neurons deleted (an odd
@@ -22,9 +22,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .architectures import MLPSite, neuron_dim
-from .experts import check_experts_forward, experts_layout
-from .neurons import chunk_spans, pick
+from ..layers.experts import check_experts_forward, experts_layout
+from ..layers.neurons import chunk_spans, neuron_dim, pick
+from .spec import MLPSite
 
 
 def check_site(model: nn.Module, site: MLPSite) -> str | None:

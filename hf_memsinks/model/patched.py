@@ -11,7 +11,6 @@ attribute, ``memsink`` (a :class:`ModelPatch`); ``remove_sinks`` deletes it and 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -21,17 +20,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .adapters import check_unwrapped, sync_adapters
-from .checkpoint import save_checkpoint
-from .config import MemSinkConfig
-from .experts import is_patched_experts
+from ..checkpoints.format import save_checkpoint
+from ..config import MemSinkConfig
+from ..ids.validation import check_batch_ids, check_id_list, check_sequence_ids
+from ..integrations.peft import check_unwrapped, sync_adapters
+from ..layers.experts import is_patched_experts
+from ..layers.mlp import PatchedMLP
+from ..layers.projections import is_patched_projection
+from ..layers.state import EVAL_MODES, PAPER_MODE_NAMES, SinkState
+from ..sites.widths import plan_widths
 from .forgetting import coverage_warning, forget_sinks, forgotten_sinks
 from .gradient_checkpointing import CheckpointingMixin, unwrap_checkpointing
-from .ids import check_batch_ids, check_id_list, check_sequence_ids
-from .layers import is_patched_projection
-from .mlp import PatchedMLP
-from .state import EVAL_MODES, PAPER_MODE_NAMES, SinkState
-from .widths import plan_widths
 
 
 @dataclass
@@ -43,9 +42,10 @@ class ModelPatch:
     sites: list[PatchedMLP]  # the patched MLPs
     width_attrs: dict[str, str | None]  # MLP name -> config field holding its width (every MLP)
     original_widths: dict[str, int]  # MLP name -> width before patching (every MLP)
+    found_mlps: dict  # how the MLPs were found (hf_memsinks.sites.resolve), saved with checkpoints
     base_class: type  # the model's class before patching
     backbone_class: type | None = None  # the backbone's, when it is a separate module
-    slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.adapters)
+    slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.integrations.peft)
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -54,7 +54,7 @@ def is_memsink_model(model: nn.Module) -> bool:
 
 class _PatchedClass(CheckpointingMixin):
     """What the patched model and its patched backbone share: checkpointing enabled after
-    patching (:mod:`hf_memsinks.gradient_checkpointing`) and pickling."""
+    patching (:mod:`hf_memsinks.model.gradient_checkpointing`) and pickling."""
 
     def __reduce_ex__(self, protocol):
         """The class is made at patch time, so pickle cannot find it by name: rebuild it from the
@@ -128,7 +128,7 @@ class MemSinkModelMixin(_PatchedClass):
     def forget_sinks(self, sequence_ids: Iterable[int] | torch.Tensor) -> float:
         """Delete, in place, the sinks that ``sequence_ids`` switch on (the model stays patched;
         serve it in ``"activate"`` mode). Returns the share of all sinks deleted; warns when that
-        share is most of them. See :mod:`hf_memsinks.forgetting`."""
+        share is most of them. See :mod:`hf_memsinks.model.forgetting`."""
         return forget_sinks(self, sequence_ids)
 
     def remove_sinks(self, forget_ids: Iterable[int] | torch.Tensor | None = None) -> PreTrainedModel:
@@ -178,7 +178,7 @@ class MemSinkModelMixin(_PatchedClass):
         ``AutoModelForCausalLM`` loads the result as the sink-free model (sink tensors unused);
         ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks.
 
-        Atomic (:func:`hf_memsinks.saving.atomic_save`): everything is written into a staging
+        Atomic (:func:`hf_memsinks.checkpoints.atomic.atomic_save`): everything is written into a staging
         directory next to ``save_directory`` and swapped in at once, so a crash at any point leaves
         the previous checkpoint there loadable; files of that directory which this save does not
         write are kept."""
@@ -293,14 +293,3 @@ def _forward_with_ids(base: type, backbone: bool):
         "            no sequence (no sink active). Required in training mode.\n"
     )
     return forward
-
-
-# Names this module defined before patching and loading got modules of their own; `from
-# hf_memsinks.model import get_memsink_model` keeps working.
-_MOVED = {"get_memsink_model": "patching", "AutoMemSinkModelForCausalLM": "auto"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

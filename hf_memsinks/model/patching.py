@@ -1,25 +1,26 @@
 """``get_memsink_model``: sink neurons in every MLP of a model, in place.
 
-Steps: find the MLPs (:func:`hf_memsinks.architectures.mlp_sites`), decide each one's split into
+Steps: find the MLPs (:func:`hf_memsinks.sites.resolve.mlp_sites`), decide each one's split into
 general and sink neurons, make the model config describe the new widths
-(:func:`hf_memsinks.widths.plan_widths`), swap in the sink-aware projection classes and grow the
-sinks (``"add"`` mode), then swap the model's class (:mod:`hf_memsinks.model`). What was done is
-recorded in one :class:`~hf_memsinks.model.ModelPatch`, which ``remove_sinks`` consumes.
+(:func:`hf_memsinks.sites.widths.plan_widths`), swap in the sink-aware projection classes and grow the
+sinks (``"add"`` mode), then swap the model's class (:mod:`hf_memsinks.model.patched`). What was done is
+recorded in one :class:`~hf_memsinks.model.patched.ModelPatch`, which ``remove_sinks`` consumes.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from .adapters import projection_slots
-from .architectures import MLPSite, mlp_sites, select_layers
-from .config import MemSinkConfig
-from .experts import aligned_split
+from ..config import MemSinkConfig
+from ..integrations.peft import projection_slots
+from ..layers.experts import aligned_split
+from ..layers.mlp import PatchedMLP
+from ..layers.state import SinkState
+from ..sites.resolve import found_record, mlp_sites
+from ..sites.spec import MLPSite, select_layers
+from ..sites.widths import check_width_field, plan_widths
 from .gradient_checkpointing import wrap_checkpointing
-from .mlp import PatchedMLP
-from .model import ModelPatch, is_memsink_model, memsink_class
-from .state import SinkState
-from .widths import check_width_field, plan_widths
+from .patched import ModelPatch, is_memsink_model, memsink_class
 
 
 def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrainedModel:
@@ -49,7 +50,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         raise TypeError(f"get_memsink_model needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_memsink_model(model):
         raise ValueError("this model already has memsinks; patch a model only once")
-    all_sites = mlp_sites(model, config.target_modules)
+    all_sites = mlp_sites(model, config.target_modules, config.found_mlps)
     sites = select_layers(all_sites, config.layers)
     layout = config.sink_layout
     if layout is not None and set(layout) != {s.name for s in sites}:
@@ -69,7 +70,8 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         mlp.patch(state, external[mlp.name])
         if site.width == mlp.general:
             mlp.grow(config.init_seed, random_init=config.sink_layout is None)
-    _swap_classes(model, ModelPatch(config, state, patched, width_attrs, original_widths, base_class=type(model)))
+    record = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
+    _swap_classes(model, record)
     wrap_checkpointing(model, state)
     return model
 

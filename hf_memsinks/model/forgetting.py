@@ -19,9 +19,9 @@ import warnings
 
 import torch
 
-from .architectures import neuron_dim
-from .ids import check_id_list
-from .masks import sink_mask
+from ..ids.masks import sink_mask
+from ..ids.validation import check_id_list
+from ..layers.neurons import neuron_dim
 
 # Above this share of all sinks, deleting the given IDs' sinks is close to deleting every sink.
 COVERAGE_WARNING = 0.5

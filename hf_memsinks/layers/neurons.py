@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..transformers_internals import Conv1D
 from .state import SinkState
 
 Span = tuple[int, int]
@@ -26,7 +27,7 @@ Span = tuple[int, int]
 class ProjectionPatch:
     """What patching did to one projection (or batched experts module), and how to undo it.
 
-    Created by :func:`patch_projection` (or :func:`hf_memsinks.experts.patch_experts`), kept as
+    Created by :func:`patch_projection` (or :func:`hf_memsinks.layers.experts.patch_experts`), kept as
     the module's one added attribute ``memsink``, consumed by removal (``fold``)."""
 
     role: str  # "in" (produces hidden neurons: up, gate, fused gate+up), "out" (reads them), "norm", "experts"
@@ -38,7 +39,7 @@ class ProjectionPatch:
     state: SinkState  # the model's sink state: eval mode and the current forward call
     base_class: type  # the module's class before patching
     behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
-    wrapped: bool = False  # an adapter wrapper applies this projection's sinks (set by hf_memsinks.adapters only)
+    wrapped: bool = False  # an adapter wrapper applies its sinks (set by hf_memsinks.integrations.peft)
 
     @property
     def neuron_chunks(self) -> int:
@@ -109,3 +110,14 @@ def load_other_keys(base_load, state_dict, prefix, names, local_metadata, strict
     before = len(missing_keys)
     base_load(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
     missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
+
+
+def neuron_dim(module: nn.Module, role: str) -> int:
+    """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out); a norm
+    over the hidden neurons has 1-D parameters."""
+    if role == "norm":
+        return 0
+    transposed = isinstance(module, Conv1D)
+    if role == "in":
+        return 1 if transposed else 0
+    return 0 if transposed else 1

@@ -14,7 +14,7 @@ directly (TRL's fused LM head, Liger kernels, reward heads) with its own ``seque
 own; called without any it raises in training rather than reuse another call's masks; threads
 running forwards of one model at once (``nn.DataParallel`` replicas) each see their own call.
 Activation checkpointing replays a layer in backward, outside the call: the checkpoint function is
-wrapped to re-enter the call that ran the layer (:mod:`hf_memsinks.gradient_checkpointing`).
+wrapped to re-enter the call that ran the layer (:mod:`hf_memsinks.model.gradient_checkpointing`).
 
 A ``threading.local`` rather than a ``contextvars.ContextVar``: dynamo traces attribute reads of a
 thread-local (so a compiled model reads its call's masks inside the graph) but not ``ContextVar.get``.
@@ -26,8 +26,8 @@ import threading
 
 import torch
 
-from .config import MemSinkConfig
-from .masks import sink_mask
+from ..config import MemSinkConfig
+from ..ids.masks import sink_mask
 
 EVAL_MODES = ("drop", "expected", "activate", "exclude")
 PAPER_MODE_NAMES = {"dropout": "drop", "all": "expected", "activate_seq": "activate", "exclude_seq_ids": "exclude"}

@@ -1,5 +1,5 @@
 """Find a model's MLPs from its structure, for model types the table in
-:mod:`hf_memsinks.architectures` does not list.
+:mod:`hf_memsinks.sites.spec` does not list.
 
 1. **Decoder layers**: the ``nn.ModuleList`` with the most parameters under the model's decoder
    (``model.get_decoder()``); a layer's index is its position there.
@@ -7,8 +7,8 @@
    width ``W`` back to the width ``D`` it reads from, fed by input projections mapping ``D`` to
    ``W`` (plain or a gated pair) or to ``2W`` (fused gate+up), as ``nn.Linear`` or ``Conv1D``,
    wherever they sit (on an ``mlp`` module, on the layer itself as in OPT, in two sibling
-   modules as in BERT); and batched mixture-of-experts modules (:mod:`hf_memsinks.experts`).
-3. **Check** (:mod:`hf_memsinks.site_check`): sinks need the hidden neurons to be independent of
+   modules as in BERT); and batched mixture-of-experts modules (:mod:`hf_memsinks.layers.experts`).
+3. **Check** (:mod:`hf_memsinks.sites.check`): sinks need the hidden neurons to be independent of
    each other, and removal needs the model to run with fewer of them. So for each kind of
    candidate, one model forward with the last quarter of its neurons deleted (an odd number, so
    whole attention heads never pass) must equal one with their output weights zeroed, and
@@ -22,7 +22,7 @@
    with zero input weights must be exactly zero there, and zeroing some neurons' input weights must
    equal zeroing them at the norm's input. Then the sinks are masked at the norm's input (an
    inactive sink is zero in its statistics) and removal keeps the full width with zeros.
-4. **Width field** (:mod:`hf_memsinks.widths`): a config field (by value, names like
+4. **Width field** (:mod:`hf_memsinks.sites.widths`): a config field (by value, names like
    ``*intermediate*`` first) is the MLP's width if building the model on the meta device with that
    field changed changes exactly those MLPs' widths to the new value. Without one, removal keeps
    the full width with zeros.
@@ -35,11 +35,11 @@ import dataclasses
 import re
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .architectures import MLPSite, MLPSpec, find_mlp_sites
-from .experts import experts_width
-from .site_check import check_site
+from ..layers.experts import experts_width
+from ..transformers_internals import Conv1D
+from .check import check_site
+from .spec import MLPSite, MLPSpec, find_mlp_sites
 from .widths import find_width_fields
 
 _NOT_MLP = re.compile(r"attn|attention", re.IGNORECASE)
@@ -186,7 +186,7 @@ def _describe(spec: MLPSpec) -> str:
     return f"{list(spec.in_proj)} -> {spec.out_proj!r} on {where}{fused}{norm}"
 
 
-# ---- 3. the check (hf_memsinks.site_check); a norm over the hidden neurons ------------------------
+# ---- 3. the check (hf_memsinks.sites.check); a norm over the hidden neurons ------------------------
 
 
 def _norm_over_neurons(model: nn.Module, site: MLPSite) -> str | None:

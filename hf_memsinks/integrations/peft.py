@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import is_patched_projection
+from ..layers.projections import is_patched_projection
 
 Slot = tuple[nn.Module, str, nn.Module]  # (parent, attribute, patched projection)
 

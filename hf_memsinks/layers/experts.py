@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..transformers_internals import ExpertsGateHook, experts_forward
 from .masking import general_only
 from .neurons import (
     ProjectionPatch,
@@ -70,9 +71,9 @@ def _set_width(module: nn.Module, width: int) -> None:
 # ---- the patched experts class ---------------------------------------------------------------------
 
 
-class SinkExperts:
+class SinkExperts(ExpertsGateHook):
     """Mixed in ahead of the experts module's own class; its state is ``self.memsink`` (a
-    :class:`~hf_memsinks.neurons.ProjectionPatch` of role ``"experts"``)."""
+    :class:`~hf_memsinks.layers.neurons.ProjectionPatch` of role ``"experts"``)."""
 
     memsink: ProjectionPatch
 
@@ -80,11 +81,9 @@ class SinkExperts:
         """Transformers' own experts function: ``grouped_mm`` (rows sorted by expert, as it sorts
         them) when that is the model's experts implementation, else ``batched_mm`` (rows in token
         order). The current call records which token each row of the hidden activation is."""
-        from transformers.integrations import moe
-
         top_k = top_k_index.shape[-1]
         call = self.memsink.state.current()
-        grouped = getattr(self.config, "_experts_implementation", None) == "grouped_mm"
+        forward, grouped = experts_forward(self)
         if call is not None and call.kind == "mask":
             if grouped:
                 _, perm = torch.sort(top_k_index.reshape(-1))  # the very sort grouped_mm does
@@ -92,12 +91,10 @@ class SinkExperts:
             else:
                 row_tokens = torch.arange(hidden_states.shape[0] * top_k, device=hidden_states.device) // top_k
             call.rows[id(self)] = (hidden_states.shape[0], row_tokens)
-        if grouped:
-            return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return forward(self, hidden_states, top_k_index, top_k_weights)
 
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return self._apply_sinks(super()._apply_gate(gate_up))
+    def after_gate(self, h: torch.Tensor) -> torch.Tensor:  # gated experts (ExpertsGateHook)
+        return self._apply_sinks(h)
 
     @property
     def act_fn(self):  # ungated experts: batched_mm calls act_fn on the hidden neurons
@@ -153,7 +150,7 @@ class SinkExperts:
             replace_parameter(self, name, interleave(tensor, new, dim, chunks))
 
     def fold(self, general_scale: float, sink_coef: torch.Tensor | None, width: int) -> None:
-        """Plain weights, as :meth:`hf_memsinks.layers.SinkProjection.fold`, for every expert."""
+        """Plain weights, as :meth:`hf_memsinks.layers.projections.SinkProjection.fold`, for every expert."""
         for name, (general, sinks) in self.general_and_sink_parts().items():
             dim, chunks, rows = experts_layout(self)[name]
             if name == "down_proj":
@@ -240,8 +237,6 @@ def unpatch_experts(module: nn.Module) -> None:
 def check_experts_forward(module: nn.Module, name: str) -> None:
     """The patched path (Transformers' batched_mm experts function) must reproduce the module's
     own forward on random routing; otherwise the sinks would change the model."""
-    from transformers.integrations import moe
-
     param = module.down_proj
     hidden = param.shape[2 if module.is_transposed else 1]
     experts = param.shape[0]
@@ -253,9 +248,8 @@ def check_experts_forward(module: nn.Module, name: str) -> None:
     with torch.no_grad():
         try:
             own = module(x, index, weights)
-            grouped = getattr(module.config, "_experts_implementation", None) == "grouped_mm"
-            experts_forward = moe.grouped_mm_experts_forward if grouped else moe.batched_mm_experts_forward
-            ours = experts_forward(module, x, index, weights)
+            forward, _ = experts_forward(module)
+            ours = forward(module, x, index, weights)
         except Exception as e:  # noqa: BLE001 - reported with context below
             raise NotImplementedError(
                 f"{name} ({type(module).__name__}) is a mixture-of-experts module whose forward does not take "

@@ -2,7 +2,7 @@
 ran it.
 
 Checkpointing replays a decoder layer during backward, after the model's forward has returned and
-its call (:class:`hf_memsinks.state.ForwardSinks`) is gone, maybe in another thread. So every
+its call (:class:`hf_memsinks.layers.state.ForwardSinks`) is gone, maybe in another thread. So every
 layer's checkpoint function is wrapped in :class:`ReplayInCall`: when checkpointing was enabled
 before patching (:func:`wrap_checkpointing`, at patch time) and when it is enabled afterwards
 (:class:`CheckpointingMixin`, on the patched model and backbone classes). Removal puts the
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .state import SinkState
+from ..layers.state import SinkState
+from ..transformers_internals import CheckpointingHook, get_checkpoint_func, set_checkpoint_func
 
 
 class ReplayInCall:
@@ -40,24 +41,21 @@ class ReplayInCall:
 def wrap_checkpointing(model: nn.Module, state: SinkState) -> None:
     """Wrap the checkpoint functions already set on ``model``'s layers."""
     for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
+        func = get_checkpoint_func(module)
         if func is not None and not isinstance(func, ReplayInCall):
-            module._gradient_checkpointing_func = ReplayInCall(func, state)
+            set_checkpoint_func(module, ReplayInCall(func, state))
 
 
 def unwrap_checkpointing(model: nn.Module) -> None:
     """Give every layer its original checkpoint function back."""
     for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
+        func = get_checkpoint_func(module)
         if isinstance(func, ReplayInCall):
-            module._gradient_checkpointing_func = func.original
+            set_checkpoint_func(module, func.original)
 
 
-class CheckpointingMixin:
+class CheckpointingMixin(CheckpointingHook):
     """For the patched classes: ``gradient_checkpointing_enable()`` after patching wraps too."""
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
-        if gradient_checkpointing_func is None:
-            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
-        func = ReplayInCall(gradient_checkpointing_func, self.memsink.state)
-        return super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
+    def wrap_checkpoint_func(self, func) -> ReplayInCall:
+        return ReplayInCall(func, self.memsink.state)

@@ -13,9 +13,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .ids import check_sequence_ids
-from .layers import is_patched_projection
-from .saving import atomic_save
+from ..checkpoints.atomic import atomic_save
+from ..ids.validation import check_sequence_ids
+from ..layers.projections import is_patched_projection
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MemSinkCallback(TrainerCallback):
 
     ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
     (see ``remove_sinks``). The tokenizer (``processing_class``) is saved alongside when given.
-    The export is atomic (:func:`hf_memsinks.saving.atomic_save`): files it does not write in
+    The export is atomic (:func:`hf_memsinks.checkpoints.atomic.atomic_save`): files it does not write in
     ``export_dir`` are kept, and a crash leaves the previous export loadable.
     """
 

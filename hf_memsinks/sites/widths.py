@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import MLPSite, MLPSpec, find_mlp_sites
-from .config import did_you_mean
+from ..config import did_you_mean
+from .spec import MLPSite, MLPSpec, find_mlp_sites
 
 _WIDTH_NAMES = re.compile(r"inter|ffn|inner|mlp|ff_|_ff|expert|moe|hidden_dim", re.IGNORECASE)
 _MAX_FIELD_TRIES = 10

@@ -1,6 +1,6 @@
 """One patched MLP: its projections (or batched experts module) and its split into general and
 sink neurons. Patching creates it, removal consumes it; the modules do the work themselves
-(:class:`hf_memsinks.layers.SinkProjection`, :class:`hf_memsinks.experts.SinkExperts`)."""
+(:class:`hf_memsinks.layers.projections.SinkProjection`, :class:`hf_memsinks.layers.experts.SinkExperts`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .experts import patch_experts
-from .layers import patch_projection
+from .projections import patch_projection
 from .state import SinkState
 
 
@@ -26,7 +26,7 @@ class PatchedMLP:
     sinks: int
     chunks: int
     width_attr: str | None = None
-    kind: str = "mlp"  # "experts": out_proj is a batched experts module (hf_memsinks.experts)
+    kind: str = "mlp"  # "experts": out_proj is a batched experts module (hf_memsinks.layers.experts)
     norm: nn.Module | None = None  # a norm over the hidden neurons, applying the sinks at its input
 
     def modules(self) -> list[nn.Module]:
@@ -57,6 +57,6 @@ class PatchedMLP:
             module.grow(generator, random_init)
 
     def fold(self, general_scale: float, sink_coef: torch.Tensor | None, width: int) -> None:
-        """Plain weights and classes again (see :meth:`hf_memsinks.layers.SinkProjection.fold`)."""
+        """Plain weights and classes again (see :meth:`hf_memsinks.layers.projections.SinkProjection.fold`)."""
         for module in self.modules():
             module.fold(general_scale, sink_coef, width)

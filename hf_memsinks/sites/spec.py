@@ -1,6 +1,7 @@
-"""Where a model keeps its MLPs: the user's ``target_modules``, a table of exceptions, else
-discovery from the model's structure (:mod:`hf_memsinks.discovery`). The table is the only
-per-model knowledge in the package.
+"""An MLP by its names (:class:`MLPSpec`), and the modules those names find in a model (:class:`MLPSite`).
+
+Names come from the user's ``target_modules``, from discovery (:mod:`hf_memsinks.sites.discovery`)
+or from a checkpoint that recorded what discovery found (:mod:`hf_memsinks.sites.resolve`).
 
 Every supported MLP is ``out_proj(act(in_proj(x)) [* in_proj2(x)])``: input projections that
 produce the hidden neurons, elementwise ops, and one output projection that reads them. So the
@@ -17,7 +18,9 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from ..layers.neurons import neuron_dim
+from ..transformers_internals import Conv1D
 
 
 @dataclass(frozen=True)
@@ -37,32 +40,15 @@ class MLPSpec:
     norm: str | None = None  # path from the MLP to a norm over its hidden neurons feeding out_proj
 
 
-# Only what discovery from structure (hf_memsinks.discovery) cannot infer, keyed by model type.
-# Every type of the installed Transformers that discovery handles is absent on purpose: the
-# coverage run (tests/coverage_models.py) shows it finds the MLPs and width fields of the types
-# this table used to list (GPT-2's ``n_inner`` = None included).
-ARCHITECTURES: dict[str, MLPSpec] = {}
-
-
-def spec_for(model_type: str, target_modules: dict | None = None) -> MLPSpec:
-    """The table's entry, or the user's ``MemSinkConfig.target_modules`` when given."""
-    if target_modules is not None:
-        return MLPSpec(
-            mlp=target_modules["mlp"],
-            in_proj=tuple(target_modules["in_proj"]),
-            out_proj=target_modules["out_proj"],
-            width_attr=target_modules.get("width_attr"),
-            in_proj_chunks=target_modules.get("in_proj_chunks", 1),
-            norm=target_modules.get("norm"),
-        )
-    if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type]
-    raise NotImplementedError(
-        f"hf_memsinks does not know where the MLPs of model type {model_type!r} are. Name them: "
-        "MemSinkConfig(target_modules={'mlp': 'mlp', 'in_proj': ['gate_proj', 'up_proj'], "
-        "'out_proj': 'down_proj', 'width_attr': 'intermediate_size'}) with the attribute names of "
-        "one decoder layer (print(model) shows them; 'mlp': '' if the projections sit on the layer). "
-        f"Table entries: {', '.join(sorted(ARCHITECTURES)) or 'none'}."
+def spec_from_target_modules(target_modules: dict) -> MLPSpec:
+    """The MLP named by the user's ``MemSinkConfig.target_modules`` (checked there)."""
+    return MLPSpec(
+        mlp=target_modules["mlp"],
+        in_proj=tuple(target_modules["in_proj"]),
+        out_proj=target_modules["out_proj"],
+        width_attr=target_modules.get("width_attr"),
+        in_proj_chunks=target_modules.get("in_proj_chunks", 1),
+        norm=target_modules.get("norm"),
     )
 
 
@@ -79,28 +65,7 @@ class MLPSite:
     width_attr: str | None = None  # config field holding this MLP's width (dotted for sub-configs)
     kind: str = "mlp"  # "experts": ``out_proj`` is the experts module, ``in_proj`` empty
     norm: nn.Module | None = None  # a norm over the hidden neurons whose output is out_proj's input
-
-
-def neuron_dim(module: nn.Module, role: str) -> int:
-    """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out); a norm
-    over the hidden neurons has 1-D parameters."""
-    if role == "norm":
-        return 0
-    transposed = isinstance(module, Conv1D)
-    if role == "in":
-        return 1 if transposed else 0
-    return 0 if transposed else 1
-
-
-def mlp_sites(model: nn.Module, target_modules: dict | None = None) -> list[MLPSite]:
-    """Every MLP of ``model``: named by ``target_modules`` or the table, else found from the
-    model's structure (:mod:`hf_memsinks.discovery`)."""
-    model_type = getattr(model.config, "model_type", None)
-    if target_modules is not None or model_type in ARCHITECTURES:
-        return find_mlp_sites(model, spec_for(model_type, target_modules))
-    from .discovery import discover_sites
-
-    return discover_sites(model)
+    spec: MLPSpec | None = None  # the names it was found by
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -135,12 +100,12 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
         if mlp is None:
             continue
         if spec.kind == "experts":
-            from .experts import experts_width
+            from ..layers.experts import experts_width
 
             if id(mlp) not in seen and experts_width(mlp) is not None:
                 seen.add(id(mlp))
                 sites.append(MLPSite(f"{name}.{spec.mlp}" if spec.mlp else name, _layer_index(name), [], mlp,
-                                     experts_width(mlp), width_attr=spec.width_attr, kind="experts"))
+                                     experts_width(mlp), width_attr=spec.width_attr, kind="experts", spec=spec))
             continue
         out_proj = _get(mlp, spec.out_proj)
         in_proj = [_get(mlp, n) for n in spec.in_proj]
@@ -164,7 +129,7 @@ def find_mlp_sites(model: nn.Module, spec: MLPSpec) -> list[MLPSite]:
                 )
         norm = None if spec.norm is None else _hidden_norm(mlp, spec.norm, f"{mlp_name}.{spec.norm}", width)
         sites.append(MLPSite(mlp_name, _layer_index(name), in_proj, out_proj, width,
-                             chunks=spec.in_proj_chunks, width_attr=spec.width_attr, norm=norm))
+                             chunks=spec.in_proj_chunks, width_attr=spec.width_attr, norm=norm, spec=spec))
     if not sites:
         raise ValueError(
             f"found no MLP with projections {spec.in_proj} -> {spec.out_proj} under attribute {spec.mlp!r}; "

@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .masks import GOLDEN, mix64, shift_right
+from ..ids.masks import GOLDEN, mix64, shift_right
 
 IGNORE_INDEX = -100
 TABLE_SIZE = 1_000_003  # a prime

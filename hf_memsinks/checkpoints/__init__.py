@@ -1,0 +1,2 @@
+"""Checkpoints: the memsink checkpoint format, atomic writes, ``AutoMemSinkModelForCausalLM``,
+and the sink-free export with its audit."""

@@ -1,0 +1,148 @@
+"""Sequence IDs for datasets: every repetition of a document gets the same ID.
+
+The same ID on every rank and in every Python run, so IDs are hashes (blake2b) of a metadata
+value or of the content, never Python's salted ``hash``. IDs are non-negative int63;
+``NO_SEQUENCE`` (-1) is reserved for padding (no sink active).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..ids.validation import check_sequence_ids
+from .near_duplicates import add_near_duplicate_ids
+
+ID_COLUMN = "sequence_ids"
+
+# ---- stable hashing ---------------------------------------------------------------------------------
+
+
+def _digest_to_id(data: bytes) -> int:
+    digest = hashlib.blake2b(data, digest_size=8, person=b"hf_memsinks").digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: non-negative int64, never -1
+
+
+def _value_bytes(value: Any) -> bytes:
+    """A canonical byte form: the type is part of it, so ``1`` and ``"1"`` differ."""
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray)):
+        return b"b" + bytes(value)
+    if isinstance(value, (bool, np.bool_)):
+        return b"o" + (b"1" if value else b"0")
+    if isinstance(value, (int, np.integer)):
+        return b"i" + str(int(value)).encode()
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
+        return b"t" + np.asarray(value, dtype=np.int64).tobytes()  # token lists: fast path
+    try:
+        return b"j" + json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    except TypeError as err:
+        raise TypeError(f"cannot derive a stable sequence ID from a value of type {type(value).__name__}") from err
+
+
+def stable_id(value: Any) -> int:
+    """The sequence ID of one metadata value or document (str, bytes, int, token list, JSON-able)."""
+    if value is None:
+        raise ValueError("cannot derive a sequence ID from None (null)")
+    return _digest_to_id(_value_bytes(value))
+
+
+def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int]) -> list[int]:
+    out = []
+    for value, index in zip(values, indices):
+        if value is None:
+            raise ValueError(f"column {column!r} is null in row {index}: every row needs a value to derive its "
+                             "sequence ID")
+        out.append(stable_id(value))
+    return out
+
+
+# ---- datasets ---------------------------------------------------------------------------------------
+
+
+def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *, output_column: str = ID_COLUMN,
+                     threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 5,
+                     batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None):
+    """Return ``dataset`` with an ``output_column`` of sequence IDs (one int per row).
+
+    Every repetition of a document must get the same ID, so IDs come from what repeats with it.
+    Metadata and content IDs are a batched ``map`` (streams, parallel with ``num_proc``).
+
+    Args:
+        dataset: a ``datasets.Dataset``.
+        by: ``"metadata"``: hash of ``column``'s value (URL, doc id, author: any hashable value),
+            so rows that share it share sinks. ``"content"``: hash of the text (or token list) in
+            ``column``, so exact repeats share an ID. ``"near_duplicates"``: MinHash LSH over word
+            shingles (``datasketch``) with Jaccard ``threshold``; each cluster of near-duplicates
+            takes the content ID of its first row, so lightly edited repeats share an ID. ``"ids"``:
+            ``column`` already holds integer IDs (document numbers from your pipeline); they are
+            validated (integers, ``>= 0`` or ``-1``; see :mod:`hf_memsinks.ids.validation`) and copied to
+            ``output_column`` (or only validated, when ``column == output_column``).
+        column: the column to derive IDs from; for ``"content"`` and ``"near_duplicates"`` it
+            defaults to ``"text"``, else ``"input_ids"``.
+        output_column: the new column (``"sequence_ids"``, what the collators and the model read).
+        threshold, num_perm, shingle_size: ``"near_duplicates"`` only: Jaccard similarity that
+            makes two rows one document, MinHash permutations, words (or tokens) per shingle.
+        batch_size, num_proc, desc: passed to ``dataset.map``.
+    """
+    from datasets import Dataset  # noqa: F401  (datasets is an optional dependency)
+
+    names = list(dataset.column_names)
+    map_args = dict(batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc)
+    if by == "ids":
+        return _validated_ids(dataset, column, output_column, map_args, desc)
+    if output_column in names:
+        raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
+    column = _source_column(names, by, column)
+    if by in ("metadata", "content"):
+        def assign(batch, indices):
+            return {output_column: _ids_for(batch[column], column, indices)}
+
+        return dataset.map(assign, **map_args, desc=desc or f"sequence IDs from {column!r}")
+    if by == "near_duplicates":
+        return add_near_duplicate_ids(dataset, column, output_column, stable_id, threshold, num_perm, shingle_size,
+                                      map_args, desc)
+    raise ValueError(f"unknown by={by!r}; use 'metadata', 'content', 'near_duplicates' or 'ids'")
+
+
+def _source_column(names: list[str], by: str, column: str | None) -> str:
+    if column is None:
+        if by == "metadata":
+            raise ValueError("by='metadata' needs column=<the metadata column>")
+        column = "text" if "text" in names else "input_ids" if "input_ids" in names else None
+        if column is None:
+            raise ValueError(f"no 'text' or 'input_ids' column to hash; name one with column=... (have {names})")
+    if column not in names:
+        raise ValueError(f"dataset has no column {column!r} (have {names})")
+    return column
+
+
+def _validated_ids(dataset, column: str | None, output_column: str, map_args: dict, desc: str | None):
+    """``by="ids"``: the column's IDs checked row by row, copied to ``output_column``."""
+    names = list(dataset.column_names)
+    if column is None or column not in names:
+        raise ValueError(f"by='ids' needs column=<a column of integer IDs> (have {names})")
+    if output_column in names and output_column != column:
+        raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
+
+    def validate(batch, indices):
+        values = batch[column]
+        for value, index in zip(values, indices):
+            check_sequence_ids(value, f"row {index} of column {column!r}")
+        return {} if column == output_column else {output_column: values}
+
+    return dataset.map(validate, **map_args, desc=desc or f"check sequence IDs in {column!r}")
+
+
+def ids_for_documents(documents: Iterable[Any]) -> torch.Tensor:
+    """Content IDs for an in-memory list of documents (texts or token lists), as a LongTensor."""
+    return torch.tensor([stable_id(d) for d in documents], dtype=torch.long)

@@ -1,0 +1,2 @@
+"""The patched model: ``get_memsink_model``, the forward with ``sequence_ids``, eval modes,
+``remove_sinks`` and forgetting."""

@@ -1,0 +1,105 @@
+"""Every private name of Transformers that hf_memsinks uses, in one place.
+
+Transformers changes its internals between releases without notice; keeping them here means an
+upgrade breaks in this module alone, and :func:`check_transformers_version` (run by the tests)
+names the releases these names were checked against. The supported range is in ``setup.cfg``.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+from transformers.utils import cached_file
+
+__all__ = ["Conv1D", "TESTED_VERSIONS", "causal_lm_class", "check_transformers_version", "class_ignoring_unexpected",
+           "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func", "ExpertsGateHook",
+           "CheckpointingHook"]
+
+# major.minor releases the internals below were checked against (the whole test suite passed).
+TESTED_VERSIONS = ("5.24",)
+
+
+def check_transformers_version(version: str = transformers.__version__) -> None:
+    """Raise if ``version`` is not a release these internals were tested with."""
+    minor = ".".join(version.split(".")[:2])
+    if minor not in TESTED_VERSIONS:
+        raise RuntimeError(
+            f"hf_memsinks was tested with transformers {', '.join(TESTED_VERSIONS)}, not {version}: check every "
+            "name in hf_memsinks/transformers_internals.py against it, then add it to TESTED_VERSIONS"
+        )
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def hub_file(path: str, filename: str, offline_is_missing: bool = True, **hub_kwargs) -> str | None:
+    """The local path of ``filename`` in a Hub repository (downloaded if needed), or None when the
+    repository has no such file (or, with ``offline_is_missing``, cannot be reached)."""
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=not offline_is_missing, **hub_kwargs)
+
+
+def hub_file_or_raise(path: str, filename: str, **hub_kwargs) -> str:
+    """As :func:`hub_file`, but a missing file is Transformers' own error."""
+    return cached_file(path, filename, **hub_kwargs)
+
+
+def causal_lm_class(config: PretrainedConfig) -> type | None:
+    """The class ``AutoModelForCausalLM`` builds for ``config``, or None for a remote-code model."""
+    mapping = AutoModelForCausalLM._model_mapping
+    return mapping[type(config)] if type(config) in mapping else None
+
+
+def class_ignoring_unexpected(base: type, patterns: list[str]) -> type:
+    """A subclass of ``base`` (same name and module) whose ``from_pretrained`` does not report
+    unused checkpoint keys matching ``patterns`` (regular expressions)."""
+    return type(base.__name__, (base,), {
+        "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or []) + patterns,
+        "__module__": base.__module__,
+    })
+
+
+# ---- mixture-of-experts modules ---------------------------------------------------------------------
+
+
+def experts_forward(module):
+    """Transformers' own experts function for ``module``: ``grouped_mm`` when that is the model's
+    experts implementation (rows sorted by expert), else ``batched_mm`` (rows in token order).
+    Returns ``(function, grouped)``."""
+    from transformers.integrations import moe
+
+    grouped = getattr(module.config, "_experts_implementation", None) == "grouped_mm"
+    return (moe.grouped_mm_experts_forward if grouped else moe.batched_mm_experts_forward), grouped
+
+
+class ExpertsGateHook:
+    """Mixed in ahead of a gated experts module's class: the experts functions call
+    ``_apply_gate`` on the gate/up output; the hidden neurons it returns go through
+    ``self.after_gate`` (which the mixin's user defines)."""
+
+    def _apply_gate(self, gate_up):
+        return self.after_gate(super()._apply_gate(gate_up))
+
+
+# ---- activation checkpointing -----------------------------------------------------------------------
+
+
+def get_checkpoint_func(module):
+    """The checkpoint function Transformers set on a layer with checkpointing on, or None."""
+    return getattr(module, "_gradient_checkpointing_func", None)
+
+
+def set_checkpoint_func(module, func) -> None:
+    module._gradient_checkpointing_func = func
+
+
+class CheckpointingHook:
+    """Mixed in ahead of a model class: ``gradient_checkpointing_enable()`` passes its checkpoint
+    function through ``self.wrap_checkpoint_func`` (which the mixin's user defines)."""
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        func = self.wrap_checkpoint_func(gradient_checkpointing_func)
+        return super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
