@@ -1,4 +1,5 @@
-# Two commands: `make demo` and `make test` (plus `make coverage`, `make bench`). Both create .venv through `make install` when missing.
+# The two commands are `make demo` (the benchmark) and `make test` (ruff + the suite); the other targets are the
+# experiments and benchmarks behind docs/. Every target creates .venv through `make install` when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.ids.masks import reference_mask  # noqa: E402
-from hf_memsinks.layers.masking import MaskSinks  # noqa: E402
+from hf_memsinks.layers.mask_multiply import MaskSinks  # noqa: E402
 from hf_memsinks.layers.projections import SinkInProjection, SinkOutProjection, is_patched_projection  # noqa: E402
 from hf_memsinks.sites.resolve import mlp_sites  # noqa: E402
 

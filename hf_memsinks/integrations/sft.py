@@ -2,9 +2,10 @@
 
 Plain ``SFTTrainer`` drops every dataset column but its own (``input_ids``, ``labels``,
 ``seq_lengths``), packs only ``input_ids`` and ``labels``, and builds batches with its own
-collators, so ``sequence_ids`` never reach a patched model: training silently moves general
-neurons only. :class:`MemSinkSFTTrainer` is ``SFTTrainer`` with three small changes and TRL's
-defaults otherwise (fused LM head, padding-free packing, assistant-only loss, ``peft_config``):
+collators, so ``sequence_ids`` never reach a patched model, whose training forward then stops
+with the "needs sequence_ids" error at the first step. :class:`MemSinkSFTTrainer` is
+``SFTTrainer`` with three small changes and TRL's defaults otherwise (fused LM head,
+padding-free packing, assistant-only loss, ``peft_config``):
 
 * the ``sequence_ids`` column is kept through dataset preparation; with packing it becomes a
   per-token column before TRL's own ``pack_dataset``, so every packed token keeps its document's ID;

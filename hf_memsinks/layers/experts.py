@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..transformers_internals import ExpertsGateHook, experts_forward
-from .masking import general_only
+from .mask_multiply import general_only
 from .neurons import (
     ProjectionPatch,
     chunk_spans,
