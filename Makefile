@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale bench bench-compile clean
+.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ quick-demo: install
 # Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
 bench: install
 	$(PY) benchmarks/bench.py --out benchmarks/bench.json
+
+# The same table on a GPU in bf16, shapes up to a 1B-parameter Llama (needs a CUDA build of torch).
+bench-gpu: install
+	$(PY) benchmarks/bench.py --device cuda --dtype bf16 --out benchmarks/bench_gpu.json
 
 # torch.compile of the patched model against eager and against the compiled plain model.
 bench-compile: install
