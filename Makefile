@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 # Every causal-LM type of the installed Transformers, tiny and random (83 s measured on 2 CPU cores):
-# docs/coverage.json and README's "Supported model types" section. `make test` runs a subset.
+# docs/coverage.json and docs/supported_models.md. `make test` runs a subset.
 coverage: install
 	$(PY) tests/coverage_models.py
 
@@ -32,7 +32,7 @@ coverage: install
 demo: install
 	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
 
-# The same on the 16x-wide MLP the demo used before.
+# The same on a 16x-wide MLP (2 layers x 64, MLP 1024).
 demo-wide: install
 	$(VENV)/bin/hf-memsinks run configs/demo_wide.yaml --out runs/demo_wide
 

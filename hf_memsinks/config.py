@@ -52,7 +52,7 @@ class MemSinkConfig:
             False it trains the general neurons only (sinks inactive), e.g. for unlabeled data.
         init_seed: seed of the generator that initialises new sink neurons in ``"add"`` mode, so
             every process builds the same weights.
-        target_modules: module names for an architecture the built-in table does not know:
+        target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
             (the config field holding the MLP width), and ``"norm"``: the MLP's norm over its hidden
