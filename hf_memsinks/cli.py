@@ -74,13 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="2x64,4x128,4x192", help="LAYERSxHIDDEN list, e.g. 2x64,4x128")
     p.add_argument("--mlp-ratios", default="4,16", help="MLP width as multiples of hidden, e.g. 4,16")
     p.add_argument("--out", default=None)
+    p = sub.add_parser("noisy-ids", help="memsinks with noisy, missing, coarse and near-duplicate sequence IDs")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--noise", default="0.1,0.3,0.5", help="shares of repetitions given another document's ID")
+    p.add_argument("--missing", default="0.3", help="shares of documents without an ID")
+    p.add_argument("--coarse", default="4,16", help="documents per shared ID")
+    p.add_argument("--edits", type=int, default=3, help="tokens substituted in each near-duplicate copy")
+    p.add_argument("--out", default=None)
     return parser
 
 
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    if args.command in ("run", "sweep", "scale"):
+    if args.command in ("run", "sweep", "scale", "noisy-ids"):
         return _experiment(args)
 
     if args.command == "export":
@@ -122,6 +130,13 @@ def _experiment(args) -> int:
         points = scale(cfg, out, parse_models(args.models), ratios)
         text = [(Path(out) / "scale.md").read_text() if _is_main_process() else "",
                 f"scale.json, scale.md and scale.png in {out} ({len(points)} points)"]
+    elif args.command == "noisy-ids":
+        from .experiments.noisy_ids import markdown, noisy_ids
+
+        out = args.out or os.path.join("runs", f"{name}-noisy-ids")
+        report = noisy_ids(cfg, out, _floats(args.noise), _floats(args.missing),
+                           [int(x) for x in args.coarse.split(",") if x], args.edits)
+        text = [markdown(report), f"report.json, report.md and noisy_ids.png in {out}"]
     else:
         from .experiments.sweep import sweep
 
@@ -134,6 +149,10 @@ def _experiment(args) -> int:
         print("\n".join(text))
     finish_processes()
     return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
 
 
 def _is_main_process() -> bool:

@@ -79,10 +79,10 @@ def _cluster_roots(signatures, num_perm: int, threshold: float) -> list[int]:
         mh = minhash(row)
         parent.append(i)
         for j in lsh.query(mh):
-            if mh.jaccard(minhash(signatures[int(j)])) < threshold:
-                continue
             a, b = root(i), root(int(j))
-            if a != b:
+            if a == b:  # already one cluster: no need to read j's signature (copies of one
+                continue  # document would otherwise cost a read per pair of copies)
+            if mh.jaccard(minhash(signatures[int(j)])) >= threshold:
                 parent[max(a, b)] = min(a, b)  # the first row of a cluster is its root
         lsh.insert(i, mh)
     return [root(i) for i in range(len(parent))]

@@ -126,16 +126,22 @@ def _canary_sampler(general: list[list[int]], vocab: int, eos: int, length: int,
     vocabulary would give rare tokens whose embeddings only canaries ever train, a place where
     memorization sits outside every MLP and is never overwritten.)"""
     g = torch.Generator().manual_seed(seed + 1)
-    counts = torch.zeros(vocab, dtype=torch.float64)
-    for doc in general[:20000]:
-        counts.index_add_(0, torch.tensor(doc[1:], dtype=torch.long), torch.ones(len(doc) - 1, dtype=torch.float64))
-    counts[eos] = 0
+    counts = unigram_counts(general, vocab, eos)
 
     def canaries(n: int) -> list[list[int]]:
         body = torch.multinomial(counts, n * (length - 1), replacement=True, generator=g).reshape(n, -1).tolist()
         return [[eos] + b for b in body]
 
     return canaries
+
+
+def unigram_counts(docs: list[list[int]], vocab: int, eos: int) -> torch.Tensor:
+    """Token counts over (up to 20,000 of) ``docs``, their start tokens and ``eos`` left out."""
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for doc in docs[:20000]:
+        counts.index_add_(0, torch.tensor(doc[1:], dtype=torch.long), torch.ones(len(doc) - 1, dtype=torch.float64))
+    counts[eos] = 0
+    return counts
 
 
 def _streams(general, repeated, fresh, repetitions: int, rng: random.Random) -> tuple[list, list]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +95,12 @@ def optimizer(model, t) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(t.steps, t.warmup, t.min_lr_ratio))
 
 
-def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool,
+def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_ids: bool | Sequence[int],
                    goldfish: GoldfishConfig | None = None) -> Iterator[dict]:
     """The stream cut into padded batches of ``batch_size`` documents, in order (a short tail is
     dropped): ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding and on Goldfish's
-    dropped targets) and, ``with_ids``, each document's ``sequence_ids``."""
+    dropped targets) and, ``with_ids``, each document's ``sequence_ids``: its content ID, or the
+    ID ``with_ids`` gives its position in the stream."""
     for start in range(0, len(stream) - batch_size + 1, batch_size):
         docs = stream[start:start + batch_size]
         tokens, mask = pad_documents(docs, pad_id)
@@ -108,8 +109,11 @@ def global_batches(stream: list[list[int]], batch_size: int, pad_id: int, with_i
             labels = goldfish_labels(tokens, labels, goldfish.k, goldfish.h, hash=goldfish.hash, seed=goldfish.seed,
                                      attention_mask=mask)
         batch = {"input_ids": tokens, "attention_mask": mask.long(), "labels": labels}
-        if with_ids:
-            batch["sequence_ids"] = ids_for_documents(docs)
+        if isinstance(with_ids, bool):
+            if with_ids:
+                batch["sequence_ids"] = ids_for_documents(docs)
+        else:
+            batch["sequence_ids"] = torch.tensor(with_ids[start:start + batch_size], dtype=torch.long)
         yield batch
 
 
@@ -140,7 +144,7 @@ def curve_point(model, setting, step: int, n: int) -> dict:
     return {"step": step, **losses}
 
 
-def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool, label: str,
+def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool | Sequence[int], label: str,
           goldfish: GoldfishConfig | None = None, accelerator=None) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
@@ -149,7 +153,8 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     Args:
         model: a causal LM, patched or not, already on the accelerator's device.
         stream: the documents in training order (the same on every process).
-        with_ids: pass each document's sequence ID (memsinks runs).
+        with_ids: pass each document's sequence ID (memsinks runs): True for its content ID, or
+            one ID per position of ``stream``.
         goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
     """
