@@ -17,7 +17,7 @@ from transformers.utils import cached_file
 
 __all__ = ["Conv1D", "TESTED_VERSIONS", "causal_lm_class", "check_transformers_version", "class_ignoring_unexpected",
            "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func", "ExpertsGateHook",
-           "CheckpointingHook", "gate_hub_uploads"]
+           "CheckpointingHook", "add_default_trainer_callback", "gate_hub_uploads"]
 
 # major.minor releases the internals below were checked against (the whole test suite passed).
 TESTED_VERSIONS = ("5.24",)
@@ -106,6 +106,18 @@ class CheckpointingHook:
             from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
         func = self.wrap_checkpoint_func(gradient_checkpointing_func)
         return super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
+
+
+# ---- Trainer ----------------------------------------------------------------------------------------
+
+
+def add_default_trainer_callback(callback: type) -> None:
+    """Every ``Trainer`` built from now on gets an instance of ``callback``, as it gets its own
+    ``DefaultFlowCallback``."""
+    from transformers import trainer
+
+    if callback not in trainer.DEFAULT_CALLBACKS:
+        trainer.DEFAULT_CALLBACKS.append(callback)
 
 
 # ---- uploads ----------------------------------------------------------------------------------------

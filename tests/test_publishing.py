@@ -110,19 +110,31 @@ def test_the_gate_refuses_a_checkpoint_folder_uploaded_by_hand(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
-def test_trainer_push_to_hub_without_the_callback_is_refused_at_the_first_push(tmp_path, monkeypatch, strategy):
+def test_trainer_push_to_hub_without_the_callback_is_refused_when_training_starts(tmp_path, monkeypatch, strategy):
     hub = intercept_hub(monkeypatch)
-    t = trainer(patched(), tmp_path, hub_strategy=strategy)
-    with pytest.raises(SinkUploadError, match="sink tensors"):
+    model = patched()
+    before = copy.deepcopy(model.state_dict())
+    t = trainer(model, tmp_path, hub_strategy=strategy)
+    with pytest.raises(SinkUploadError, match=r"MemSinkCallback\(export_dir=\.\.\.\)"):
         t.train()
-    assert t.state.global_step == 2  # the first save
+    assert t.state.global_step == 0 and hub.commits == []  # before the first step and save
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_upload_gate_still_stops_a_push_the_start_check_cannot_see(tmp_path, monkeypatch):
+    """push_to_hub switched on after training started (here: by hand) meets the gate at the push."""
+    hub = intercept_hub(monkeypatch)
+    t = trainer(patched(), tmp_path, push_to_hub=False)
+    t.train()
+    t.args.push_to_hub = True
+    with pytest.raises(SinkUploadError, match="sink tensors"):
+        t.push_to_hub()
     assert hub.sink_tensors() == [] and hub.memsink_files() == []
 
 
 def test_trainer_push_to_hub_at_the_end_is_refused(tmp_path, monkeypatch):
     hub = intercept_hub(monkeypatch)
     t = trainer(patched(), tmp_path, hub_strategy="end")
-    t.train()
     with pytest.raises(SinkUploadError):
         t.push_to_hub()
     assert hub.commits == []

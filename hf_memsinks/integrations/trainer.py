@@ -20,6 +20,7 @@ from ..checkpoints.export import write_audited
 from ..checkpoints.publish import SinkUploadError, check_consent, holds_sinks, is_permitted, permit, refusal, revoke
 from ..ids.validation import check_sequence_ids
 from ..layers.projections import is_patched_projection
+from ..transformers_internals import add_default_trainer_callback
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +161,26 @@ class MemSinkCallback(TrainerCallback):
                 f"MemSinkCallback(export_dir={d!r}) holds a memsink checkpoint (memsink_config.json): the "
                 "sink-free export would not be clean there; choose another directory"
             )
+
+
+class PushGuard(TrainerCallback):
+    """In every ``Trainer``: a run with ``push_to_hub=True`` whose model still has sinks stops
+    before its first step, not at its first push (after the first save). ``MemSinkCallback``
+    turns such pushes into the export's, or opts the repository in, in its own
+    ``on_train_begin``, which runs before this check."""
+
+    def __init__(self):
+        self.checked = False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.checked:
+            return
+        self.checked = True
+        repo = args.hub_model_id or Path(args.output_dir).absolute().name
+        if args.push_to_hub and holds_sinks(model) and not is_permitted(repo):
+            raise refusal(f"TrainingArguments(push_to_hub=True, hub_strategy={str(args.hub_strategy)!r}) of a model "
+                          "that still has sinks (MemSinkCallback(export_dir=...) pushes its sink-free export instead)",
+                          ["the model weights with their sink tensors at every push"])
+
+
+add_default_trainer_callback(PushGuard)
