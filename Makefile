@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale bench bench-gpu bench-compile clean
+.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale noisy-ids bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ realtext: install data/manpages.jsonl
 # Gap closure and val-loss cost against model size, 4x and 16x MLPs (standard + memsinks per point).
 scale: install
 	$(VENV)/bin/hf-memsinks scale configs/demo.yaml --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
+
+# Sequence IDs as users have them (noisy, missing, coarse, near-duplicate repeats): docs/noisy_ids.md.
+noisy-ids: install
+	$(VENV)/bin/hf-memsinks noisy-ids configs/noisy_ids.yaml --out runs/noisy_ids
 
 # The 45-second toy version (random canaries in a bigram language).
 quick-demo: install

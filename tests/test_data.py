@@ -165,3 +165,37 @@ def test_packed_row_gives_each_document_its_own_sinks(model_type):
             assert torch.equal(moved, expected), name
             checked += 1
     assert checked >= 4
+
+
+def test_near_duplicate_defaults_keep_copies_with_three_edits_together():
+    """The defaults cluster copies of a document that each differ from it in three words (at
+    other places), and keep an unrelated document apart; 5-word shingles at 0.8 do not."""
+    import random
+
+    words = ("once upon a time a little girl named lily lived in a small house near the big forest with her "
+             "mother and her old grey cat who liked to sleep in the warm sun every afternoon while the birds "
+             "sang in the tall trees and the wind moved the leaves of the garden by the old stone wall").split()
+    rng = random.Random(0)
+    copies = []
+    for _ in range(20):
+        w = list(words)
+        for place in rng.sample(range(len(w)), 3):
+            w[place] = rng.choice(["red", "blue", "dog", "ran", "sky", "cold"])
+        copies.append(" ".join(w))
+    other = ("the brave knight rode his horse to the castle on the hill where the king was waiting for news "
+             "about the dragon that had burned the village by the river last winter")
+    ds = Dataset.from_dict({"text": copies + [other]})
+    ids = add_sequence_ids(ds, by="near_duplicates")["sequence_ids"]
+    assert len(set(ids[:-1])) == 1 and ids[-1] != ids[0]
+    strict = add_sequence_ids(ds, by="near_duplicates", threshold=0.8, shingle_size=5)["sequence_ids"]
+    assert len(set(strict[:-1])) > 10
+
+
+def test_add_sequence_ids_refuses_what_it_cannot_hash_and_keeps_empty_datasets_typed():
+    for values in ([1.5, 2.5], [{"a": 1}, {"a": 2}], [[1.5], [2.0]]):
+        with pytest.raises(TypeError, match="texts or token lists.*column 'x'"):
+            add_sequence_ids(Dataset.from_dict({"x": values}), by="near_duplicates", column="x")
+    for by, column in (("content", "text"), ("near_duplicates", "text"), ("metadata", "text")):
+        empty = add_sequence_ids(Dataset.from_dict({"text": []}), by=by, column=column)
+        assert empty.column_names == ["text", "sequence_ids"] and len(empty) == 0
+        assert str(empty.features["sequence_ids"].dtype) == "int64"

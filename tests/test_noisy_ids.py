@@ -54,3 +54,7 @@ def test_experiment_reports_every_condition(tmp_path):
     assert set(conditions) == names == set(report["summary"]["id_conditions"])
     assert all(set(v) == {"gap_closure", "val_loss_ratio"} for v in conditions.values())
     assert (tmp_path / "noisy_ids.png").exists() and (tmp_path / "report.md").exists()
+    clusters = report["summary"]["clusters"]
+    assert clusters["metadata"]["ids_per_repeated_document_max"] == 1  # the true IDs: one per document
+    assert clusters["content"]["ids_per_repeated_document_median"] > 1  # every edited copy its own
+    assert "near_duplicates_to_exact" in report["summary"]

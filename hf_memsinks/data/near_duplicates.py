@@ -13,13 +13,19 @@ import numpy as np
 _MINHASH_SCHEME = "affine64"  # datasketch >= 2.0 asks for the scheme by name
 
 
-def _shingles(value: Any, size: int) -> list[bytes]:
+def _shingles(value: Any, size: int, column: str, index: int) -> list[bytes]:
+    """Word shingles of a text, token shingles of a token list; anything else cannot be compared."""
     if isinstance(value, str):
         tokens = value.lower().split()
         grams = [" ".join(tokens[i:i + size]) for i in range(max(1, len(tokens) - size + 1))]
         return [g.encode("utf-8") for g in grams]
-    tokens = [int(t) for t in value]
-    return [np.asarray(tokens[i:i + size], dtype=np.int64).tobytes() for i in range(max(1, len(tokens) - size + 1))]
+    if isinstance(value, (list, tuple, np.ndarray)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in value):
+        tokens = [int(t) for t in value]
+        return [np.asarray(tokens[i:i + size], dtype=np.int64).tobytes()
+                for i in range(max(1, len(tokens) - size + 1))]
+    raise TypeError(f"by='near_duplicates' compares texts or token lists; column {column!r} holds a "
+                    f"{type(value).__name__} in row {index}: use by='content' or by='metadata' for it")
 
 
 def add_near_duplicate_ids(dataset, column: str, output_column: str, content_id: Callable[[Any], int],
@@ -37,8 +43,8 @@ def add_near_duplicate_ids(dataset, column: str, output_column: str, content_id:
         for value, index in zip(values, indices):
             if value is None:
                 raise ValueError(f"column {column!r} is null in row {index}")
-        hashes = MinHash.bulk([_shingles(v, shingle_size) for v in values], num_perm=num_perm, seed=1,
-                              scheme=_MINHASH_SCHEME)
+        hashes = MinHash.bulk([_shingles(v, shingle_size, column, i) for v, i in zip(values, indices)],
+                              num_perm=num_perm, seed=1, scheme=_MINHASH_SCHEME)
         return {"_memsink_minhash": [h.hashvalues.astype(np.uint64).view(np.int64).tolist() for h in hashes],
                 "_memsink_content_id": [content_id(v) for v in values]}
 

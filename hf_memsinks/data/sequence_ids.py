@@ -95,7 +95,7 @@ def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int], key: Ke
 
 
 def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *, output_column: str = ID_COLUMN,
-                     threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 5,
+                     threshold: float = 0.5, num_perm: int = 128, shingle_size: int = 3,
                      batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None,
                      key: Key = None):
     """Return ``dataset`` with an ``output_column`` of sequence IDs (one int per row).
@@ -108,8 +108,11 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
         by: ``"metadata"``: hash of ``column``'s value (URL, doc id, author: any hashable value),
             so rows that share it share sinks. ``"content"``: hash of the text (or token list) in
             ``column``, so exact repeats share an ID. ``"near_duplicates"``: MinHash LSH over word
-            shingles (``datasketch``) with Jaccard ``threshold``; each cluster of near-duplicates
-            takes the content ID of its first row, so lightly edited repeats share an ID. ``"ids"``:
+            (or token) shingles (``datasketch``) with Jaccard ``threshold``; each cluster of
+            near-duplicates takes the content ID of its first row, so lightly edited repeats share
+            an ID. The defaults (3-word shingles, Jaccard 0.5) keep together copies of a 60-word
+            document with three words changed in each (two changed words take 5-word shingles
+            to 0.70). Raise ``threshold`` where distinct documents share a template. ``"ids"``:
             ``column`` already holds integer IDs (document numbers from your pipeline); they are
             validated (integers, ``>= 0`` or ``-1``; see :mod:`hf_memsinks.ids.validation`) and copied to
             ``output_column`` (or only validated, when ``column == output_column``).
@@ -135,6 +138,10 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
     if output_column in names:
         raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
     column = _source_column(names, by, column)
+    if len(dataset) == 0:  # map() adds no column to an empty dataset
+        from datasets import Value
+
+        return dataset.add_column(output_column, [], feature=Value("int64"))
     if by in ("metadata", "content"):
         def assign(batch, indices):
             return {output_column: _ids_for(batch[column], column, indices, key)}

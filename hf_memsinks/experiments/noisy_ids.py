@@ -108,6 +108,22 @@ def near_duplicate_ids(stream: list[list[int]], **kwargs) -> list[int]:
     return ds["sequence_ids"]
 
 
+def cluster_counts(truth: list[int], given: list[int], setting: Setting) -> dict:
+    """How the IDs ``given`` to the stream split the repeated documents' copies (ideal: one ID per
+    document) and merge other documents into them (ideal: none)."""
+    repeated = {stable_id(d) for d in setting.repeated}
+    per_doc: dict[int, set] = {}
+    for t, g in zip(truth, given):
+        if t in repeated:
+            per_doc.setdefault(t, set()).add(g)
+    theirs = set().union(*per_doc.values()) if per_doc else set()
+    merged = {t for t, g in zip(truth, given) if t not in repeated and g in theirs}
+    counts = sorted(len(v) for v in per_doc.values())
+    return {"ids_per_repeated_document_median": counts[len(counts) // 2] if counts else 0,
+            "ids_per_repeated_document_max": counts[-1] if counts else 0,
+            "other_documents_sharing_their_ids": len(merged)}
+
+
 def with_copies(setting: Setting, copies: list[list[int]]) -> Setting:
     """The setting whose repeated documents are the originals and one edited copy of each."""
     k = len(setting.natural)
@@ -151,13 +167,17 @@ def noisy_ids(cfg: BenchmarkConfig, out_dir: str | os.PathLike, noise: list[floa
     runs["standard, edited repeats"] = std_edited
     policies = {"content": true_ids(stream), "near_duplicates": near_duplicate_ids(stream, **(near_duplicates or {})),
                 "metadata": ids}
+    clusters = {name: cluster_counts(ids, policy_ids, setting)
+                for name, policy_ids in {**policies, "near_duplicates, threshold 0.8, 5-token shingles":
+                                         near_duplicate_ids(stream, threshold=0.8, shingle_size=5)}.items()}
     for policy, policy_ids in policies.items():
         name = f"edited repeats, by={policy}"
         runs[name] = _against(measure(trained(stream, policy_ids, name), both, cfg), std_edited)
-        runs[name]["distinct_ids"] = len(set(policy_ids))
-    summary = {"id_conditions": {name: {"gap_closure": r["gap_closure"], "val_loss_ratio": r["val_loss_ratio"]}
-                                 for name, r in runs.items() if "gap_closure" in r},
-               "edits_per_copy": edits, "distinct_documents": len(set(true_ids(setting.stream)))}
+    closures = {name: {"gap_closure": r["gap_closure"], "val_loss_ratio": r["val_loss_ratio"]}
+                for name, r in runs.items() if "gap_closure" in r}
+    summary = {"id_conditions": closures, "edits_per_copy": edits, "clusters": clusters,
+               "near_duplicates_to_exact": closures["edited repeats, by=near_duplicates"]["gap_closure"]
+               / closures["exact IDs"]["gap_closure"]}
     report = {"summary": summary, "runs": runs, "config": cfg.to_dict(),
               "conditions": {"noise": noise, "missing": missing_shares, "coarse": coarse_ks, "edits": edits,
                              "near_duplicates": near_duplicates or {}}}
