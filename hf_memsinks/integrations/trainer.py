@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from ..checkpoints.atomic import atomic_save
 from ..ids.validation import check_sequence_ids
 from ..layers.projections import is_patched_projection
+from .finetune import attach_sink_lr
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def sink_statistics(model) -> dict[str, float]:
 
 
 class MemSinkCallback(TrainerCallback):
-    """Log sink statistics with every Trainer log, and at the end of training save the sink-free
+    """Apply the model's ``sink_lr_scale`` to Trainer's optimizer (``MemSinkConfig.for_finetuning()``),
+    log sink statistics with every Trainer log, and at the end of training save the sink-free
     model (``remove_sinks`` on a copy; the trained model keeps its sinks) to ``export_dir``.
 
     ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
@@ -85,7 +87,9 @@ class MemSinkCallback(TrainerCallback):
         atomic_save(self.export_dir, write)  # a crash leaves the previous export loadable
         logger.info("saved the sink-free model to %s", self.export_dir)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None:
+            attach_sink_lr(model, optimizer)  # MemSinkConfig.sink_lr_scale (for_finetuning's recipe)
         if self.export_dir is not None and state.is_world_process_zero:
             self._check_export_dir()  # fail before training, not after it
 
