@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model, remove_sinks
 
-CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper")
+CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper", mode="split")
 
 
 def logits(model, x, **kw):

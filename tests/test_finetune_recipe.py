@@ -68,7 +68,7 @@ def test_sink_lr_scale_multiplies_exactly_the_sinks_step():
         model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(mode="add", sink_lr_scale=scale))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         assert (attach_sink_lr(model, opt) is None) == (scale == 1.0)
-        proj = model.transformer.h[0].mlp.c_fc
+        proj = model.transformer.h[0].mlp.c_proj  # (the input rows of new sinks get no gradient at first)
         before = [t.clone() for t in proj.general_and_sink_parts()["weight"]]
         model.train()
         x = batch(2, 8)

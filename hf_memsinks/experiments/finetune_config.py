@@ -35,6 +35,7 @@ class FinetuneRun:
     method: str = "full"
     memsinks: dict = field(default_factory=dict)
     lora_r: int = 0
+    recipe: bool = False  # memsinks: MemSinkConfig.for_finetuning(**memsinks)
     lr: float | None = None
     weight_decay: float | None = None
 
@@ -43,10 +44,14 @@ class FinetuneRun:
             raise ValueError(f"finetune run {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
         if self.method == "lora" and self.lora_r < 1:
             raise ValueError(f"finetune run {self.name!r}: method lora needs lora_r >= 1")
+        if self.recipe and self.method != "memsinks":
+            raise ValueError(f"finetune run {self.name!r}: recipe: true needs method memsinks")
         if self.method == "memsinks":
             self.memsink_config()
 
     def memsink_config(self) -> MemSinkConfig:
+        if self.recipe:
+            return MemSinkConfig.for_finetuning(**self.memsinks)
         return MemSinkConfig(**{"mode": "add", **self.memsinks})
 
 
