@@ -199,8 +199,9 @@ class MemSinkConfig:
         return (p_gen + self.sink_active_prob) / p_gen
 
     def num_sinks_for(self, width: int) -> tuple[int, int]:
-        """(general, sinks) for an MLP of hidden width ``width`` before patching."""
-        if self.mode == "split":
+        """(general, sinks) for an MLP of hidden width ``width`` before patching (``"auto"``: as
+        ``"split"``, what it becomes on a model built from a config)."""
+        if self.mode in ("split", "auto"):
             sinks = self.num_sink_neurons if self.num_sink_neurons is not None else round(width * self.sink_fraction)
             general = width - sinks
         else:

@@ -51,7 +51,7 @@ def test_finetune_smoke_report(tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     ("finetune.recipe=nope", "not one of the runs"),
     ("finetune.runs=[{name: a, method: sgd}]", "method must be one of"),
-    ("finetune.runs=[{name: a, lr_scale: 2}]", "unknown keys"),
+    ("finetune.runs=[{name: a, lr_scale: 2}]", "known keys"),
     ("finetune.replay=1.5", "replay"),
     ("finetune.runs=[{name: a, method: memsinks, memsinks: {sink_init: zeros}}]", "sink_init"),
 ])

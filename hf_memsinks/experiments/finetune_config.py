@@ -73,7 +73,7 @@ class FinetuneConfig:
             names = {f.name for f in dataclasses.fields(FinetuneRun)}
             unknown = set(raw) - names
             if unknown or "name" not in raw:
-                raise ValueError(f"finetune run {raw}: needs a name; unknown keys {sorted(unknown)} "
+                raise ValueError(f"finetune run {raw}: needs a name and known keys; unknown {sorted(unknown)} "
                                  f"(valid: {sorted(names)})")
             specs.append(FinetuneRun(**raw))
         return specs
@@ -82,6 +82,7 @@ class FinetuneConfig:
 @dataclass
 class FinetuneBenchmarkConfig(BenchmarkConfig):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    runs: list[str] = field(default_factory=list)  # (the from-scratch benchmark's runs: none here)
 
 
 def load_finetune_config(path, overrides: list[str] | None = None) -> FinetuneBenchmarkConfig:
