@@ -1,11 +1,12 @@
-# Two commands: `make demo` and `make test` (plus `make coverage`, `make bench`). Both create .venv through `make install` when missing.
+# The two commands are `make demo` (the benchmark) and `make test` (ruff + the suite); the other targets are the
+# experiments and benchmarks behind docs/. Every target creates .venv through `make install` when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test coverage demo demo-wide quick-demo manpages realtext finetune scale bench bench-compile clean
+.PHONY: install test coverage demo demo-wide quick-demo manpages realtext finetune scale bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -22,7 +23,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 # Every causal-LM type of the installed Transformers, tiny and random (83 s measured on 2 CPU cores):
-# docs/coverage.json and README's "Supported model types" section. `make test` runs a subset.
+# docs/coverage.json and docs/supported_models.md. `make test` runs a subset.
 coverage: install
 	$(PY) tests/coverage_models.py
 
@@ -31,7 +32,7 @@ coverage: install
 demo: install
 	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
 
-# The same on the 16x-wide MLP the demo used before.
+# The same on a 16x-wide MLP (2 layers x 64, MLP 1024).
 demo-wide: install
 	$(VENV)/bin/hf-memsinks run configs/demo_wide.yaml --out runs/demo_wide
 
@@ -61,6 +62,10 @@ quick-demo: install
 # Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
 bench: install
 	$(PY) benchmarks/bench.py --out benchmarks/bench.json
+
+# The same table on a GPU in bf16, shapes up to a 1B-parameter Llama (needs a CUDA build of torch).
+bench-gpu: install
+	$(PY) benchmarks/bench.py --device cuda --dtype bf16 --out benchmarks/bench_gpu.json
 
 # torch.compile of the patched model against eager and against the compiled plain model.
 bench-compile: install

@@ -16,8 +16,13 @@ model, mask construction time per step, and remove_sinks() time and peak extra m
 GPT-2-small shape. Prints a table and writes bench.json. With --compile: torch.compile of the
 patched model against eager and against the compiled plain model instead.
 
+Also the time get_memsink_model takes on a 124M GPT-2 (the first patch discovers the MLPs, a
+second of the same kind reads the cache, a restored checkpoint reads its record), beside the time
+of building that model with from_config. With --device cuda --dtype bf16 the same table on a GPU
+(steps synchronised; sizes up to a 1B-parameter Llama shape).
+
 usage: python benchmarks/bench.py [--reps N] [--sizes small,medium] [--shapes gpt2,llama,gpt_neox]
-                                  [--compile] [--out bench.json]
+                                  [--device cpu|cuda] [--dtype fp32|bf16] [--compile] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.ids.masks import reference_mask  # noqa: E402
-from hf_memsinks.layers.masking import MaskSinks  # noqa: E402
+from hf_memsinks.layers.mask_multiply import MaskSinks  # noqa: E402
 from hf_memsinks.layers.projections import SinkInProjection, SinkOutProjection, is_patched_projection  # noqa: E402
 from hf_memsinks.sites.resolve import mlp_sites  # noqa: E402
 
@@ -47,7 +52,18 @@ SIZES = {
     "small": dict(layers=4, hidden=256, mlp=1024, batch=8, seq=256),
     "medium": dict(layers=6, hidden=512, mlp=2048, batch=8, seq=256),
     "tiny": dict(layers=2, hidden=64, mlp=256, batch=2, seq=32),  # for the script's own test
+    "124m": dict(layers=12, hidden=768, mlp=3072, batch=8, seq=512),  # GPT-2 small's shape
+    "1b": dict(layers=16, hidden=2048, mlp=8192, batch=4, seq=1024),  # Llama-3.2-1B's shape
 }
+DEFAULT_SIZES = {"cpu": "small,medium", "cuda": "small,medium,124m,1b"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by main (--device, --dtype)
+
+
+def sync() -> None:
+    """Wait for the device: a step's time must include its kernels, not only their launch."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 VOCAB = 2048
 MEMSINK = MemSinkConfig(sink_fraction=0.3, sink_active_prob=0.3)
 
@@ -68,7 +84,7 @@ def build(shape: str, size: dict, seed: int = 0):
             config.hidden_dropout = config.attention_dropout = 0.0
     config.use_cache = False
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=DTYPE).to(DEVICE)
 
 
 def reference_full_mask(ids: torch.Tensor, general: int, sinks: int, like: torch.Tensor) -> torch.Tensor:
@@ -179,8 +195,10 @@ def median_times(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
     for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no variant always goes first
         for name in order:
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -193,8 +211,10 @@ def paired_ratio(fn, baseline, pairs: int) -> float:
     for i in range(pairs):
         times = {}
         for name, f in (("fn", fn), ("base", baseline)) if i % 2 == 0 else (("base", baseline), ("fn", fn)):
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times[name] = time.perf_counter() - t0
         ratios.append(times["fn"] / times["base"])
     return statistics.median(ratios)
@@ -205,6 +225,7 @@ def eval_mlp_fns(patched, removed, size: dict):
     one input: the only code that differs between the two models' eval forwards."""
     name = patched.memsink.sites[0].name
     x = torch.randn(size["batch"], size["seq"], size["hidden"], generator=torch.Generator().manual_seed(1))
+    x = x.to(DEVICE, DTYPE)
     patched.eval()
     removed.eval()
 
@@ -249,13 +270,15 @@ def eval_measurements(clock, patched, removed, batch, size, reps) -> tuple[dict,
 def mask_seconds(ids, layers: int, general: int, sinks: int, per_layer_ref: bool = False, n: int = 20) -> float:
     """Seconds to build one step's masks: ours once per forward, or the reference's full-width float
     mask once per layer."""
+    sync()
     t0 = time.perf_counter()
     for _ in range(n):
         if per_layer_ref:
             for _ in range(layers):
-                reference_full_mask(ids, general, sinks, like=torch.empty(0))
+                reference_full_mask(ids, general, sinks, like=torch.empty(0, device=DEVICE, dtype=DTYPE))
         else:
             sink_mask(ids, sinks, MEMSINK.sink_active_prob)
+    sync()
     return (time.perf_counter() - t0) / n
 
 
@@ -266,7 +289,7 @@ def random_batch(size: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, VOCAB, (b, t), generator=g)
     seq_ids = torch.randint(1, 2**62, (b,), generator=g)
     tok_ids = torch.randint(1, 2**62, (b, 4), generator=g).repeat_interleave(t // 4, dim=1)
-    return tokens, seq_ids, tok_ids
+    return tokens.to(DEVICE), seq_ids.to(DEVICE), tok_ids.to(DEVICE)
 
 
 def bench_one(shape: str, size_name: str, reps: int) -> dict:
@@ -356,6 +379,38 @@ def bench_remove_sinks() -> dict:
             "parameters_after": params, "model_mib": params * 4 / 2**20}
 
 
+def bench_patch(tmp: str) -> dict:
+    """get_memsink_model on a 124M GPT-2 (12 x 768, MLP 3072, vocab 50257), in a fresh process:
+    the first patch of this kind discovers the MLPs (one check forward per candidate kind, cut at
+    the site's layer), a second reads the per-kind cache, a named patch (``target_modules``)
+    never discovers; restoring its checkpoint reads the recorded MLPs. Beside: ``from_config``
+    and plain ``from_pretrained`` of the same model, measured in the same process."""
+    from hf_memsinks import AutoMemSinkModelForCausalLM
+
+    config = AutoConfig.for_model("gpt2", n_embd=768, n_layer=12, n_head=12, n_inner=3072)
+    named = MemSinkConfig(target_modules={"mlp": "mlp", "in_proj": ["c_fc"], "out_proj": "c_proj",
+                                          "width_attr": "n_inner"})
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    torch.manual_seed(0)
+    models = [AutoModelForCausalLM.from_config(config) for _ in range(2)]
+    _, from_config_s = timed(lambda: AutoModelForCausalLM.from_config(config))
+    first, first_s = timed(lambda: get_memsink_model(models[0], MEMSINK))
+    _, second_s = timed(lambda: get_memsink_model(models[1], MEMSINK))
+    _, named_s = timed(lambda: get_memsink_model(AutoModelForCausalLM.from_config(config), named))
+    named_s -= from_config_s  # that call built its model too
+    first.save_pretrained(f"{tmp}/memsink")
+    first.remove_sinks().save_pretrained(f"{tmp}/plain")
+    _, plain_load_s = timed(lambda: AutoModelForCausalLM.from_pretrained(f"{tmp}/plain"))
+    _, restore_s = timed(lambda: AutoMemSinkModelForCausalLM.from_pretrained(f"{tmp}/memsink"))
+    return {"from_config_s": from_config_s, "first_patch_s": first_s, "second_patch_s": second_s,
+            "named_patch_s_approx": named_s, "plain_from_pretrained_s": plain_load_s, "restore_s": restore_s}
+
+
 def bench_compile(shape: str, reps: int) -> dict:
     """torch.compile (default inductor) of the patched model against the same model eager and
     against the compiled plain model, small size, per-sequence IDs, train steps, paired ratios."""
@@ -394,14 +449,18 @@ def _in_subprocess(args: list[str]) -> dict:
 
 
 def _versions() -> dict:
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": device, "dtype": str(DTYPE).removeprefix("torch."),
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "machine": platform.machine()}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=4)
-    parser.add_argument("--sizes", default="small,medium")
+    parser.add_argument("--sizes", default=None, help="default: small,medium on cpu; up to 1b on cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--shapes", default="gpt2,llama,gpt_neox")
     parser.add_argument("--compile", action="store_true",
                         help="instead of the main table: torch.compile against eager (small size, per shape)")
@@ -409,6 +468,12 @@ def main(argv=None) -> None:
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), DTYPES[args.dtype]
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here")
+    args.sizes = args.sizes or DEFAULT_SIZES[args.device]
+    where = ["--device", args.device, "--dtype", args.dtype]
     torch.manual_seed(0)
     if args.part:
         kind, *rest = args.part.split(":")
@@ -416,6 +481,11 @@ def main(argv=None) -> None:
             result = bench_one(rest[0], rest[1], args.reps)
         elif kind == "remove":
             result = bench_remove_sinks()
+        elif kind == "patch":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                result = bench_patch(tmp)
         else:
             result = bench_compile(rest[0], args.reps)
         Path(args.part_out).write_text(json.dumps(result))
@@ -435,10 +505,11 @@ def main(argv=None) -> None:
     for size in args.sizes.split(","):
         for shape in args.shapes.split(","):
             print(f"benchmarking {shape} {size} ...", flush=True)
-            rows.append(_in_subprocess(["--part", f"one:{shape}:{size}", "--reps", str(args.reps)]))
+            rows.append(_in_subprocess(["--part", f"one:{shape}:{size}", "--reps", str(args.reps), *where]))
             Path(args.out).write_text(json.dumps({"rows": rows, "partial": True}, indent=2))
     removal = _in_subprocess(["--part", "remove"])
-    result = {"rows": rows, "remove_sinks_gpt2_small": removal, "reps": args.reps,
+    patching = _in_subprocess(["--part", "patch"])
+    result = {"rows": rows, "remove_sinks_gpt2_small": removal, "patch_gpt2_124m": patching, "reps": args.reps,
               "seconds": time.time() - start, "versions": _versions()}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
@@ -483,6 +554,11 @@ def table(result: dict) -> str:
     peak = "n/a" if rm["peak_extra_mib"] is None else f"{rm['peak_extra_mib']:.0f} MiB"
     lines.append(f"\nremove_sinks() on GPT-2-small shape: {rm['seconds']:.3f} s, peak extra memory {peak} "
                  f"(model {rm['model_mib']:.0f} MiB)")
+    if "patch_gpt2_124m" in result:
+        p = result["patch_gpt2_124m"]
+        lines.append(f"get_memsink_model on a 124M GPT-2: first {p['first_patch_s']:.3f} s, second of that kind "
+                     f"{p['second_patch_s']:.4f} s, restore {p['restore_s']:.2f} s (plain from_pretrained "
+                     f"{p['plain_from_pretrained_s']:.2f} s); from_config {p['from_config_s']:.2f} s")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """hf_memsinks: MemSinks (memorization sinks) for Hugging Face Transformers causal LMs."""
 
 from .checkpoints.auto import AutoMemSinkModelForCausalLM
+from .checkpoints.publish import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .config import MemSinkConfig
 from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
@@ -19,7 +20,10 @@ __all__ = [
     "MemSinkPackingCollator",
     "MemSinkSFTTrainer",
     "NO_SEQUENCE",
+    "SINKS_UPLOAD_CONSENT",
+    "SinkUploadError",
     "add_sequence_ids",
+    "allow_sinks_upload",
     "get_memsink_model",
     "is_memsink_model",
     "remove_sinks",

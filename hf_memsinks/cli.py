@@ -1,5 +1,6 @@
 """``hf-memsinks``: the command line. Each command is one call into the library: ``export`` and
-``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
+``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``audit-privacy``
+(:mod:`hf_memsinks.evaluation.privacy_audit`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 import sys
 
-from .checkpoints.export import audit, export
+from .checkpoints.export import AuditFailed, audit, export
 
 
 def _user_errors() -> tuple[type, ...]:
@@ -57,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow a non-empty output directory: replace the files an export writes, keep the others")
     p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks")
     p.add_argument("directory")
+    p = sub.add_parser("audit-privacy", help="membership-inference AUCs and extraction of a model on documents it "
+                       "was trained on against control documents it never saw")
+    p.add_argument("model", help="model directory (with its tokenizer); a memsink checkpoint is audited sink-free")
+    p.add_argument("docs", help="JSONL of training documents (members)")
+    p.add_argument("control", help="JSONL of documents of the same kind never trained on")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k", type=float, default=0.2, help="Min-K%% and Min-K%%++: share of least likely tokens")
+    p.add_argument("--prefix", type=int, default=32)
+    p.add_argument("--suffix", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("run", help="the memorization benchmark: standard, memsinks, dedup, post-hoc, goldfish, "
                        "memsinks+goldfish, forgetting; report and plots")
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
@@ -90,11 +103,15 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "finetune":
         return _finetune(args)
 
+    if args.command == "audit-privacy":
+        return _audit_privacy(args)
+
     if args.command == "export":
-        export(args.checkpoint, args.out, args.forget_ids, overwrite=args.overwrite)
-        findings = audit(args.out)
-        if findings:
-            print("\n".join(findings), file=sys.stderr)
+        try:
+            export(args.checkpoint, args.out, args.forget_ids, overwrite=args.overwrite)
+        except AuditFailed as err:  # audited in staging: nothing was put at args.out
+            print(f"hf-memsinks: export failed its audit; {args.out} was left as it was:\n  "
+                  + "\n  ".join(err.findings), file=sys.stderr)
             return 1
         print(f"exported a sink-free model to {args.out}")
         return 0
@@ -103,6 +120,15 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"{args.directory}: {len(findings)} trace(s) of sinks:\n  " + "\n  ".join(findings))
         return 1
     print(json.dumps({"directory": args.directory, "clean": True}))
+    return 0
+
+
+def _audit_privacy(args) -> int:
+    from .evaluation.privacy_audit import audit_privacy, format_audit
+
+    result = audit_privacy(args.model, args.docs, args.control, text_field=args.text_field, max_length=args.max_length,
+                           batch_size=args.batch_size, k=args.k, prefix=args.prefix, suffix=args.suffix)
+    print(json.dumps(result, indent=1) if args.json else format_audit(result))
     return 0
 
 

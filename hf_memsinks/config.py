@@ -68,7 +68,7 @@ class MemSinkConfig:
         sink_lr_scale: the sink neurons' step as a multiple of the optimizer's (1: the same step);
             applied by an optimizer hook (:func:`hf_memsinks.integrations.finetune.attach_sink_lr`,
             attached by ``MemSinkCallback`` and ``MemSinkSFTTrainer``).
-        target_modules: module names for an architecture the built-in table does not know:
+        target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
             (the config field holding the MLP width), and ``"norm"``: the MLP's norm over its hidden

@@ -7,6 +7,9 @@ names the releases these names were checked against. The supported range is in `
 
 from __future__ import annotations
 
+import functools
+import os
+
 import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
@@ -14,7 +17,7 @@ from transformers.utils import cached_file
 
 __all__ = ["Conv1D", "TESTED_VERSIONS", "causal_lm_class", "check_transformers_version", "class_ignoring_unexpected",
            "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func", "ExpertsGateHook",
-           "CheckpointingHook"]
+           "CheckpointingHook", "add_default_trainer_callback", "gate_hub_uploads"]
 
 # major.minor releases the internals below were checked against (the whole test suite passed).
 TESTED_VERSIONS = ("5.24",)
@@ -103,3 +106,64 @@ class CheckpointingHook:
             from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
         func = self.wrap_checkpoint_func(gradient_checkpointing_func)
         return super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
+
+
+# ---- Trainer ----------------------------------------------------------------------------------------
+
+
+def add_default_trainer_callback(callback: type) -> None:
+    """Every ``Trainer`` built from now on gets an instance of ``callback``, as it gets its own
+    ``DefaultFlowCallback``."""
+    from transformers import trainer
+
+    if callback not in trainer.DEFAULT_CALLBACKS:
+        trainer.DEFAULT_CALLBACKS.append(callback)
+
+
+# ---- uploads ----------------------------------------------------------------------------------------
+
+_GATED = ("create_commit", "upload_folder")  # upload_file and every push go through create_commit
+
+
+def _folder_files(folder, path_in_repo, allow_patterns, ignore_patterns) -> list[tuple[str, str]]:
+    """What ``upload_folder`` would send, as (path in repo, local path), by its own pattern filter."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = os.fspath(folder)
+    relative = [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/")
+                for root, _, names in os.walk(folder) for n in names]
+    kept = filter_repo_objects(relative, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+    prefix = (path_in_repo or "").strip("/")
+    return [(f"{prefix}/{rel}" if prefix else rel, os.path.join(folder, rel)) for rel in kept]
+
+
+def gate_hub_uploads(check) -> None:
+    """Put ``check(api, repo_id, repo_type, token, files, what)`` in front of ``HfApi``'s upload
+    entry points (synchronously, also for ``run_as_future=True``), and rebind huggingface_hub's
+    module-level aliases of them. ``files`` is a list of (path in repo, local path or bytes)."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, hf_api
+
+    if getattr(HfApi.create_commit, "_memsink_gate", False):
+        return
+    originals = {name: getattr(HfApi, name) for name in _GATED}
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        operations = list(operations)  # (an iterator would be used up by the check)
+        files = [(op.path_in_repo, op.path_or_fileobj) for op in operations if hasattr(op, "path_or_fileobj")]
+        check(self, repo_id, kwargs.get("repo_type"), kwargs.get("token"), files, "create_commit")
+        return originals["create_commit"](self, repo_id=repo_id, operations=operations, **kwargs)
+
+    def upload_folder(self, *args, **kwargs):
+        files = _folder_files(kwargs["folder_path"], kwargs.get("path_in_repo"), kwargs.get("allow_patterns"),
+                              kwargs.get("ignore_patterns"))
+        check(self, kwargs["repo_id"], kwargs.get("repo_type"), kwargs.get("token"), files, "upload_folder")
+        return originals["upload_folder"](self, *args, **kwargs)
+
+    for name, gated in zip(_GATED, (create_commit, upload_folder)):
+        functools.update_wrapper(gated, originals[name])
+        gated._memsink_gate = True
+        setattr(HfApi, name, gated)
+        setattr(hf_api, name, getattr(hf_api.api, name))
+        if name in vars(huggingface_hub):
+            setattr(huggingface_hub, name, getattr(hf_api.api, name))

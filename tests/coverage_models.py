@@ -6,11 +6,13 @@ downloads) and, if it builds, put through :func:`check`: patched with the defaul
 gradient), evaluated equal to its ``remove_sinks()`` model, saved and reloaded by plain
 Transformers with no missing or unexpected keys.
 
-    python tests/coverage_models.py                 # every type: docs/coverage.json + README section
+    python tests/coverage_models.py                 # every type: docs/coverage.json + docs/supported_models.md
     python tests/coverage_models.py llama mixtral   # some types, printed only
+    python tests/coverage_models.py --render-only   # re-render docs/supported_models.md from docs/coverage.json
 
 ``make coverage`` runs the first form; ``tests/test_coverage.py`` runs a fast subset and checks
-that README's "Supported model types" section is what ``docs/coverage.json`` says.
+that the generated block of ``docs/supported_models.md`` (between the coverage markers) is what
+``docs/coverage.json`` says.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 ROOT = Path(__file__).resolve().parents[1]
 COVERAGE_JSON = ROOT / "docs" / "coverage.json"
-README = ROOT / "README.md"
+SUPPORTED_MODELS = ROOT / "docs" / "supported_models.md"  # the generated block sits between BEGIN and END
 BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
 
 VOCAB = 97
@@ -286,7 +288,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
-# ---- the table in README -----------------------------------------------------------------------
+# ---- the generated block of docs/supported_models.md ----------------------------------------------
 
 
 def summary(table: dict) -> dict:
@@ -296,8 +298,8 @@ def summary(table: dict) -> dict:
     return {"total": len(rows), "built": len(built), "passed": len(passed)}
 
 
-def readme_section(table: dict) -> str:
-    """README's "Supported model types" section, generated from the coverage table."""
+def coverage_section(table: dict) -> str:
+    """The generated block of docs/supported_models.md (markers included), from the coverage table."""
     rows = table["rows"]
     n = summary(table)
     names = lambda status: ", ".join(r["model_type"] for r in rows if r["status"] == status)  # noqa: E731
@@ -332,17 +334,19 @@ def _cell(text: str) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def write_readme_section(table: dict, readme: Path = README) -> None:
-    text = readme.read_text()
+def write_coverage_section(table: dict, page: Path = SUPPORTED_MODELS) -> None:
+    """Replace the generated block of ``page`` (between the markers); the hand-written rest stays."""
+    text = page.read_text()
     if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers")
+        raise ValueError(f"{page} has no {BEGIN} ... {END} markers")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(head + readme_section(table) + tail)
+    page.write_text(head + coverage_section(table) + tail)
 
 
-def readme_current_section(readme: Path = README) -> str:
-    text = readme.read_text()
+def current_coverage_section(page: Path = SUPPORTED_MODELS) -> str:
+    """The generated block as it stands in ``page`` (markers included)."""
+    text = page.read_text()
     return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
 
 
@@ -351,11 +355,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("types", nargs="*", help="model types (default: every causal-LM type)")
     parser.add_argument("--out", default=None, help="JSON table to write (default: docs/coverage.json for a full run)")
-    parser.add_argument("--readme-only", action="store_true",
-                        help="only rewrite README's section from docs/coverage.json")
+    parser.add_argument("--render-only", dest="render_only", action="store_true",
+                        help="run no model: only re-render the generated block of docs/supported_models.md from "
+                             "docs/coverage.json")
     args = parser.parse_args()
-    if args.readme_only:
-        write_readme_section(json.loads(COVERAGE_JSON.read_text()))
+    if args.render_only:
+        write_coverage_section(json.loads(COVERAGE_JSON.read_text()))
+        print(f"rewrote the generated block of {SUPPORTED_MODELS}")
         sys.exit(0)
     rows = []
     for t in args.types or causal_lm_types():
@@ -372,5 +378,5 @@ if __name__ == "__main__":
         Path(out).write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {out}: {summary(table)}")
         if Path(out) == COVERAGE_JSON:
-            write_readme_section(table)
-            print(f"rewrote the coverage section of {README}")
+            write_coverage_section(table)
+            print(f"rewrote the generated block of {SUPPORTED_MODELS}")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench  # noqa: E402
@@ -50,10 +52,11 @@ def test_in_step_clock_counts_our_exclusive_time_only(monkeypatch):
     assert shares == [3.5 / 23.5]
 
 
-def test_one_measurement_runs_at_a_tiny_size(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the GPU table's path (`make bench-gpu`), here on CPU
+def test_one_measurement_runs_at_a_tiny_size(tmp_path, dtype):
     out = tmp_path / "one.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--part", "one:gpt2:tiny", "--reps", "2",
-                    "--part-out", str(out)], check=True, capture_output=True)
+                    "--dtype", dtype, "--part-out", str(out)], check=True, capture_output=True)
     row = json.loads(out.read_text())
     assert set(row["step_ratio"]) == {"vanilla", "vanilla_copy", "memsinks", "memsinks_tok", "reference"}
     for kind in ("memsinks", "memsinks_tok"):

@@ -16,11 +16,28 @@ from hf_memsinks.experiments.posthoc import zero_top_neurons
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+SECRETS = ["data.secret_canaries=4", "data.secret_digits=6", "eval.exposure_candidates=63"]
 RUN_KEYS = ("val_loss", "repeated_loss", "control_loss", "memorization_gap", "extraction_rate",
             "repeated_loss_natural", "control_loss_natural", "repeated_loss_canary", "control_loss_canary")
 
 
-def check_report(out: Path) -> dict:
+def check_privacy(run: dict, secrets: bool) -> None:
+    """Every attack's AUC per kind in [0, 1]; with secret canaries, their exposure within its cap."""
+    kinds = {"natural", "canary", "all"} | ({"secret"} if secrets else set())
+    assert set(run["mia_auc"]) == set(ATTACKS)
+    for attack, aucs in run["mia_auc"].items():
+        assert set(aucs) == kinds and all(0 <= v <= 1 for v in aucs.values()), (attack, aucs)
+    if not secrets:
+        assert "exposure" not in run
+        return
+    e = run["exposure"]
+    assert e["candidates"] == 63 and e["max_exposure"] == pytest.approx(6.0) and not e["exact"]
+    for part in ("trained", "control"):
+        assert len(e[part]["values"]) == 4 and all(0 <= v <= 6.0 + 1e-9 for v in e[part]["values"])
+
+
+def check_report(out: Path, secrets: bool = False) -> dict:
     report = json.loads((out / "report.json").read_text())
     for name in ("standard", "memsinks_removed", "memsinks_own_sinks", "dedup", "goldfish", "memsinks_goldfish_removed",
                  "memsinks_goldfish_own_sinks", "forget_memsinks_removed", "forget_memsinks_own_sinks"):
@@ -31,11 +48,14 @@ def check_report(out: Path) -> dict:
             assert 0 < run[key] < 20, (name, key, run[key])
         assert 0 <= run["extraction_rate"] <= 1
         assert run["memorization_gap"] == pytest.approx(run["control_loss"] - run["repeated_loss"])
+        check_privacy(run, secrets)
     summary = report["summary"]
     for key in ("gap_closure", "val_loss_ratio", "dedup_gap_closure", "posthoc_gap_closure_at_same_val_loss",
                 "own_sinks_repeated_loss", "goldfish_gap_closure", "goldfish_val_loss_ratio",
                 "goldfish_extraction_rate", "memsinks_goldfish_gap_closure", "memsinks_goldfish_val_loss_ratio",
-                "memsinks_goldfish_extraction_rate", "forget_regime_gap_closure"):
+                "memsinks_goldfish_extraction_rate", "forget_regime_gap_closure", "standard_mia_auc",
+                "memsinks_mia_auc", "goldfish_mia_auc", "dedup_mia_auc") + (
+                    ("standard_secret_exposure", "memsinks_secret_exposure") if secrets else ()):
         assert math.isfinite(summary[key]), key
     for key in ("goldfish_extraction_rate", "memsinks_goldfish_extraction_rate"):
         assert 0 <= summary[key] <= 1
@@ -50,6 +70,8 @@ def check_report(out: Path) -> dict:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     text = (out / "report.md").read_text()
     assert "| gap_closure |" in text and "## Forgetting chosen documents" in text and "| goldfish_gap_closure |" in text
+    assert "## Membership inference and exposure" in text and "| npo |" in text
+    assert ("exposure, trained secrets" in text) == secrets
     return report
 
 
@@ -71,19 +93,54 @@ def check_forgetting(f: dict) -> None:
                              ("F", "activate"),
                              ("F", "expected"), ("random", "activate"), ("random", "expected")}
     methods = {r["method"] for r in rows}
-    assert {"standard", "standard retrained without F", "post-hoc zeroing aimed at F"} <= methods
+    assert {"standard", "standard retrained without F", "post-hoc zeroing aimed at F", "gradient_ascent", "grad_diff",
+            "npo"} <= methods
+    for r in rows:
+        assert set(r["mia_auc_F"]) == set(ATTACKS) and all(0 <= v <= 1 for v in r["mia_auc_F"].values()), r
+        assert set(r["privleak"]) == set(ATTACKS), r  # every n has a retrained row here
+    for method in ("gradient_ascent", "grad_diff", "npo"):
+        for n in sizes:
+            row = next(r for r in rows if r["method"] == method and r["n"] == n)
+            assert 0 <= row["steps"] <= 100 and row["stopped"] in ("K budget", "val budget", "max_steps")
+            assert row["K_loss_rise"] <= 0.1 and row["val_loss_rise"] <= 0.02  # the stated budget holds
+            assert f"{method} n={n}" in f["unlearning"]
     assert set(f["summary"]) == {f"{regime} n={n}" for regime in f["regimes"] for n in sizes}
     for s in f["summary"].values():
         assert all(math.isfinite(v) for k, v in s.items() if "extraction" not in k)
 
 
 def test_smoke_run_end_to_end(tmp_path, capsys):
-    assert main(["run", SMOKE, "--out", str(tmp_path)]) == 0
-    report = check_report(tmp_path)
+    """With secret canaries (4, 6 digits): configs/smoke.yaml itself has none, so its stream and
+    numbers are those it had before they existed (test_secret_canaries_leave_other_streams_alone)."""
+    assert main(["run", SMOKE, *SECRETS, "--out", str(tmp_path)]) == 0
+    report = check_report(tmp_path, secrets=True)
+    assert report["setting"]["secret_canaries"] == 4
     assert report["setting"]["train_documents"] == 12 * 8
     # same token budget for dedup, and its repeats really are seen once
     assert report["setting"]["dedup_train_tokens"] > 0
     assert "MemSinks memorization benchmark" in capsys.readouterr().out
+
+
+def test_secret_canaries_leave_other_streams_alone():
+    """No secret canaries: the smoke stream is the one it was before they existed (pinned hash);
+    with them, every other repeated and control document is unchanged and each secret repeats R times."""
+    import hashlib
+
+    from hf_memsinks.experiments.setting import build_setting
+
+    plain = build_setting(load_config(SMOKE))
+    digest = hashlib.sha256(json.dumps([plain.stream, plain.dedup_stream]).encode()).hexdigest()[:16]
+    assert digest == "f7f8156ccfdcc765" and plain.secrets is None
+    with_secrets = build_setting(load_config(SMOKE, SECRETS))
+    for part in ("natural", "canaries", "control_natural", "control_canaries", "validation"):
+        assert getattr(with_secrets, part) == getattr(plain, part), part
+    s = with_secrets.secrets
+    assert len(s.docs) == 4 and len({t.split(" is ")[0] for t in s.texts + with_secrets.control_secrets.texts}) == 8
+    for doc, text, value in zip(s.docs, s.texts, s.values):
+        assert len(value) == 6 and value in text and with_secrets.stream.count(doc) == 4
+        assert with_secrets.dedup_stream.count(doc) == 1
+    assert not any(d in with_secrets.stream for d in with_secrets.control_secrets.docs)
+    assert len(with_secrets.stream) == len(plain.stream)
 
 
 def _local_docs(n):

@@ -1,5 +1,5 @@
 """Coverage over Transformers' causal-LM mapping: a fast subset runs the full check here; the
-whole run is `make coverage`, whose table (docs/coverage.json) README's section must match."""
+whole run is `make coverage`, whose table (docs/coverage.json) docs/supported_models.md must match."""
 
 import json
 
@@ -8,8 +8,8 @@ import transformers
 from coverage_models import (
     COVERAGE_JSON,
     causal_lm_types,
-    readme_current_section,
-    readme_section,
+    coverage_section,
+    current_coverage_section,
     run,
     summary,
 )
@@ -51,6 +51,6 @@ def test_coverage_table_is_complete_current_and_meets_the_bar():
             assert row["reason"], row["model_type"]
 
 
-def test_readme_section_is_generated_from_the_table():
+def test_supported_models_page_is_generated_from_the_table():
     table = json.loads(COVERAGE_JSON.read_text())
-    assert readme_current_section() == readme_section(table), "run `python tests/coverage_models.py --readme-only`"
+    assert current_coverage_section() == coverage_section(table), "run `python tests/coverage_models.py --render-only`"

@@ -9,7 +9,7 @@ from datasets import Dataset
 from tiny_models import VOCAB, tiny_model
 
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
-from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
+from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, ids_for_documents, stable_id
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
 
@@ -34,6 +34,28 @@ def test_ids_are_stable_across_processes():
                           env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout.split() for seed in (1, 2)]
     assert out[0] == out[1] == [str(stable_id("hello")), str(stable_id([1, 2, 3])), str(stable_id(7))]
     assert stable_id(1) != stable_id("1")
+
+
+def test_unkeyed_ids_are_unchanged_and_keyed_ids_need_the_key():
+    """Keyed IDs (blake2b keyed mode) cannot be tested against a guessed text without the key;
+    the unkeyed ones stay bit-identical to the released ones."""
+    assert (stable_id("hello"), stable_id([1, 2, 3]), stable_id(7)) == (
+        8426663150312574315, 4864069071176103360, 7449465813426908033)
+    key, other = "k" * 32, b"another-secret-key-of-32-bytes!!"
+    keyed = stable_id("hello", key=key)
+    assert keyed == stable_id("hello", key=key.encode()) != stable_id("hello") != stable_id("hello", key=other)
+    assert 0 <= keyed < 2**63
+    for bad in ("short", b"x" * 65, 123):
+        with pytest.raises(ValueError, match="16 to 64 bytes"):
+            stable_id("hello", key=bad)
+    ds = Dataset.from_dict({"text": TEXTS, "url": ["a.com", "b.com", "a.com", "c.com"]})
+    for by, column in (("content", "text"), ("metadata", "url")):
+        ids = add_sequence_ids(ds, by=by, column=column, key=key)["sequence_ids"]
+        assert ids == [stable_id(v, key=key) for v in ds[column]] != add_sequence_ids(ds, by=by, column=column)[
+            "sequence_ids"]
+    assert ids_for_documents(TEXTS, key=key).tolist() == [stable_id(t, key=key) for t in TEXTS]
+    with pytest.raises(ValueError, match="derived IDs only"):
+        add_sequence_ids(ds.add_column("doc", [1, 2, 3, 4]), by="ids", column="doc", key=key)
 
 
 def test_metadata_ids_group_rows_and_reject_nulls():
@@ -66,6 +88,9 @@ def test_near_duplicate_ids_cluster_light_edits():
     ids = add_sequence_ids(ds, by="near_duplicates", threshold=0.6)["sequence_ids"]
     assert ids[0] == ids[2] == ids[3] == stable_id(base)
     assert ids[1] == stable_id(other)
+    key = "k" * 16
+    keyed = add_sequence_ids(ds, by="near_duplicates", threshold=0.6, key=key)["sequence_ids"]
+    assert keyed == [stable_id(t, key=key) for t in (base, other, base, base)]
     exact = add_sequence_ids(ds, by="content")["sequence_ids"]
     assert exact[0] != exact[2]  # content hashing alone does not see the edit
 

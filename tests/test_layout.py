@@ -12,8 +12,8 @@ from hf_memsinks import transformers_internals
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_memsinks"
-PRIVATE = re.compile(r"\._model_mapping|_keys_to_ignore_on_load|_experts_implementation|_apply_gate"
-                     r"|_gradient_checkpointing_func|_set_gradient_checkpointing|_raise_exceptions_for|integrations\.moe")
+PRIVATE = re.compile(r"(?<!\w)(?:_model_mapping|_keys_to_ignore_on_load_unexpected|_experts_implementation|_apply_gate"
+                     r"|_gradient_checkpointing_func|_set_gradient_checkpointing|_raise_exceptions_for\w+)\b|integrations\.moe")
 
 
 def _module_name(path: pathlib.Path) -> str:

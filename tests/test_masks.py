@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_memsinks.ids.masks import NO_SEQUENCE, REFERENCE_A, REFERENCE_M, sink_mask
+from hf_memsinks.ids.masks import NO_SEQUENCE, REFERENCE_A, REFERENCE_M, hash_mask, reference_mask, sink_mask
 
 S, P = 300, 0.3
 
@@ -112,3 +112,24 @@ def test_reference_scheme_rejects_id_zero_and_keeps_reserved():
     # sinks than independent masks would.
     m = sink_mask(torch.tensor([1, 2]), 30_000, P, scheme="reference")
     assert 1.55 < _pair_overlap(m[:1], m[1:]) / P**2 < 1.75
+
+
+@pytest.mark.parametrize("scheme", ["hash", "reference"])
+def test_per_token_masks_built_per_distinct_id_equal_the_elementwise_hash(scheme):
+    """sink_mask hashes each distinct ID once and expands; the result is bit-identical to hashing
+    every token, over random packed layouts with padding (-1) and per-layer keys."""
+    g = torch.Generator().manual_seed(0)
+    direct = {"hash": lambda ids, layer: hash_mask(ids, 97, 0.3, salt=5, layer=layer),
+              "reference": lambda ids, layer: reference_mask(ids, 97, 0.3)}[scheme]
+    for trial in range(20):
+        b, t = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        docs = torch.randint(1, 2**40, (b, 8), generator=g)
+        lengths = torch.randint(1, 12, (b, 8), generator=g)
+        rows = [torch.repeat_interleave(d, n) for d, n in zip(docs, lengths)]
+        ids = torch.stack([torch.cat([r, torch.full((t,), -1)])[:t] for r in rows])
+        ids[:, t - t // 4:] = -1  # right padding
+        layer = None if scheme == "reference" else trial % 3
+        kwargs = {} if scheme == "reference" else {"salt": 5, "layer": layer}
+        ours = sink_mask(ids, 97, 0.3, scheme=scheme, **kwargs)
+        assert ours.dtype == torch.bool and ours.shape == (b, t, 97)
+        assert torch.equal(ours, direct(ids, layer))

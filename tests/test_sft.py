@@ -190,3 +190,25 @@ def test_dpo_trainer_is_refused_with_the_sequence_ids_error(tmp_path):
                          processing_class=tokenizer())
     with pytest.raises(ValueError, match="needs sequence_ids"):
         trainer.train()
+
+
+def test_push_to_hub_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """Before the repository is created, not after the first save; a MemSinkCallback with an
+    export takes the pushes over and publishes only the sink-free model."""
+    from fake_hub import intercept_hub
+
+    from hf_memsinks import MemSinkCallback, SinkUploadError
+
+    hub = intercept_hub(monkeypatch)
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, save_strategy="steps", save_steps=1, disable_tqdm=True, max_length=64,
+                     push_to_hub=True, hub_model_id="me/sft")
+    with pytest.raises(SinkUploadError, match="MemSinkSFTTrainer"):
+        MemSinkSFTTrainer(model=patched_llama(), args=args, train_dataset=text_dataset(IDS),
+                          processing_class=tokenizer())
+    assert hub.created == []
+    trainer = MemSinkSFTTrainer(model=patched_llama(), args=args, train_dataset=text_dataset(IDS),
+                                processing_class=tokenizer(), callbacks=[MemSinkCallback(tmp_path / "export")])
+    trainer.train()
+    assert "model.safetensors" in hub.files("me/sft") and "tokenizer.json" in hub.files("me/sft")
+    assert hub.sink_tensors() == [] and hub.memsink_files() == []

@@ -1,14 +1,12 @@
 """The plain Trainer end to end: dataset -> IDs -> collator -> train/eval -> resume -> export -> Hub folder."""
 
 import json
-import os
 
 import pytest
 import torch
 from datasets import Dataset
 from tiny_models import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, Trainer, TrainingArguments
-from transformers.utils import hub as hf_hub
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.cli import audit
@@ -102,29 +100,30 @@ def test_training_without_ids_fails_clearly(tmp_path):
         Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=ds).train()
 
 
-def test_push_to_hub_uploads_a_folder_that_passes_the_audit(tmp_path, monkeypatch):
-    model = get_memsink_model(tiny_model("gpt2"), CFG).remove_sinks()
+def test_push_to_hub_uploads_only_a_folder_that_passes_the_audit(tmp_path, monkeypatch):
+    """Intercepted at huggingface_hub's commit step: the sink-free model's push passes the audit;
+    the same call on a model that still has sinks uploads nothing (tests/test_publishing.py has
+    every other path)."""
+    from fake_hub import intercept_hub
+
+    from hf_memsinks import SinkUploadError
+
+    hub = intercept_hub(monkeypatch)
     seen = {}
+    save = GPT2LMHeadModel.save_pretrained
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            return type("Repo", (), {"repo_id": repo_id})()
+    def save_and_audit(self, directory, *args, **kwargs):
+        save(self, directory, *args, **kwargs)
+        seen["audit"] = audit(str(directory))
 
-    def fake_upload(self, folder, repo_id, **kw):
-        seen["files"] = sorted(os.listdir(folder))
-        seen["audit"] = audit(folder)
-        return "ok"
-
-    monkeypatch.setattr(hf_hub, "hf_api", lambda: FakeApi())
-    monkeypatch.setattr(hf_hub, "create_and_tag_model_card",
-                        lambda repo_id, tags=None, token=None: hf_hub.ModelCard("# model"))
-    monkeypatch.setattr(type(model), "_upload_modified_files", fake_upload)
-    assert model.push_to_hub("me/clean-model") == "ok"
-    assert "model.safetensors" in seen["files"] and seen["audit"] == []
-    # and the same path for a model that still has sinks is caught by the audit
+    monkeypatch.setattr(GPT2LMHeadModel, "save_pretrained", save_and_audit)
+    model = get_memsink_model(tiny_model("gpt2"), CFG).remove_sinks()
+    model.push_to_hub("me/clean-model")
+    assert "model.safetensors" in hub.files("me/clean-model") and seen["audit"] == []
     dirty = get_memsink_model(tiny_model("gpt2"), CFG)
-    dirty.push_to_hub("me/dirty-model")
-    assert seen["audit"], seen
+    with pytest.raises(SinkUploadError, match="remove_sinks"):
+        dirty.push_to_hub("me/dirty-model")
+    assert "me/dirty-model" not in hub.repos and hub.sink_tensors() == []
 
 
 def test_add_mode_finetune_returns_original_width(tmp_path):

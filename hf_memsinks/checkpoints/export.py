@@ -15,6 +15,23 @@ class CLIError(ValueError):
     """A user error: printed as one line on stderr, exit status 2."""
 
 
+class AuditFailed(CLIError):
+    """An export whose staged files still betray sinks; it was not put in place (exit status 1)."""
+
+    def __init__(self, directory: str, findings: list[str]):
+        super().__init__(f"the export to {directory} failed its audit and was not written: " + "; ".join(findings[:5]))
+        self.findings = findings
+
+
+def write_audited(directory: str, target: str, write) -> None:
+    """``write(directory)`` into a staging directory, then :func:`audit` it there: an export that
+    fails raises :class:`AuditFailed` before it replaces anything (``atomic_save`` drops the staging)."""
+    write(directory)
+    findings = audit(directory)
+    if findings:
+        raise AuditFailed(target, findings)
+
+
 def _json_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -113,7 +130,8 @@ def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overw
     """The sink-free model of ``checkpoint``, with its tokenizer files and a model card, written
     atomically to ``out`` (:func:`hf_memsinks.checkpoints.atomic.atomic_save`). ``out`` must not be the
     checkpoint, and must be empty unless ``overwrite``; files of ``out`` the export does not write
-    are kept, never deleted."""
+    are kept, never deleted. The export is audited in its staging directory: one that fails
+    (:class:`AuditFailed`) replaces nothing."""
     from .atomic import atomic_save
     from .auto import AutoMemSinkModelForCausalLM
 
@@ -125,8 +143,9 @@ def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overw
     model = AutoMemSinkModelForCausalLM.from_pretrained(checkpoint)
     cfg = model.memsink_config
     model.remove_sinks(forget_ids=forget_ids)
-    how = ("keeping every sink at its expected value except the sinks of sequence IDs "
-           f"{forget_ids} (zeroed)") if forget_ids else "with the general neurons kept"
+    how = ("keeping every sink at its expected value except the sinks of "
+           f"{len(set(forget_ids))} forgotten sequence IDs, zeroed (IDs are derived from the documents, "
+           "so they are not listed)") if forget_ids else "with the general neurons kept"
     card = MODEL_CARD.format(name=os.path.basename(os.path.abspath(out)), how=how,
                              arch=type(model).__name__, **{k: getattr(cfg, k) for k in (
                                  "sink_fraction", "sink_active_prob", "mode", "eval_scaling", "mask_scheme")})
@@ -139,4 +158,4 @@ def export(checkpoint: str, out: str, forget_ids: list[int] | None = None, overw
         with open(os.path.join(directory, "README.md"), "w") as f:
             f.write(card)
 
-    atomic_save(out, write)
+    atomic_save(out, lambda directory: write_audited(directory, out, write))

@@ -25,6 +25,19 @@ from .atomic import atomic_save
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.layers.experts):
                     ".sink_gate_up_proj", ".sink_gate_up_proj_bias", ".sink_up_proj", ".sink_up_proj_bias",
                     ".sink_down_proj")
+CHECKPOINT_CARD = """---
+library_name: transformers
+tags:
+- memsinks
+- private
+---
+# Private: this checkpoint holds memorized training data
+
+A `{arch}` trained with MemSinks (hf_memsinks) whose **sink neurons are still in it**. The sinks are
+where the model memorized its training sequences, so this checkpoint holds memorized training data:
+keep it private, never publish it. Publish the sink-free model instead:
+`hf-memsinks export <this directory> <out>`, which writes and audits a plain `{arch}`.
+"""
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -38,8 +51,6 @@ def save_checkpoint(model: PreTrainedModel, save_directory: str | os.PathLike, b
     is_main = args[0] if args else kwargs.get("is_main_process", True)
     if not is_main:
         return base_save(save_directory, *args, **kwargs)
-    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
-        kwargs["repo_id"] = os.path.basename(os.path.abspath(os.fspath(save_directory)))
     patch = model.memsink
     layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in patch.sites}
     memsink_config = MemSinkConfig.from_dict({**patch.config.to_dict(), "sink_layout": layout,
@@ -48,6 +59,8 @@ def save_checkpoint(model: PreTrainedModel, save_directory: str | os.PathLike, b
 
     def write(directory: str) -> None:
         memsink_config.save_pretrained(directory)
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(CHECKPOINT_CARD.format(arch=type(model).__name__))
         result.append(base_save(directory, *args, **kwargs))
 
     atomic_save(save_directory, write)

@@ -1,8 +1,9 @@
-"""Data: sequence IDs for datasets, collators that carry them, near-duplicate IDs and Goldfish."""
+"""Data: sequence IDs for datasets (:mod:`.sequence_ids`), collators that carry them
+(:mod:`.collators`), and Goldfish loss (:mod:`.goldfish`)."""
 
-from .collators import MemSinkDataCollator, MemSinkPackingCollator
-from .goldfish import GoldfishCollator, goldfish_labels
+from .collators import MemSinkDataCollator, MemSinkPackingCollator, example_ids
+from .goldfish import GoldfishCollator
 from .sequence_ids import ID_COLUMN, add_sequence_ids, ids_for_documents, stable_id
 
 __all__ = ["ID_COLUMN", "GoldfishCollator", "MemSinkDataCollator", "MemSinkPackingCollator", "add_sequence_ids",
-           "goldfish_labels", "ids_for_documents", "stable_id"]
+           "example_ids", "ids_for_documents", "stable_id"]

@@ -1,4 +1,5 @@
-"""Collators that pad a batch and carry each example's sequence ID into the model."""
+"""Collators that carry each example's sequence ID into the batch: padded rows
+(:class:`MemSinkDataCollator`) or packed documents (:class:`MemSinkPackingCollator`)."""
 
 from __future__ import annotations
 

@@ -3,10 +3,16 @@
 The same ID on every rank and in every Python run, so IDs are hashes (blake2b) of a metadata
 value or of the content, never Python's salted ``hash``. IDs are non-negative int63;
 ``NO_SEQUENCE`` (-1) is reserved for padding (no sink active).
+
+An unkeyed ID is a public function of the document: whoever can guess a text or a URL can hash
+it and check whether it is among the IDs in a forget list, a log or a card. With a secret ``key``
+(blake2b's keyed mode, 16 to 64 bytes) the IDs are as stable, but only the key's holder can link
+them to documents. Unkeyed IDs are unchanged by the option.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, Iterable, Sequence
@@ -22,8 +28,24 @@ ID_COLUMN = "sequence_ids"
 # ---- stable hashing ---------------------------------------------------------------------------------
 
 
-def _digest_to_id(data: bytes) -> int:
-    digest = hashlib.blake2b(data, digest_size=8, person=b"hf_memsinks").digest()
+Key = str | bytes | None
+
+
+def check_key(key: Key) -> bytes:
+    """The key's bytes (``b""``: unkeyed, blake2b's default); 16 to 64 bytes, since a short key
+    can be guessed as easily as the texts it protects."""
+    if key is None:
+        return b""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
+    if not isinstance(raw, (bytes, bytearray)) or not 16 <= len(raw) <= 64:
+        size = f"{len(raw)} bytes" if isinstance(raw, (bytes, bytearray)) else type(key).__name__
+        raise ValueError("a sequence ID key must be str or bytes of 16 to 64 bytes (e.g. secrets.token_hex(32), "
+                         f"kept secret), got {size}")
+    return bytes(raw)
+
+
+def _digest_to_id(data: bytes, key: bytes = b"") -> int:
+    digest = hashlib.blake2b(data, digest_size=8, person=b"hf_memsinks", key=key).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: non-negative int64, never -1
 
 
@@ -49,20 +71,23 @@ def _value_bytes(value: Any) -> bytes:
         raise TypeError(f"cannot derive a stable sequence ID from a value of type {type(value).__name__}") from err
 
 
-def stable_id(value: Any) -> int:
-    """The sequence ID of one metadata value or document (str, bytes, int, token list, JSON-able)."""
+def stable_id(value: Any, key: Key = None) -> int:
+    """The sequence ID of one metadata value or document (str, bytes, int, token list, JSON-able).
+
+    ``key``: a secret (16 to 64 bytes) that makes the ID a keyed hash, so it cannot be tested
+    against guessed documents; use the same key for the whole run (and for forgetting later)."""
     if value is None:
         raise ValueError("cannot derive a sequence ID from None (null)")
-    return _digest_to_id(_value_bytes(value))
+    return _digest_to_id(_value_bytes(value), check_key(key))
 
 
-def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int]) -> list[int]:
+def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int], key: Key = None) -> list[int]:
     out = []
     for value, index in zip(values, indices):
         if value is None:
             raise ValueError(f"column {column!r} is null in row {index}: every row needs a value to derive its "
                              "sequence ID")
-        out.append(stable_id(value))
+        out.append(stable_id(value, key))
     return out
 
 
@@ -71,7 +96,8 @@ def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int]) -> list
 
 def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *, output_column: str = ID_COLUMN,
                      threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 5,
-                     batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None):
+                     batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None,
+                     key: Key = None):
     """Return ``dataset`` with an ``output_column`` of sequence IDs (one int per row).
 
     Every repetition of a document must get the same ID, so IDs come from what repeats with it.
@@ -93,24 +119,30 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
         threshold, num_perm, shingle_size: ``"near_duplicates"`` only: Jaccard similarity that
             makes two rows one document, MinHash permutations, words (or tokens) per shingle.
         batch_size, num_proc, desc: passed to ``dataset.map``.
+        key: a secret of 16 to 64 bytes for ``"metadata"``, ``"content"`` and ``"near_duplicates"``:
+            keyed IDs (:func:`stable_id`). Use one whenever IDs may be seen by others (a forget
+            list handed over, logs, a shared dataset), so nobody can check a guessed text against them.
     """
     from datasets import Dataset  # noqa: F401  (datasets is an optional dependency)
 
     names = list(dataset.column_names)
     map_args = dict(batched=True, batch_size=batch_size, with_indices=True, num_proc=num_proc)
     if by == "ids":
+        if key is not None:
+            raise ValueError("by='ids' copies the given IDs; key= applies to derived IDs only")
         return _validated_ids(dataset, column, output_column, map_args, desc)
+    check_key(key)
     if output_column in names:
         raise ValueError(f"dataset already has a {output_column!r} column; pass output_column=... or remove it")
     column = _source_column(names, by, column)
     if by in ("metadata", "content"):
         def assign(batch, indices):
-            return {output_column: _ids_for(batch[column], column, indices)}
+            return {output_column: _ids_for(batch[column], column, indices, key)}
 
         return dataset.map(assign, **map_args, desc=desc or f"sequence IDs from {column!r}")
     if by == "near_duplicates":
-        return add_near_duplicate_ids(dataset, column, output_column, stable_id, threshold, num_perm, shingle_size,
-                                      map_args, desc)
+        return add_near_duplicate_ids(dataset, column, output_column, functools.partial(stable_id, key=key),
+                                      threshold, num_perm, shingle_size, map_args, desc)
     raise ValueError(f"unknown by={by!r}; use 'metadata', 'content', 'near_duplicates' or 'ids'")
 
 
@@ -143,6 +175,7 @@ def _validated_ids(dataset, column: str | None, output_column: str, map_args: di
     return dataset.map(validate, **map_args, desc=desc or f"check sequence IDs in {column!r}")
 
 
-def ids_for_documents(documents: Iterable[Any]) -> torch.Tensor:
-    """Content IDs for an in-memory list of documents (texts or token lists), as a LongTensor."""
-    return torch.tensor([stable_id(d) for d in documents], dtype=torch.long)
+def ids_for_documents(documents: Iterable[Any], key: Key = None) -> torch.Tensor:
+    """Content IDs (keyed with ``key``, see :func:`stable_id`) for an in-memory list of documents
+    (texts or token lists), as a LongTensor."""
+    return torch.tensor([stable_id(d, key) for d in documents], dtype=torch.long)

@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 # integers that may be 0; every other integer must be positive
-MAY_BE_ZERO = {"warmup", "control", "repeated_natural", "repeated_canaries", "seed"}
+MAY_BE_ZERO = {"warmup", "control", "repeated_natural", "repeated_canaries", "secret_canaries", "seed"}
 
 
 @dataclass
@@ -44,6 +44,8 @@ class DataConfig:
     control: int
     validation: int
     canary_length: int | None = None  # default: max_length
+    secret_canaries: int = 0  # "the secret code of NAME is DDDDDDDDD." sentences, repeated like the others
+    secret_digits: int = 9
 
 
 @dataclass
@@ -73,6 +75,8 @@ class EvalConfig:
     prefix: int = 16
     suffix: int = 16
     batch_size: int = 64
+    mia_k: float = 0.2  # Min-K% and Min-K%++: the share of least likely tokens averaged
+    exposure_candidates: int = 1000  # sampled candidate secrets per canary (exposure is capped at log2 of it + 1)
 
 
 @dataclass
@@ -91,6 +95,22 @@ class GoldfishConfig:
 
 
 @dataclass
+class UnlearningConfig:
+    """Post-hoc unlearning of F on the standard model (experiments/unlearning.py): full-batch AdamW
+    at ``lr``, stopped at the last check (every ``check_every`` steps) where K's loss has risen by at
+    most ``k_budget`` nats and the val loss by at most ``val_budget`` (relative), or at ``max_steps``."""
+
+    methods: list[str] = field(default_factory=lambda: ["gradient_ascent", "grad_diff", "npo"])
+    lr: float = 5e-4
+    max_steps: int = 100
+    check_every: int = 5
+    k_budget: float = 0.1
+    val_budget: float = 0.02
+    beta: float = 0.1  # NPO's inverse temperature
+    retain_batch: int = 16  # grad_diff's retained documents per step
+
+
+@dataclass
 class ForgetConfig:
     """Forget the first n repeated documents for each n in ``sizes``; ``memsinks`` (over the main
     memsinks section) is the regime trained for it: a small sink_active_prob keeps sinks apart."""
@@ -100,6 +120,7 @@ class ForgetConfig:
     posthoc_fractions: list[float] = field(default_factory=lambda: [0.05, 0.2])
     retrain: bool = True
     val_docs: int | None = 128
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
 
 
 @dataclass
@@ -215,6 +236,10 @@ def _check_values(cfg: BenchmarkConfig) -> None:
     cfg.memsink_config()  # fail early on a bad MemSink setting
     cfg.forget_memsink_config()
     check_goldfish(cfg.goldfish.k, cfg.goldfish.h, cfg.goldfish.hash)
+    methods = set(cfg.forget.unlearning.methods) - {"gradient_ascent", "grad_diff", "npo"}
+    if methods:
+        raise ValueError(f"unknown forget.unlearning.methods {sorted(methods)}; choose from gradient_ascent, "
+                         "grad_diff, npo")
     repeated = cfg.data.repeated_natural + cfg.data.repeated_canaries
     sizes = cfg.forget.sizes
     if "forget" in cfg.runs and (not sizes or min(sizes) < 1 or max(sizes) >= repeated):

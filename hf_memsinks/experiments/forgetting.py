@@ -13,8 +13,12 @@ many random never-trained IDs, then measure F, K and validation loss and extract
 
 Baselines: the standard model as trained (nothing forgotten), a standard model retrained on the
 same stream with F's occurrences replaced by fresh documents (the gold standard; one retrain
-without the largest F, which holds every smaller F), and post-hoc zeroing of the standard
-model's MLP neurons most specific to F.
+without the largest F, which holds every smaller F), post-hoc zeroing of the standard
+model's MLP neurons most specific to F, and post-hoc unlearning of F by gradient ascent, gradient
+difference and NPO (experiments/unlearning.py), each stopped at a stated K and val-loss cost.
+
+Every row has the membership AUC of F against the controls (``mia_auc_F``, per attack) and, where
+there is a retrained model, MUSE's PrivLeak against it (``privleak``, evaluation.membership.privleak).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import warnings
 import torch
 
 from ..data.sequence_ids import ids_for_documents
+from ..evaluation.membership import privleak
 from ..model.forgetting import expected_coverage
 from .metrics import doc_losses, extraction_rate
 from .posthoc import neuron_specificity, zero_top_neurons
+from .privacy import forget_mia_auc
+from .unlearning import METHODS, unlearn
 
 
 def forget_order(setting, seed: int) -> list[list[int]]:
@@ -56,7 +63,8 @@ def _row(model, setting, cfg, forget, keep, own_ids: bool, **info) -> dict:
             "loss_K": doc_losses(model, keep, cfg, pad, own_ids).mean().item(),
             "extraction_F": extraction_rate(model, forget, cfg, own_ids),
             "extraction_K": extraction_rate(model, keep, cfg, own_ids),
-            "val_loss": doc_losses(model, val_docs, cfg, pad, own_ids).mean().item()}
+            "val_loss": doc_losses(model, val_docs, cfg, pad, own_ids).mean().item(),
+            "mia_auc_F": forget_mia_auc(model, setting, cfg, forget, own_ids)}
 
 
 def evaluate_memsinks(model, setting, cfg, sets: dict[int, list], keep: list, regime: str, seed: int) -> list[dict]:
@@ -101,6 +109,31 @@ def evaluate_standard(standard, retrained, setting, cfg, sets: dict[int, list], 
                 rows.append(_row(pruned, setting, cfg, forget, keep, False, method="post-hoc zeroing aimed at F",
                                  deleted=f"top {fraction:.0%} F-specific neurons", served="plain", n=n,
                                  fraction_removed=fraction))
+    for n, forget in sets.items():  # (after the rows above, which keep their places in the report)
+        rows += unlearning_rows(standard, setting, cfg, forget, keep, n)
+    return rows
+
+
+def unlearning_rows(standard, setting, cfg, forget: list, keep: list, n: int) -> list[dict]:
+    """One row per ``forget.unlearning.methods`` entry: the standard model with F unlearned."""
+    val_docs = setting.validation[: cfg.forget.val_docs or len(setting.validation)]
+    retain = keep + setting.general_sample
+    rows = []
+    for method in cfg.forget.unlearning.methods:
+        model, info = unlearn(standard, method, forget, keep, retain, val_docs, setting, cfg)
+        rows.append(_row(model, setting, cfg, forget, keep, False, method=method,
+                         deleted=f"F unlearned ({info['steps']} steps, stopped: {info['stopped']})", served="plain",
+                         n=n, **info))
+    return rows
+
+
+def add_privleak(rows: list[dict]) -> list[dict]:
+    """``privleak`` per attack on every row of an n that has a retrained row, against it."""
+    retrained = {r["n"]: r for r in rows if r["method"] == "standard retrained without F"}
+    for r in rows:
+        ref = retrained.get(r["n"])
+        if ref is not None:
+            r["privleak"] = {a: privleak(auc, ref["mia_auc_F"][a]) for a, auc in r["mia_auc_F"].items()}
     return rows
 
 
@@ -129,4 +162,21 @@ def summarize(rows: list[dict]) -> dict:
         if retrained is not None and retrained["loss_F"] != before["loss_F"]:
             s["F_share_of_retrain_rise"] = s["F_loss_rise"] / (retrained["loss_F"] - before["loss_F"])
         out[f"{regime} n={n}"] = s
+    return out
+
+
+def summarize_baselines(rows: list[dict]) -> dict:
+    """Per unlearning method and n: what unlearning F cost and bought against the standard model
+    (F and K loss rises, val-loss ratio, F's extraction and membership AUC, PrivLeak)."""
+    out = {}
+    standard = {r["n"]: r for r in rows if r["method"] == "standard"}
+    for r in rows:
+        std = standard.get(r["n"])
+        if r["method"] not in METHODS or std is None:
+            continue
+        out[f"{r['method']} n={r['n']}"] = {
+            "steps": r["steps"], "stopped": r["stopped"],
+            "F_loss_rise": r["loss_F"] - std["loss_F"], "K_loss_rise": r["loss_K"] - std["loss_K"],
+            "val_loss_ratio": r["val_loss"] / std["val_loss"], "F_extraction": r["extraction_F"],
+            "mia_auc_F": r["mia_auc_F"], **({"privleak": r["privleak"]} if "privleak" in r else {})}
     return out

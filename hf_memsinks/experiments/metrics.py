@@ -10,6 +10,7 @@ import torch
 from ..data.sequence_ids import ids_for_documents
 from ..evaluation.memorization import document_losses, extraction_hits
 from .config import BenchmarkConfig
+from .privacy import headline, mia_auc, secret_exposure
 from .setting import Setting
 
 
@@ -29,7 +30,8 @@ def extraction_rate(model, docs, cfg: BenchmarkConfig, own_ids: bool = False) ->
 
 def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False) -> dict:
     """Validation loss, and per kind of repeated document (natural, canary) repeated and control
-    loss, memorization gap and extraction rate. ``own_ids``: each document runs with its own ID
+    loss, memorization gap and extraction rate; the membership-inference AUCs (``mia_auc``) and,
+    with secret canaries, their ``exposure`` (experiments/privacy.py). ``own_ids``: each document runs with its own ID
     (own sinks on; the model in ``"activate"`` mode)."""
     def losses(docs):
         return doc_losses(model, docs, cfg, setting.pad_id, own_ids)
@@ -37,7 +39,7 @@ def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False
     def extraction(docs):
         return extraction_rate(model, docs, cfg, own_ids)
 
-    out: dict[str, float] = {"val_loss": losses(setting.validation).mean().item()}
+    out: dict[str, Any] = {"val_loss": losses(setting.validation).mean().item()}
     parts = {"natural": (setting.natural, setting.control_natural),
              "canary": (setting.canaries, setting.control_canaries)}
     rep_all, ctl_all = [], []
@@ -58,6 +60,9 @@ def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False
     n = {k: len(v[0]) for k, v in parts.items()}
     hits = sum(out.get(f"extraction_rate_{k}", 0.0) * n[k] for k in n if n[k])
     out["extraction_rate"] = hits / max(1, sum(n.values()))
+    out["mia_auc"] = mia_auc(model, setting, cfg, own_ids)
+    if setting.secrets:
+        out["exposure"] = secret_exposure(model, setting, cfg, own_ids)
     return out
 
 
@@ -114,4 +119,5 @@ def summarize(metrics: dict) -> dict:
             at = _interpolate(points, out["val_loss_ratio"])
             # (memsinks at or below the standard val loss: removing nothing, closure 0, is all it may do)
             out["posthoc_gap_closure_at_same_val_loss"] = max(ok + ([at] if at is not None else []), default=0.0)
+    out.update(headline(metrics))
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .privacy_report import privacy_lines, unlearning_lines
+
 ROWS = (
     ("standard", "standard (no sinks)"),
     ("memsinks_removed", "memsinks, sinks removed"),
@@ -59,6 +61,17 @@ MEANINGS = {
                                  "val-loss cost"),
     "posthoc_gap_closure_at_same_val_loss": ("gap closure of the post-hoc baseline at no more val-loss cost than "
                                              "memsinks"),
+    "standard_mia_auc": ("the strongest membership attack's ROC AUC on the standard model (repeated against control "
+                         "documents, pairs within a kind); 0.5 = no leak"),
+    "memsinks_mia_auc": "the same after removing the sinks",
+    "goldfish_mia_auc": "the same for the Goldfish model",
+    "dedup_mia_auc": "the same for dedup",
+    "memsinks_goldfish_mia_auc": "the same for memsinks+goldfish, sinks removed",
+    "standard_secret_exposure": "mean exposure (bits) of the trained secret canaries, standard model",
+    "memsinks_secret_exposure": "the same after removing the sinks",
+    "goldfish_secret_exposure": "the same, Goldfish",
+    "dedup_secret_exposure": "the same, dedup",
+    "memsinks_goldfish_secret_exposure": "the same, memsinks+goldfish with sinks removed",
 }
 
 
@@ -100,7 +113,9 @@ def write_markdown(report: dict, out: Path) -> Path:
               "| summary | value | meaning |", "|---|---|---|"]
     for key, value in s.items():
         lines.append(f"| {key} | {_fmt(value)} | {MEANINGS.get(key, '')} |")
+    lines += privacy_lines(report, ROWS)
     lines += _forgetting_lines(report)
+    lines += unlearning_lines(report)
     lines += ["", "Plots: `curves.png` (losses over training), `tradeoff.png` (gap closed against val loss)"
               + (", `forgetting.png` (forgetting F: loss on F and on K)" if report.get("forgetting") else "") + ".", ""]
     path = out / "report.md"

@@ -162,11 +162,13 @@ class Benchmark:
             rows += forgetting.evaluate_memsinks(model, setting, self.cfg, sets, keep, regime, seed)
         rows += forgetting.evaluate_standard(self.models["standard"], retrained, setting, self.cfg, sets, keep,
                                              f.posthoc_fractions)
+        rows = forgetting.add_privleak(rows)
         self.timings["forget_eval"] = time.time() - t0
         self.forgetting = {"sizes": sizes, "keep": len(keep),
                            "val_docs": min(f.val_docs or len(setting.validation), len(setting.validation)),
                            "regimes": {k: m.memsink_config.to_dict() for k, m in regimes.items()},
-                           "summary": forgetting.summarize(rows), "rows": rows}
+                           "summary": forgetting.summarize(rows),
+                           "unlearning": forgetting.summarize_baselines(rows), "rows": rows}
 
     # -- the report ---------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """The paper's controlled setting: general documents seen about once, K natural documents and K
 random-token canaries each repeated R times and shuffled in, held-out control documents of both
 kinds from the same distributions, and a validation set. One fixed stream of documents per run
-kind, so every run sees the same order and the same number of tokens.
+kind, so every run sees the same order and the same number of tokens. With
+``data.secret_canaries``, formatted secret sentences (experiments/secrets.py) repeat R times too,
+for the exposure test.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .corpus import CorpusTooSmall, load_documents, load_or_train_tokenizer
+from .secrets import Secrets, make_secrets
 
 
 @dataclass
@@ -28,6 +31,8 @@ class Setting:
     dedup_stream: list[list[int]] = field(repr=False, default_factory=list)  # repeats seen once, rest fresh
     general_sample: list[list[int]] = field(repr=False, default_factory=list)  # seen-once train docs (for attribution)
     fresh: list[list[int]] = field(repr=False, default_factory=list)  # never-trained general docs (dedup's fillers)
+    secrets: Secrets | None = None          # repeated secret canaries (data.secret_canaries > 0)
+    control_secrets: Secrets | None = None  # the same format, never trained on
 
     def stream_without(self, docs: list[list[int]]) -> list[list[int]]:
         """The training stream with every occurrence of ``docs`` replaced by a fresh general
@@ -59,14 +64,15 @@ class Setting:
             "distinct_train_documents": len({tuple(d) for d in self.stream}),
             "train_tokens": sum(len(d) for d in self.stream),
             "dedup_train_tokens": sum(len(d) for d in self.dedup_stream),
+            **({"secret_canaries": len(self.secrets.docs)} if self.secrets else {}),
         }
 
 
 def build_setting(cfg) -> Setting:
     """The setting of a ``BenchmarkConfig``: documents from its corpus, a tokenizer, the streams."""
     data, seed = cfg.data, cfg.seed
-    n = document_counts(cfg)
-    texts = _load_texts(cfg, n)
+    n, corpus_n = document_counts(cfg), document_counts(cfg, secrets=False)
+    texts = _load_texts(cfg, corpus_n)  # (the count without secrets: the same texts, tokenizer and documents)
     rng = random.Random(seed)
     rng.shuffle(texts)
     tokenizer = load_or_train_tokenizer(cfg.tokenizer, texts[: min(len(texts), 20000)])
@@ -79,20 +85,28 @@ def build_setting(cfg) -> Setting:
         return [next(docs) for _ in range(count)]
 
     natural, control_natural, validation = take(data.repeated_natural), take(data.control), take(data.validation)
-    general, fresh = take(n["general"]), take(n["fresh"])
-    canaries = _canary_sampler(general, len(tokenizer), eos, data.canary_length or data.max_length, seed)
+    every_general, fresh = take(corpus_n["general"]), take(corpus_n["fresh"])
+    # secret canaries take stream slots from the general documents, whose remainder fills dedup's extra slots
+    general, fresh = every_general[:n["general"]], fresh + every_general[n["general"]:]
+    canaries = _canary_sampler(every_general, len(tokenizer), eos, data.canary_length or data.max_length, seed)
     canary_docs, control_canaries = canaries(data.repeated_canaries), canaries(data.control)
-    stream, dedup = _streams(general, natural + canary_docs, fresh, data.repetitions, rng)
+    secrets = control_secrets = None
+    if data.secret_canaries:
+        secrets, control_secrets = make_secrets(tokenizer, data.secret_canaries, data.secret_digits, seed, eos,
+                                                data.max_length)
+    repeated = natural + canary_docs + (secrets.docs if secrets else [])
+    stream, dedup = _streams(general, repeated, fresh, data.repetitions, rng)
     return Setting(tokenizer, data.max_length, pad_id, natural, canary_docs, control_natural, control_canaries,
-                   validation, stream, dedup, general[: max(data.control, 64)], fresh)
+                   validation, stream, dedup, general[: max(data.control, 64)], fresh, secrets, control_secrets)
 
 
-def document_counts(cfg) -> dict[str, int]:
+def document_counts(cfg, secrets: bool = True) -> dict[str, int]:
     """How many corpus documents each part of the setting takes: ``general`` (the stream's slots
     left by the repeats), ``fresh`` (dedup's replacements for the extra repetitions) and the
-    ``needed`` total with the repeated natural, control and validation documents."""
+    ``needed`` total with the repeated natural, control and validation documents; ``secrets``
+    False: as if the config had no secret canaries."""
     data = cfg.data
-    repeated = data.repeated_natural + data.repeated_canaries
+    repeated = data.repeated_natural + data.repeated_canaries + (data.secret_canaries if secrets else 0)
     slots = cfg.train.steps * cfg.train.batch_size
     repeat_slots = repeated * data.repetitions
     general = slots - repeat_slots

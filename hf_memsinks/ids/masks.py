@@ -115,9 +115,26 @@ def sink_mask(
     per forward, so running them eagerly costs one graph break at the start of the forward.
     """
     if scheme == "hash":
-        return hash_mask(sequence_ids, num_sinks, active_prob, salt=salt, layer=layer)
-    if scheme == "reference":
+        def build(ids):
+            return hash_mask(ids, num_sinks, active_prob, salt=salt, layer=layer)
+    elif scheme == "reference":
         if layer is not None or salt != 0:
             raise ValueError("the reference mask scheme has one mask shared by all layers and no salt")
-        return reference_mask(sequence_ids, num_sinks, active_prob)
-    raise ValueError(f"unknown mask scheme {scheme!r}; use 'hash' or 'reference'")
+
+        def build(ids):
+            return reference_mask(ids, num_sinks, active_prob)
+    else:
+        raise ValueError(f"unknown mask scheme {scheme!r}; use 'hash' or 'reference'")
+    return per_distinct_id(build, _as_ids(sequence_ids))
+
+
+def per_distinct_id(build, ids: torch.Tensor) -> torch.Tensor:
+    """``build(ids)``, computed once per distinct ID and expanded: per-token IDs (packed documents)
+    repeat each ID over a document's tokens, and the hash is the costly part. Exact, as a mask is
+    a function of the ID alone. Only on the CPU: counting the distinct IDs of a tensor on an
+    accelerator would read it back (a device sync per forward), and there the elementwise hash
+    costs little beside the step."""
+    if ids.dim() < 2 or ids.device.type != "cpu":
+        return build(ids)
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    return build(distinct)[inverse]

@@ -2,15 +2,17 @@
 
 Plain ``SFTTrainer`` drops every dataset column but its own (``input_ids``, ``labels``,
 ``seq_lengths``), packs only ``input_ids`` and ``labels``, and builds batches with its own
-collators, so ``sequence_ids`` never reach a patched model: training silently moves general
-neurons only. :class:`MemSinkSFTTrainer` is ``SFTTrainer`` with three small changes and TRL's
-defaults otherwise (fused LM head, padding-free packing, assistant-only loss, ``peft_config``):
+collators, so ``sequence_ids`` never reach a patched model, whose training forward then stops
+with the "needs sequence_ids" error at the first step. :class:`MemSinkSFTTrainer` is
+``SFTTrainer`` with three small changes and TRL's defaults otherwise (fused LM head,
+padding-free packing, assistant-only loss, ``peft_config``):
 
 * the ``sequence_ids`` column is kept through dataset preparation; with packing it becomes a
   per-token column before TRL's own ``pack_dataset``, so every packed token keeps its document's ID;
 * batches get ``sequence_ids`` next to TRL's keys: ``(batch,)``, or ``(batch, seq_len)`` for
   packed or padding-free rows, ``-1`` on padding;
-* with ``peft_config``, the sinks stay fully trainable next to the adapter (:func:`train_sinks`).
+* with ``peft_config``, the sinks stay fully trainable next to the adapter (:func:`train_sinks`);
+* ``push_to_hub=True`` without a :class:`MemSinkCallback` is refused when the trainer is built.
 
 TRL's fused LM head calls the backbone directly with the batch's keys; the patched backbone
 takes ``sequence_ids`` too, so the masks act on that path as on the plain forward.
@@ -25,12 +27,14 @@ from datasets import Dataset
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
+from ..checkpoints.publish import holds_sinks, refusal
 from ..data.collators import example_ids
 from ..data.sequence_ids import ID_COLUMN
 from ..ids.masks import NO_SEQUENCE
 from ..model.patched import is_memsink_model
 from .finetune import attach_sink_lr
 from .peft import train_sinks
+from .trainer import MemSinkCallback
 
 
 class SequenceIdCollator:
@@ -109,6 +113,16 @@ class MemSinkSFTTrainer(SFTTrainer):
         optimizer = super().create_optimizer(*args, **kwargs)
         attach_sink_lr(self.model, optimizer)
         return optimizer
+
+    def init_hf_repo(self, *args, **kwargs):
+        """``push_to_hub=True`` would upload the sinks at every push: refused here, when the trainer
+        is built (before the repository is created), unless a :class:`MemSinkCallback` takes the
+        pushes over (it pushes the sink-free export, or sinks to a private repo when opted in)."""
+        if self.args.push_to_hub and holds_sinks(self.model) and not any(
+                isinstance(cb, MemSinkCallback) for cb in self.callback_handler.callbacks):
+            raise refusal("MemSinkSFTTrainer(args=SFTConfig(push_to_hub=True)) of a model that still has sinks",
+                          ["the model weights with their sink tensors at every push"])
+        return super().init_hf_repo(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -10,7 +10,8 @@ Each expert's hidden neurons are split like a dense MLP's: general first, sinks 
 gate/up chunk). A token's sink mask is its sequence ID's, whichever experts it is routed to.
 The patched module runs Transformers' own ``batched_mm`` experts function, in which rows are
 (token, top-k slot) pairs in token order, and masks the hidden activation where that function
-calls ``_apply_gate`` (gated) or ``act_fn`` (ungated). At patch time a forward of that path is
+applies the gate (gated: :class:`~hf_memsinks.transformers_internals.ExpertsGateHook`) or
+``act_fn`` (ungated). At patch time a forward of that path is
 checked against the module's own forward.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..transformers_internals import ExpertsGateHook, experts_forward
-from .masking import general_only
+from .mask_multiply import general_only
 from .neurons import (
     ProjectionPatch,
     chunk_spans,

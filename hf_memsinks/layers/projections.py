@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import MaskSinks, general_only, maskable_in_place
+from .mask_multiply import MaskSinks, general_only, maskable_in_place
 from .neurons import (
     ProjectionPatch,
     copy_into_spans,

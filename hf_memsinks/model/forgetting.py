@@ -61,7 +61,7 @@ def coverage_warning(model, sequence_ids, what: str) -> float:
             f"{what}: the {ids.numel()} IDs switch on {coverage:.0%} of all sinks (expected 1 - (1 - p)^n = "
             f"{expected_coverage(ids.numel(), p):.0%} at sink_active_prob={p}), so this deletes most "
             "sinks and is little more targeted than remove_sinks(). Targeted forgetting needs a small "
-            "sink_active_prob (see README, 'Forgetting chosen documents').", UserWarning, stacklevel=3)
+            "sink_active_prob (docs/guide.md, 'Forgetting chosen documents').", UserWarning, stacklevel=3)
     return coverage
 
 

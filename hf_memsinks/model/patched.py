@@ -22,6 +22,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..checkpoints.format import save_checkpoint
+from ..checkpoints.publish import allow_sinks_upload as sinks_upload_allowed
+from ..checkpoints.publish import check_consent, refusal, register
 from ..config import MemSinkConfig
 from ..ids.validation import check_batch_ids, check_id_list, check_sequence_ids
 from ..integrations.peft import check_unwrapped, sync_adapters
@@ -175,16 +177,47 @@ class MemSinkModelMixin(_PatchedClass):
 
     # -- checkpoints --
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Save like any Transformers model, plus ``memsink_config.json``. Plain
-        ``AutoModelForCausalLM`` loads the result as the sink-free model (sink tensors unused);
-        ``AutoMemSinkModelForCausalLM.from_pretrained`` restores the sinks.
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False,
+                        allow_sinks_upload: str | None = None, **kwargs):
+        """Save like any Transformers model, plus ``memsink_config.json`` and a model card that
+        says the checkpoint holds memorized data. Plain ``AutoModelForCausalLM`` loads the result
+        as the sink-free model (sink tensors unused); ``AutoMemSinkModelForCausalLM.from_pretrained``
+        restores the sinks.
 
         Atomic (:func:`hf_memsinks.checkpoints.atomic.atomic_save`): everything is written into a staging
         directory next to ``save_directory`` and swapped in at once, so a crash at any point leaves
         the previous checkpoint there loadable; files of that directory which this save does not
-        write are kept."""
-        return save_checkpoint(self, save_directory, super().save_pretrained, *args, **kwargs)
+        write are kept. ``push_to_hub=True`` is refused, before anything is written, unless
+        ``allow_sinks_upload`` opts in (see :meth:`push_to_hub`)."""
+        if not push_to_hub:
+            return save_checkpoint(self, save_directory, super().save_pretrained, *args, **kwargs)
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
+        push = {k: kwargs.pop(k) for k in ("commit_message", "commit_description", "private", "create_pr",
+                                           "revision", "tags") if k in kwargs}
+        _check_push(allow_sinks_upload, f"save_pretrained(push_to_hub=True, repo_id={repo_id!r})", push)
+        save_checkpoint(self, save_directory, super().save_pretrained, *args, **kwargs)
+        for k in ("token", "max_shard_size"):
+            if k in kwargs:
+                push[k] = kwargs[k]
+        return self.push_to_hub(repo_id, allow_sinks_upload=allow_sinks_upload, **push)
+
+    def push_to_hub(self, repo_id: str, *args, allow_sinks_upload: str | None = None, **kwargs):
+        """Refused: this model still has its sinks, which hold memorized training data. Publish
+        ``remove_sinks()`` (or ``hf-memsinks export``) instead. ``allow_sinks_upload=
+        hf_memsinks.SINKS_UPLOAD_CONSENT`` uploads it, memsink config included, to a private
+        repository only (to resume training elsewhere)."""
+        _check_push(allow_sinks_upload, f"push_to_hub({repo_id!r})", kwargs)
+        with sinks_upload_allowed(repo_id, allow_sinks_upload):
+            return super().push_to_hub(repo_id, *args, **{**kwargs, "private": True})
+
+
+def _check_push(consent: str | None, what: str, kwargs: dict) -> None:
+    """Before anything is created or written: refuse without consent, and a public repo with it."""
+    if consent is None:
+        raise refusal(f"{what} of a model that still has sinks", ["every sink tensor and memsink_config.json"])
+    check_consent(consent, what)
+    if kwargs.get("private") is False:
+        raise ValueError(f"{what}: allow_sinks_upload uploads to private repositories only; drop private=False")
 
 
 def _check_foldable(model: PreTrainedModel, patch: ModelPatch) -> None:
@@ -203,7 +236,10 @@ def _check_foldable(model: PreTrainedModel, patch: ModelPatch) -> None:
 def _new_patched_model(base: type, backbone: bool = False) -> PreTrainedModel:
     """Unpickling: an empty instance of the patched class of ``base`` (state is set next)."""
     cls = memsink_class(base, backbone)
-    return cls.__new__(cls)
+    model = cls.__new__(cls)
+    if not backbone:
+        register(model)  # a copy with sinks: the upload gate must know its adapters too
+    return model
 
 
 def remove_sinks(model: nn.Module, forget_ids=None) -> PreTrainedModel:

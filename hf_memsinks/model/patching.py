@@ -14,6 +14,7 @@ import warnings
 
 from transformers import PreTrainedModel
 
+from ..checkpoints.publish import register
 from ..config import MemSinkConfig
 from ..integrations.finetune import copy_init_sinks
 from ..integrations.peft import projection_slots
@@ -111,6 +112,7 @@ def _swap_classes(model: PreTrainedModel, record: ModelPatch) -> None:
     directly, such as fused LM heads, pass IDs to it), become patched classes sharing ``record``."""
     model.memsink = record
     model.__class__ = memsink_class(type(model))
+    register(model)
     record.slots = projection_slots(model)
     backbone = model.base_model
     if backbone is not model:

@@ -40,16 +40,17 @@ def check_site(model: nn.Module, site: MLPSite) -> str | None:
     vocab = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
     device = next(model.parameters()).device
     x = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    layer = model.get_submodule(f"{site.spec.layers}.{site.layer}") if site.spec and site.spec.layers else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return (_check_with_norm if site.norm is not None else _check_plain)(model, site, x, cut)
+            return (_check_with_norm if site.norm is not None else _check_plain)(model, site, x, cut, layer)
     finally:
         model.train(was_training)
 
 
-def _check_plain(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int) -> str | None:
+def _check_plain(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int, layer: nn.Module | None) -> str | None:
     modules = site.in_proj + [site.out_proj]
     calls = [0] * len(modules)
     hooks = [m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, m in enumerate(modules)]
@@ -57,15 +58,15 @@ def _check_plain(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int) -> 
     hooks.append(site.out_proj.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape))))
     try:
         with _edited(site, cut, "perturb"):
-            perturbed = _logits(model, x)
+            perturbed = _logits(model, x, layer)
         if not all(calls):
             return "its projections are not used by the model's forward"
         if site.kind != "experts" and (reason := _not_batch_first(shapes, x)):
             return reason
         with _edited(site, cut, "zero"):
-            zeroed = _logits(model, x)
+            zeroed = _logits(model, x, layer)
         with _edited(site, cut, "delete"):
-            deleted = _logits(model, x)
+            deleted = _logits(model, x, layer)
     except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
         return ("the model's forward fails with fewer of its neurons (something else is sized by its width, "
                 f"such as a norm over the hidden neurons): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -78,7 +79,8 @@ def _check_plain(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int) -> 
     return _reaches_output(perturbed, zeroed)
 
 
-def _check_with_norm(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int) -> str | None:
+def _check_with_norm(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int,
+                     layer: nn.Module | None) -> str | None:
     keep = site.width - cut
     seen = {"norm_out": None, "fed": [], "shapes": [], "tail": []}
 
@@ -99,21 +101,21 @@ def _check_with_norm(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int)
     norm = site.norm.__class__.__name__
     try:
         with _edited(site, cut, "perturb"):
-            perturbed = _logits(model, x)
+            perturbed = _logits(model, x, layer)
         if not seen["fed"] or not all(seen["fed"]):
             return f"the output of {norm} is not what its output projection reads"
         if reason := _not_batch_first(seen["shapes"], x):
             return reason
         with _edited(site, cut, "zero"):
-            zeroed = _logits(model, x)
+            zeroed = _logits(model, x, layer)
         seen["tail"].clear()
         with _edited(site, cut, "zero_in"):
-            silenced = _logits(model, x)
+            silenced = _logits(model, x, layer)
         if any(bool(t.any()) for t in seen["tail"]):
             return (f"neurons with zero input weights are not zero after its norm over the hidden neurons ({norm}): "
                     "a masked sink would not be silent")
         hooks.append(site.norm.register_forward_pre_hook(zero_at_norm))
-        masked = _logits(model, x)
+        masked = _logits(model, x, layer)
     except Exception as e:  # noqa: BLE001 - any failure disqualifies the candidate
         return f"the model's forward fails with its neurons edited: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
@@ -126,9 +128,30 @@ def _check_with_norm(model: nn.Module, site: MLPSite, x: torch.Tensor, cut: int)
     return _reaches_output(perturbed, zeroed)
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+class _LayerOutput(Exception):
+    """Raised by a hook to end a check forward once the site's decoder layer has run."""
+
+    def __init__(self, output: torch.Tensor):
+        self.output = output
+
+
+def _stop_after(module, args, output):
+    raise _LayerOutput(output if isinstance(output, torch.Tensor) else output[0])
+
+
+def _logits(model: nn.Module, x: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
+    """The model's output for ``x``, or, when ``layer`` is given, the output of that decoder layer
+    (the site's own: an edit of its neurons shows there first, and the layers after it and the LM
+    head would only multiply the cost of the check)."""
     takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    out = model(input_ids=x, **({"use_cache": False} if takes_cache else {}))
+    hook = layer.register_forward_hook(_stop_after) if layer is not None else None
+    try:
+        out = model(input_ids=x, **({"use_cache": False} if takes_cache else {}))
+    except _LayerOutput as stop:
+        return stop.output
+    finally:
+        if hook is not None:
+            hook.remove()
     return out.logits if hasattr(out, "logits") else out[0]
 
 

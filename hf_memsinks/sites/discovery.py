@@ -1,5 +1,4 @@
-"""Find a model's MLPs from its structure, for model types the table in
-:mod:`hf_memsinks.sites.spec` does not list.
+"""Find a model's MLPs from its structure, when the user does not name them.
 
 1. **Decoder layers**: the ``nn.ModuleList`` with the most parameters under the model's decoder
    (``model.get_decoder()``); a layer's index is its position there.
