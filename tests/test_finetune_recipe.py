@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tiny_models import batch, tiny_model
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkCallback, MemSinkConfig, MemSinkDataCollator, get_memsink_model, sink_mask
 from hf_memsinks.integrations.finetune import attach_sink_lr
@@ -32,7 +32,10 @@ def test_default_config_refuses_a_pretrained_model(tmp_path):
         get_memsink_model(pretrained(tmp_path), MemSinkConfig(mode="split"))
 
 
-def test_auto_mode_from_scratch_is_split():
+def test_auto_mode_from_scratch_is_split(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path / "base")  # a checkpoint's config, fresh weights: from scratch
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "base"))
+    assert get_memsink_model(fresh, MemSinkConfig()).memsink_config.mode == "split"
     auto = get_memsink_model(tiny_model("gpt2"), MemSinkConfig())
     split = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(mode="split"))
     assert auto.memsink_config == split.memsink_config and auto.memsink_config.mode == "split"

@@ -24,6 +24,7 @@ from ..layers.state import SinkState
 from ..sites.resolve import found_record, mlp_sites
 from ..sites.spec import MLPSite, select_layers
 from ..sites.widths import check_width_field, plan_widths
+from ..transformers_internals import loaded_from_checkpoint
 from .gradient_checkpointing import wrap_checkpointing
 from .patched import ModelPatch, is_memsink_model, memsink_class
 
@@ -86,10 +87,10 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
 
 def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig) -> MemSinkConfig:
     """``mode="auto"``: split a model built from a config; refuse one that holds pretrained weights
-    (loaded with ``from_pretrained``: it has a ``name_or_path``), whose neurons split mode would
-    turn into sinks that removal deletes. An explicit ``mode="split"`` there only warns."""
-    source = getattr(model, "name_or_path", "") or ""
-    if config.sink_layout is not None or not source:
+    (loaded with ``from_pretrained``), whose neurons split mode would turn into sinks that removal
+    deletes. An explicit ``mode="split"`` there only warns."""
+    source = getattr(model, "name_or_path", "") or "a checkpoint"
+    if config.sink_layout is not None or not loaded_from_checkpoint(model):
         return dataclasses.replace(config, mode="split") if config.mode == "auto" else config
     share = f"{config.sink_fraction:.0%}" if config.num_sink_neurons is None else f"{config.num_sink_neurons}"
     if config.mode == "auto":
