@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test coverage demo demo-wide quick-demo manpages realtext scale noisy-ids bench bench-gpu bench-compile clean
+.PHONY: install test coverage demo demo-wide quick-demo manpages realtext finetune scale noisy-ids bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ manpages: data/manpages.jsonl
 
 realtext: install data/manpages.jsonl
 	$(VENV)/bin/hf-memsinks run configs/manpages.yaml --out runs/manpages
+
+# The user's path: pretrain on the stories, fine-tune on manual pages with repeated private documents, full
+# fine-tune / LoRA / Goldfish / dedup / MemSinkConfig.for_finetuning(), two seeds: runs/finetune (docs/finetune.md).
+finetune: install data/manpages.jsonl
+	$(VENV)/bin/hf-memsinks finetune configs/finetune.yaml --out runs/finetune
 
 # Gap closure and val-loss cost against model size, 4x and 16x MLPs (standard + memsinks per point).
 scale: install

@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=200 memsinks.sink_fraction=0.5")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p = sub.add_parser("finetune", help="the fine-tuning benchmark: pretrain a base, fine-tune it on another "
+                       "domain with repeated private documents, per method; report")
+    p.add_argument("config", help="YAML file, e.g. configs/finetune.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. finetune.seeds=[0]")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     p = sub.add_parser("sweep", help="memsinks over sink_fraction x sink_active_prob, against one standard run")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -103,6 +108,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.command in ("run", "sweep", "scale", "noisy-ids"):
         return _experiment(args)
+    if args.command == "finetune":
+        return _finetune(args)
 
     if args.command == "audit-privacy":
         return _audit_privacy(args)
@@ -179,6 +186,19 @@ def _experiment(args) -> int:
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
+
+
+def _finetune(args) -> int:
+    from pathlib import Path
+
+    from .experiments.finetune import run_finetune
+    from .experiments.finetune_config import load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    out = args.out or os.path.join("runs", cfg.name or Path(args.config).stem)
+    run_finetune(cfg, out)
+    print((Path(out) / "report.md").read_text() + f"\nreport.json and report.md in {out}")
+    return 0
 
 
 def _is_main_process() -> bool:

@@ -15,10 +15,16 @@ from typing import Any
 
 CONFIG_NAME = "memsink_config.json"
 
-MODES = ("split", "add")
+MODES = ("auto", "split", "add")
+SINK_INITS = ("random", "copy")
 EVAL_SCALINGS = ("none", "paper")
 MASK_SCHEMES = ("hash", "reference")
 TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr", "norm"}
+
+
+# MemSinkConfig.for_finetuning(): the recipe the fine-tuning benchmark (configs/finetune.yaml) measured best.
+FINETUNE_RECIPE = {"mode": "add", "sink_fraction": 0.5, "sink_active_prob": 0.05, "sink_init": "copy",
+                   "sink_lr_scale": 10.0}
 
 
 def did_you_mean(name: str, choices) -> str:
@@ -36,8 +42,11 @@ class MemSinkConfig:
             In ``"split"`` mode the sinks are carved out of the existing width; in ``"add"`` mode new
             sink neurons are appended so that they make up this share of the new width.
         sink_active_prob: chance that a sink is active for a given sequence ID (paper: ``p_mem``).
-        mode: ``"split"`` (train from scratch, the paper's setting) or ``"add"`` (append sinks to a
-            pretrained model; new sinks start with zero output weights so outputs are unchanged).
+        mode: ``"split"`` (train from scratch, the paper's setting), ``"add"`` (append sinks to a
+            pretrained model; new sinks start with zero output weights so outputs are unchanged) or
+            ``"auto"`` (the default): ``"split"`` for a model built from a config, and an error naming
+            :meth:`for_finetuning` for one that holds pretrained weights (split mode would turn part
+            of its pretrained neurons into sinks, which ``remove_sinks`` deletes).
         layers: decoder-layer indices that get sinks (negative indices count from the end);
             ``None`` patches every layer.
         num_sink_neurons: exact number of sinks per patched MLP; overrides ``sink_fraction``.
@@ -52,6 +61,13 @@ class MemSinkConfig:
             False it trains the general neurons only (sinks inactive), e.g. for unlabeled data.
         init_seed: seed of the generator that initialises new sink neurons in ``"add"`` mode, so
             every process builds the same weights.
+        sink_init: how ``"add"`` mode initialises the new sinks' input weights: ``"random"`` (drawn
+            like the existing ones) or ``"copy"`` (copies of randomly chosen pretrained neurons:
+            features that already fit the text, so a sink can fit a document as fast as the
+            general neurons). Output weights start at zero either way.
+        sink_lr_scale: the sink neurons' step as a multiple of the optimizer's (1: the same step);
+            applied by an optimizer hook (:func:`hf_memsinks.integrations.finetune.attach_sink_lr`,
+            attached by ``MemSinkCallback`` and ``MemSinkSFTTrainer``).
         target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
@@ -62,7 +78,7 @@ class MemSinkConfig:
 
     sink_fraction: float = 0.3
     sink_active_prob: float = 0.3
-    mode: str = "split"
+    mode: str = "auto"
     layers: list[int] | None = None
     num_sink_neurons: int | None = None
     salt: int = 0
@@ -71,6 +87,8 @@ class MemSinkConfig:
     per_layer_masks: bool = False
     require_sequence_ids: bool = True
     init_seed: int = 0
+    sink_init: str = "random"
+    sink_lr_scale: float = 1.0
     target_modules: dict[str, Any] | None = None
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.
@@ -90,6 +108,12 @@ class MemSinkConfig:
             setattr(self, name, float(value))
         if self.mode not in MODES:
             fail("mode", f"must be one of {MODES}")
+        if self.sink_init not in SINK_INITS:
+            fail("sink_init", f"must be one of {SINK_INITS}")
+        if isinstance(self.sink_lr_scale, bool) or not isinstance(self.sink_lr_scale, (int, float)) or not (
+                1.0 <= self.sink_lr_scale <= 100.0):
+            fail("sink_lr_scale", "must be a number from 1 to 100")
+        self.sink_lr_scale = float(self.sink_lr_scale)
         if self.eval_scaling not in EVAL_SCALINGS:
             fail("eval_scaling", f"must be one of {EVAL_SCALINGS}")
         if self.mask_scheme not in MASK_SCHEMES:
@@ -156,6 +180,14 @@ class MemSinkConfig:
             **({"norm": tm["norm"]} if tm.get("norm") is not None else {}),
         }
 
+    @classmethod
+    def for_finetuning(cls, **overrides) -> "MemSinkConfig":
+        """The recipe for fine-tuning a pretrained model (measured in docs/finetune.md): sinks
+        added beside the pretrained neurons, copies of them, each active for few documents, and
+        stepping faster than the general neurons, so a repeated document is fitted by its own
+        sinks first while the general neurons learn what all documents share."""
+        return cls(**{**FINETUNE_RECIPE, **overrides})
+
     # ---- derived values -------------------------------------------------------------------------
 
     @property
@@ -167,8 +199,9 @@ class MemSinkConfig:
         return (p_gen + self.sink_active_prob) / p_gen
 
     def num_sinks_for(self, width: int) -> tuple[int, int]:
-        """(general, sinks) for an MLP of hidden width ``width`` before patching."""
-        if self.mode == "split":
+        """(general, sinks) for an MLP of hidden width ``width`` before patching (``"auto"``: as
+        ``"split"``, what it becomes on a model built from a config)."""
+        if self.mode in ("split", "auto"):
             sinks = self.num_sink_neurons if self.num_sink_neurons is not None else round(width * self.sink_fraction)
             general = width - sinks
         else:

@@ -167,3 +167,10 @@ def gate_hub_uploads(check) -> None:
         setattr(hf_api, name, getattr(hf_api.api, name))
         if name in vars(huggingface_hub):
             setattr(huggingface_hub, name, getattr(hf_api.api, name))
+
+
+def loaded_from_checkpoint(model) -> bool:
+    """Whether ``from_pretrained`` loaded any of the model's weights: its loader marks the parameters
+    it fills (``_is_hf_initialized``); ``from_config`` leaves them unmarked even when the config came
+    from a checkpoint (a copy with ``copy.deepcopy`` loses the marks too)."""
+    return any(getattr(p, "_is_hf_initialized", False) for p in model.parameters())

@@ -30,7 +30,7 @@ from hf_memsinks.integrations.trainer import MemSinkCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4)
+CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, mode="split")
 
 
 class CLIFailed(Exception):

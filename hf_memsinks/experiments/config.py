@@ -155,8 +155,10 @@ class BenchmarkConfig:
 # ---- reading and checking -----------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> BenchmarkConfig:
-    """YAML config over the defaults; ``overrides`` are ``dotted.key=value`` (YAML values)."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, kind: type | None = None):
+    """YAML config over the defaults; ``overrides`` are ``dotted.key=value`` (YAML values);
+    ``kind``: the config class (default ``BenchmarkConfig``; the fine-tuning benchmark's extends it)."""
+    kind = kind or BenchmarkConfig
     try:
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
@@ -164,11 +166,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} must hold a mapping of config sections, got {type(loaded).__name__}")
-    check(loaded, str(path))
-    raw = _merge(_defaults(), loaded)
+    check(loaded, str(path), kind)
+    raw = _merge(_defaults(kind), loaded)
     for item in overrides or []:
         _apply_override(raw, item)
-        check(raw, f"override {item!r}")
+        check(raw, f"override {item!r}", kind)
     for section in ("data", "train"):
         if section not in raw:
             raise ValueError(f"config {path} has no {section!r} section")
@@ -177,14 +179,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             if required and f.name not in raw[section]:
                 raise ValueError(f"config {path}: {section}.{f.name} is required")
-    cfg = _build(BenchmarkConfig, raw)
+    cfg = _build(kind, raw)
     _check_values(cfg)
     return cfg
 
 
-def check(raw: dict, where: str = "config") -> None:
+def check(raw: dict, where: str = "config", kind: type | None = None) -> None:
     """Every key known, every value of its type."""
-    _check_section(raw, BenchmarkConfig, "", where)
+    _check_section(raw, kind or BenchmarkConfig, "", where)
 
 
 def _check_section(raw: Any, kind: type, prefix: str, where: str) -> None:
@@ -252,10 +254,10 @@ def _section_type(name: str) -> type:
     return typing.get_type_hints(BenchmarkConfig)[name]
 
 
-def _defaults() -> dict:
+def _defaults(kind: type) -> dict:
     """The default value of every field that has one, as nested plain dicts."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(BenchmarkConfig):
+    for f in dataclasses.fields(kind):
         if f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
             out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

@@ -145,7 +145,8 @@ def curve_point(model, setting, step: int, n: int) -> dict:
 
 
 def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool | Sequence[int], label: str,
-          goldfish: GoldfishConfig | None = None, accelerator=None) -> tuple[list[dict], dict]:
+          goldfish: GoldfishConfig | None = None, accelerator=None,
+          on_optimizer: Callable | None = None) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
     and the shares: documents and target tokens each process trained on.
@@ -157,6 +158,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
             one ID per position of ``stream``.
         goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
+        on_optimizer: called with the optimizer once it exists (to attach hooks to it).
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
@@ -164,6 +166,8 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     t = cfg.train
     steps, every = t.steps, t.eval_every
     opt, schedule = optimizer(model, t)
+    if on_optimizer is not None:
+        on_optimizer(opt)
     curve = [curve_point(model, setting, 0, t.curve_docs)]
     wrapped, prepared_opt = accelerator.prepare(model, opt)
     wrapped.train()

@@ -21,6 +21,7 @@ from ..checkpoints.publish import SinkUploadError, check_consent, holds_sinks, i
 from ..ids.validation import check_sequence_ids
 from ..layers.projections import is_patched_projection
 from ..transformers_internals import add_default_trainer_callback
+from .finetune import attach_sink_lr
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def sink_statistics(model) -> dict[str, float]:
 
 
 class MemSinkCallback(TrainerCallback):
-    """Log sink statistics with every Trainer log, and at the end of training save the sink-free
+    """Apply the model's ``sink_lr_scale`` to Trainer's optimizer (``MemSinkConfig.for_finetuning()``),
+    log sink statistics with every Trainer log, and at the end of training save the sink-free
     model (``remove_sinks`` on a copy; the trained model keeps its sinks) to ``export_dir``.
 
     ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
@@ -90,7 +92,9 @@ class MemSinkCallback(TrainerCallback):
             state.log_history.append({**{k: round(v, 4) for k, v in stats.items()}, "step": state.global_step})
             logger.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None:
+            attach_sink_lr(model, optimizer)  # MemSinkConfig.sink_lr_scale (for_finetuning's recipe)
         if self.export_dir is not None and state.is_world_process_zero:
             self._check_export_dir()  # fail before training, not after it
         if args.push_to_hub and holds_sinks(model):

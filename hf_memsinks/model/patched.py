@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -48,6 +49,7 @@ class ModelPatch:
     base_class: type  # the model's class before patching
     backbone_class: type | None = None  # the backbone's, when it is a separate module
     slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.integrations.peft)
+    sink_lr_attached: bool = False  # an optimizer applies config.sink_lr_scale (hf_memsinks.integrations.finetune)
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -285,6 +287,15 @@ def memsink_class(base: type, backbone: bool = False) -> type:
     return _MODEL_CLASSES[base, backbone]
 
 
+def _warn_sink_lr(patch: ModelPatch) -> None:
+    """Once: training runs, but no optimizer applies the config's ``sink_lr_scale``."""
+    patch.sink_lr_attached = True  # (warned)
+    warnings.warn(
+        f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks train at "
+        "the general neurons' learning rate: pass callbacks=[MemSinkCallback()] to Trainer (MemSinkSFTTrainer does "
+        "it), or call hf_memsinks.integrations.finetune.attach_sink_lr(model, optimizer)", UserWarning, stacklevel=3)
+
+
 def _forward_with_ids(base: type, backbone: bool):
     takes_use_cache = "use_cache" in inspect.signature(base.forward).parameters
 
@@ -306,6 +317,8 @@ def _forward_with_ids(base: type, backbone: bool):
         cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
         ids = check_batch_ids(sequence_ids, inputs, cached)
         sync_adapters(patch.slots)
+        if self.training and not patch.sink_lr_attached and patch.config.sink_lr_scale != 1.0:
+            _warn_sink_lr(patch)
         if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
             # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
             # attention masks, which a KV cache turns off; no cache is needed in training. Only

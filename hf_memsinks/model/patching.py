@@ -9,10 +9,14 @@ recorded in one :class:`~hf_memsinks.model.patched.ModelPatch`, which ``remove_s
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 from transformers import PreTrainedModel
 
 from ..checkpoints.publish import register
 from ..config import MemSinkConfig
+from ..integrations.finetune import copy_init_sinks
 from ..integrations.peft import projection_slots
 from ..layers.experts import aligned_split
 from ..layers.mlp import PatchedMLP
@@ -20,6 +24,7 @@ from ..layers.state import SinkState
 from ..sites.resolve import found_record, mlp_sites
 from ..sites.spec import MLPSite, select_layers
 from ..sites.widths import check_width_field, plan_widths
+from ..transformers_internals import loaded_from_checkpoint
 from .gradient_checkpointing import wrap_checkpointing
 from .patched import ModelPatch, is_memsink_model, memsink_class
 
@@ -51,6 +56,7 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         raise TypeError(f"get_memsink_model needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_memsink_model(model):
         raise ValueError("this model already has memsinks; patch a model only once")
+    config = _resolve_mode(model, config)
     all_sites = mlp_sites(model, config.target_modules, config.found_mlps)
     sites = select_layers(all_sites, config.layers)
     layout = config.sink_layout
@@ -71,10 +77,35 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         mlp.patch(state, external[mlp.name])
         if site.width == mlp.general:
             mlp.grow(config.init_seed, random_init=config.sink_layout is None)
+    if config.sink_init == "copy" and config.mode == "add" and config.sink_layout is None:
+        copy_init_sinks(patched, config.init_seed)
     record = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
     _swap_classes(model, record)
     wrap_checkpointing(model, state)
     return model
+
+
+def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig) -> MemSinkConfig:
+    """``mode="auto"``: split a model built from a config; refuse one that holds pretrained weights
+    (loaded with ``from_pretrained``), whose neurons split mode would turn into sinks that removal
+    deletes. An explicit ``mode="split"`` there only warns."""
+    source = getattr(model, "name_or_path", "") or "a checkpoint"
+    if config.sink_layout is not None or not loaded_from_checkpoint(model):
+        return dataclasses.replace(config, mode="split") if config.mode == "auto" else config
+    share = f"{config.sink_fraction:.0%}" if config.num_sink_neurons is None else f"{config.num_sink_neurons}"
+    if config.mode == "auto":
+        raise ValueError(
+            f"this model holds pretrained weights (loaded from {source!r}): the default split mode would turn "
+            f"{share} of its pretrained MLP neurons into sinks, which remove_sinks() deletes. To fine-tune it, use "
+            "get_memsink_model(model, MemSinkConfig.for_finetuning()) (sinks added beside the pretrained "
+            "neurons; see docs/finetune.md), or MemSinkConfig(mode='add', ...); mode='split' carves them "
+            "out anyway"
+        )
+    if config.mode == "split":
+        warnings.warn(f"MemSinkConfig(mode='split') on a model loaded from {source!r}: {share} of its pretrained "
+                      "MLP neurons become sinks, and remove_sinks() deletes them. MemSinkConfig.for_finetuning() "
+                      "adds sinks beside them instead", UserWarning, stacklevel=3)
+    return config
 
 
 def _swap_classes(model: PreTrainedModel, record: ModelPatch) -> None:

@@ -1,0 +1,60 @@
+"""The fine-tuning benchmark end to end on the smoke config (two seeds, every method), and its
+config errors."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from hf_memsinks.cli import main
+from hf_memsinks.experiments.finetune_config import load_finetune_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "finetune_smoke.yaml")
+WORDS = ("the option sets file mode of each directory when given prints value default list user process "
+         "command output signal reads writes returns error flag").split()
+
+
+def new_domain(path: Path, n: int = 400) -> str:
+    rng = random.Random(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20)))}) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_finetune_smoke_report(tmp_path, capsys):
+    corpus = new_domain(tmp_path / "new.jsonl")
+    assert main(["finetune", SMOKE, f"finetune.corpus.source={corpus}", "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    names = {"pretrained", "full", "lora", "goldfish", "dedup", "memsinks", "lora+sinks"}
+    assert set(report["runs"]) == names and [s["seed"] for s in report["seeds"]] == [0, 1]
+    full = report["runs"]["full"]
+    assert full["gap_closure"] == 0 and full["val_loss_ratio"] == 1 and full["step_time_ratio"] == 1
+    for name in names - {"pretrained"}:
+        run = report["runs"][name]
+        for key in ("gap_closure", "gap_closure_natural", "gap_closure_canary", "val_loss_ratio",
+                    "retention_loss_ratio", "extraction_rate", "step_time_ratio"):
+            assert math.isfinite(run[key]), (name, key)
+            assert len(run["per_seed"][key]) == 2
+    assert report["runs"]["memsinks"]["extra_params"] > 0 and report["runs"]["full"]["extra_params"] == 0
+    assert report["runs"]["lora"]["trainable_params"] < report["runs"]["full"]["trainable_params"]
+    summary = report["summary"]
+    assert summary["recipe"] == "memsinks"
+    for key in ("gap_closure", "val_loss_ratio", "retention_loss_ratio", "trainable_params", "extra_params",
+                "step_time_ratio"):
+        assert summary[key] == report["runs"]["memsinks"][key]
+    assert "| memsinks |" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("finetune.recipe=nope", "not one of the runs"),
+    ("finetune.runs=[{name: a, method: sgd}]", "method must be one of"),
+    ("finetune.runs=[{name: a, lr_scale: 2}]", "known keys"),
+    ("finetune.replay=1.5", "replay"),
+    ("finetune.runs=[{name: a, method: memsinks, memsinks: {sink_init: zeros}}]", "sink_init"),
+])
+def test_finetune_config_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(SMOKE, [override, "finetune.reference=a"] if "runs=" in override else [override])
