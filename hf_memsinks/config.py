@@ -24,7 +24,7 @@ TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_att
 
 # MemSinkConfig.for_finetuning(): the recipe the fine-tuning benchmark (configs/finetune.yaml) measured best.
 FINETUNE_RECIPE = {"mode": "add", "sink_fraction": 0.5, "sink_active_prob": 0.05, "sink_init": "copy",
-                   "sink_lr_scale": 10.0}
+                   "sink_lr_scale": 7.0}
 
 
 def did_you_mean(name: str, choices) -> str:
