@@ -136,6 +136,6 @@ def test_sft_trainer_with_the_recipe_moves_only_the_batch_ids_sinks(tmp_path):
     before = sink_columns(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*sink_lr_scale.*")
-        train(model, text_dataset(IDS), tmp_path / "out", args={"bf16": False})  # (no bf16 accelerator state left behind)
+        train(model, text_dataset(IDS), tmp_path / "out", args={"bf16": False})  # no bf16 accelerator state left
     assert model.memsink.sink_lr_attached
     check_moved(model, before, model.memsink.sites[0].sinks)

@@ -37,6 +37,8 @@ from .report import save_tradeoff
 from .setting import Setting, build_setting, unigram_counts
 from .training import build_model, make_accelerator, train
 
+MIN_GAP = 0.1  # nats: a smaller standard gap makes a closure ratio meaningless
+
 
 def true_ids(stream: list[list[int]]) -> list[int]:
     """Each position's document ID: the content hash of the document (exact repeats share it)."""
@@ -194,8 +196,9 @@ def _against(run: dict, std: dict) -> dict:
     """``run`` with its gap closure (overall, natural, canary) and val-loss ratio against ``std``."""
     out = dict(run)
     out["gap_closure"] = 1 - run["memorization_gap"] / std["memorization_gap"]
-    for kind in ("natural", "canary"):
-        out[f"gap_closure_{kind}"] = 1 - run[f"memorization_gap_{kind}"] / std[f"memorization_gap_{kind}"]
+    for kind in ("natural", "canary"):  # (None where the standard model shows no gap to close)
+        gap = std[f"memorization_gap_{kind}"]
+        out[f"gap_closure_{kind}"] = 1 - run[f"memorization_gap_{kind}"] / gap if gap > MIN_GAP else None
     out["val_loss_ratio"] = run["val_loss"] / std["val_loss"]
     return out
 
@@ -204,8 +207,10 @@ def markdown(report: dict) -> str:
     lines = ["| ID condition | gap closed | natural | canary | val ratio | extraction |", "|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
         if "gap_closure" in r:
-            lines.append(f"| {name} | {r['gap_closure']:.3f} | {r['gap_closure_natural']:.3f} | "
-                         f"{r['gap_closure_canary']:.3f} | {r['val_loss_ratio']:.3f} | {r['extraction_rate']:.2f} |")
+            parts = " | ".join("n/a" if r[f"gap_closure_{k}"] is None else f"{r[f'gap_closure_{k}']:.3f}"
+                               for k in ("natural", "canary"))
+            lines.append(f"| {name} | {r['gap_closure']:.3f} | {parts} | {r['val_loss_ratio']:.3f} | "
+                         f"{r['extraction_rate']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
