@@ -10,8 +10,8 @@ import torch
 
 
 class MaskSinks(torch.autograd.Function):
-    """``h`` with its sink part multiplied by a bool mask. Saves only the (shared, compact) mask
-    for backward, not a full-width float copy of it.
+    """``h`` with its sink part multiplied by a bool mask. Saves only the (shared, compact) bool
+    mask for backward, not a full-width float copy of it.
 
     Where it is safe, the mask is applied in place: no new activation-sized tensor, which on CPU
     means no fresh pages to fault in (a full copy per layer measured ~4% of a training step).
@@ -19,26 +19,33 @@ class MaskSinks(torch.autograd.Function):
     products (SwiGLU, tanh-GELU) and GELU/SiLU keep their inputs. Anything else (ReLU keeps its
     output) gets a masked copy. The incoming gradient is masked in place: it is the fresh output
     of the projection's matmul backward and has no other reader.
+
+    ``factor`` (None: ``keep`` itself) is the same mask in ``h``'s dtype (one per forward call, shared by the layers):
+    multiplying by a bool tensor converts it at every element, about 10x the cost of the multiply
+    for a per-token ``(B, T, S)`` mask on CPU. Backward keeps only the bool mask and converts it
+    once per layer.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, keep: torch.Tensor, num_general: int, in_place: bool) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor | None, num_general: int,
+                in_place: bool) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.num_general = num_general
+        factor = keep if factor is None else factor
         if in_place:
-            h.narrow(-1, num_general, h.shape[-1] - num_general).mul_(keep)
+            h.narrow(-1, num_general, h.shape[-1] - num_general).mul_(factor)
             ctx.mark_dirty(h)
             return h
-        return _masked_copy(h, keep, num_general)
+        return _masked_copy(h, factor, num_general)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         g = ctx.num_general
         if grad.is_contiguous() and not torch.compiler.is_compiling():  # (a view of the matmul's fresh result is fine)
-            grad.narrow(-1, g, grad.shape[-1] - g).mul_(keep)
-            return grad, None, None, None
-        return _masked_copy(grad, keep, g), None, None, None
+            grad.narrow(-1, g, grad.shape[-1] - g).mul_(keep.to(grad.dtype))
+            return grad, None, None, None, None
+        return _masked_copy(grad, keep, g), None, None, None, None
 
 
 # grad_fn types whose backward keeps their inputs, never their output: masking their output in

@@ -151,6 +151,15 @@ class SinkState:
             call.masks[key] = mask
         return mask
 
+    def keep_factor(self, call: ForwardSinks, layer: int, num_sinks: int, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`keep_mask` in ``dtype``, for the multiply (a bool operand is converted at every
+        element, in every layer); cached for the call, gone with it."""
+        key = (self._layer_key(layer), num_sinks, dtype)
+        factor = call.masks.get(key)
+        if factor is None:
+            factor = call.masks[key] = self.keep_mask(call, layer, num_sinks).to(dtype)
+        return factor
+
     def general_scale(self, call: ForwardSinks) -> float:
         return self.config.general_eval_scale if call.kind == "drop" else 1.0
 
