@@ -396,12 +396,12 @@ def bench_patch(tmp: str) -> dict:
         out = fn()
         return out, time.perf_counter() - t0
 
-    torch.manual_seed(0)
-    models = [AutoModelForCausalLM.from_config(config) for _ in range(2)]
-    _, from_config_s = timed(lambda: AutoModelForCausalLM.from_config(config))
+    torch.manual_seed(0)  # (each model its own config: patching sets the width field on it)
+    models = [AutoModelForCausalLM.from_config(copy.deepcopy(config)) for _ in range(2)]
+    _, from_config_s = timed(lambda: AutoModelForCausalLM.from_config(copy.deepcopy(config)))
     first, first_s = timed(lambda: get_memsink_model(models[0], MEMSINK))
     _, second_s = timed(lambda: get_memsink_model(models[1], MEMSINK))
-    _, named_s = timed(lambda: get_memsink_model(AutoModelForCausalLM.from_config(config), named))
+    _, named_s = timed(lambda: get_memsink_model(AutoModelForCausalLM.from_config(copy.deepcopy(config)), named))
     named_s -= from_config_s  # that call built its model too
     first.save_pretrained(f"{tmp}/memsink")
     first.remove_sinks().save_pretrained(f"{tmp}/plain")
