@@ -41,8 +41,9 @@ def copy_init_sinks(sites, seed: int = 0) -> None:
 
 class SinkLR:
     """Multiply the optimizer's step of every sink neuron by ``scale``: the patched projections'
-    weights are saved before each step and their sink part moved to ``old + scale * (new - old)``
-    after it. Any optimizer (its weight decay is scaled with it); every process does the same."""
+    weights' sink part is saved before each step (only it: the general part is left to the
+    optimizer) and moved to ``old + scale * (new - old)`` after it. Any optimizer (its weight
+    decay is scaled with it); every process does the same."""
 
     def __init__(self, model: nn.Module, scale: float):
         self.scale = float(scale)
@@ -53,14 +54,12 @@ class SinkLR:
 
     @torch.no_grad()
     def before(self, *_) -> None:
-        self._saved = [p.detach().clone() for p, _, _ in self.targets]
+        self._saved = [pick(p, dim, spans) for p, dim, spans in self.targets]
 
     @torch.no_grad()
     def after(self, *_) -> None:
         for (param, dim, spans), old in zip(self.targets, self._saved):
-            for start, n in spans:
-                new = param.narrow(dim, start, n)
-                new.copy_(torch.lerp(old.narrow(dim, start, n), new, self.scale))
+            copy_into_spans(param, dim, spans, torch.lerp(old, pick(param, dim, spans), self.scale))
         self._saved = []
 
 

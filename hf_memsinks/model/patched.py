@@ -50,6 +50,7 @@ class ModelPatch:
     backbone_class: type | None = None  # the backbone's, when it is a separate module
     slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.integrations.peft)
     sink_lr_attached: bool = False  # an optimizer applies config.sink_lr_scale (hf_memsinks.integrations.finetune)
+    sink_lr_warned: bool = False  # training ran without that optimizer hook, and was told so once
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -289,7 +290,7 @@ def memsink_class(base: type, backbone: bool = False) -> type:
 
 def _warn_sink_lr(patch: ModelPatch) -> None:
     """Once: training runs, but no optimizer applies the config's ``sink_lr_scale``."""
-    patch.sink_lr_attached = True  # (warned)
+    patch.sink_lr_warned = True
     warnings.warn(
         f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks train at "
         "the general neurons' learning rate: pass callbacks=[MemSinkCallback()] to Trainer (MemSinkSFTTrainer does "
@@ -317,7 +318,7 @@ def _forward_with_ids(base: type, backbone: bool):
         cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
         ids = check_batch_ids(sequence_ids, inputs, cached)
         sync_adapters(patch.slots)
-        if self.training and not patch.sink_lr_attached and patch.config.sink_lr_scale != 1.0:
+        if self.training and patch.config.sink_lr_scale != 1.0 and not (patch.sink_lr_attached or patch.sink_lr_warned):
             _warn_sink_lr(patch)
         if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
             # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
