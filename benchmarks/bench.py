@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.ids.masks import reference_mask  # noqa: E402
+from hf_memsinks.integrations.finetune import SinkLR, attach_sink_lr  # noqa: E402
 from hf_memsinks.layers.mask_multiply import MaskSinks  # noqa: E402
 from hf_memsinks.layers.projections import SinkInProjection, SinkOutProjection, is_patched_projection  # noqa: E402
 from hf_memsinks.sites.resolve import mlp_sites  # noqa: E402
@@ -114,7 +115,8 @@ class InStepClock:
     in question. Our share of a step is measured within that step, so the drift cancels:
     ``step / (step - ours)`` is the ratio to the same step without our code. Ours = the patched
     model's forward wrapper (IDs, mask build), the patched projections' forwards minus the base
-    layer forward they call (masking, dispatch), and the masked backward. The wrappers cost well
+    layer forward they call (masking, dispatch), the masked backward and the sink learning rate's
+    optimizer hook (``sink_lr_scale``, before and after each step). The wrappers cost well
     under a microsecond a call and wrap the base layers of every variant alike.
     """
 
@@ -156,6 +158,7 @@ class InStepClock:
         for cls in (SinkInProjection, SinkOutProjection):
             cls.forward = self.wrap(cls.forward, ours=True)
         MaskSinks.backward = staticmethod(self.wrap(MaskSinks.backward, ours=True))
+        SinkLR.before, SinkLR.after = self.wrap(SinkLR.before, ours=True), self.wrap(SinkLR.after, ours=True)
         bases = {m.memsink.base_class for m in patched.modules() if is_patched_projection(m)}
         for cls in bases:
             cls.forward = self.wrap(cls.forward, ours=False)
@@ -239,6 +242,7 @@ def eval_mlp_fns(patched, removed, size: dict):
 
 def train_step_fn(model, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    attach_sink_lr(model, opt)  # (the config's sink_lr_scale: its optimizer hook is part of the step)
 
     def step():
         model.train()

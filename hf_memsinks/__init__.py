@@ -5,6 +5,7 @@ from .checkpoints.publish import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_si
 from .config import MemSinkConfig
 from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
+from .integrations.finetune import attach_sink_lr
 from .integrations.peft import train_sinks
 from .integrations.trainer import MemSinkCallback
 from .model.patched import is_memsink_model, remove_sinks
@@ -23,6 +24,7 @@ __all__ = [
     "SINKS_UPLOAD_CONSENT",
     "SinkUploadError",
     "add_sequence_ids",
+    "attach_sink_lr",
     "allow_sinks_upload",
     "get_memsink_model",
     "is_memsink_model",

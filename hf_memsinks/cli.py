@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="2x64,4x128,4x192", help="LAYERSxHIDDEN list, e.g. 2x64,4x128")
     p.add_argument("--mlp-ratios", default="4,16", help="MLP width as multiples of hidden, e.g. 4,16")
     p.add_argument("--out", default=None)
+    p = sub.add_parser("attribute", help="where the canaries' gap left after sink removal lives: components "
+                       "swapped with a twin trained without the canaries")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default=None)
     p = sub.add_parser("noisy-ids", help="memsinks with noisy, missing, coarse and near-duplicate sequence IDs")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -106,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    if args.command in ("run", "sweep", "scale", "noisy-ids"):
+    if args.command in ("run", "sweep", "scale", "noisy-ids", "attribute"):
         return _experiment(args)
     if args.command == "finetune":
         return _finetune(args)
@@ -163,6 +168,11 @@ def _experiment(args) -> int:
         points = scale(cfg, out, parse_models(args.models), ratios)
         text = [(Path(out) / "scale.md").read_text() if _is_main_process() else "",
                 f"scale.json, scale.md and scale.png in {out} ({len(points)} points)"]
+    elif args.command == "attribute":
+        from .experiments.attribution import attribute, markdown
+
+        out = args.out or os.path.join("runs", f"{name}-attribution")
+        text = [markdown(attribute(cfg, out)), f"attribution.json and attribution.md in {out}"]
     elif args.command == "noisy-ids":
         from .experiments.noisy_ids import markdown, noisy_ids
 

@@ -65,9 +65,12 @@ class MemSinkConfig:
             like the existing ones) or ``"copy"`` (copies of randomly chosen pretrained neurons:
             features that already fit the text, so a sink can fit a document as fast as the
             general neurons). Output weights start at zero either way.
-        sink_lr_scale: the sink neurons' step as a multiple of the optimizer's (1: the same step);
-            applied by an optimizer hook (:func:`hf_memsinks.integrations.finetune.attach_sink_lr`,
-            attached by ``MemSinkCallback`` and ``MemSinkSFTTrainer``).
+        sink_lr_scale: the sink neurons' step as a multiple of the optimizer's (1: the same step).
+            Default 4: a repeated document's loss falls on whichever neurons fit it fastest, so
+            faster sinks take the memorization the general neurons would otherwise keep
+            (docs/isolation.md). Applied by an optimizer hook that every ``Trainer`` attaches
+            (``MemSinkSFTTrainer`` too); a training loop of your own calls
+            :func:`hf_memsinks.attach_sink_lr` (training without it warns once).
         target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
@@ -88,7 +91,7 @@ class MemSinkConfig:
     require_sequence_ids: bool = True
     init_seed: int = 0
     sink_init: str = "random"
-    sink_lr_scale: float = 1.0
+    sink_lr_scale: float = 4.0
     target_modules: dict[str, Any] | None = None
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.

@@ -12,7 +12,7 @@ from datasets import Dataset
 from tiny_models import batch, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
-from hf_memsinks import MemSinkCallback, MemSinkConfig, MemSinkDataCollator, get_memsink_model, sink_mask
+from hf_memsinks import MemSinkConfig, MemSinkDataCollator, get_memsink_model, sink_mask
 from hf_memsinks.integrations.finetune import attach_sink_lr
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
@@ -107,7 +107,8 @@ def check_moved(model, before, sinks):
         assert torch.equal(moved, want), name
 
 
-def test_trainer_with_the_recipe_moves_only_the_batch_ids_sinks(tmp_path):
+def test_any_trainer_with_the_recipe_moves_only_the_batch_ids_sinks(tmp_path):
+    # (no MemSinkCallback: every Trainer gets SinkLRCallback)
     model = get_memsink_model(pretrained(tmp_path), MemSinkConfig.for_finetuning(sink_active_prob=0.2))
     before = sink_columns(model)
     g = torch.Generator().manual_seed(0)
@@ -118,8 +119,7 @@ def test_trainer_with_the_recipe_moves_only_the_batch_ids_sinks(tmp_path):
                              gradient_checkpointing=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*sink_lr_scale.*")
-        Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0),
-                callbacks=[MemSinkCallback()]).train()
+        Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0)).train()
     assert model.memsink.sink_lr_attached
     check_moved(model, before, model.memsink.sites[0].sinks)
 

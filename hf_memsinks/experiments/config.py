@@ -68,6 +68,8 @@ class TrainConfig:
     eval_every: int = 100
     curve_docs: int = 64
     precision: str = "auto"  # "auto": bf16 where a CUDA device has it, else fp32
+    general_dropout: float = 0.0  # memsinks runs: dropout on general neurons only (experiments/pressure.py)
+    general_weight_decay: float = 0.0  # memsinks runs: extra decoupled weight decay on general neurons only
 
 
 @dataclass
@@ -233,6 +235,9 @@ def _check_values(cfg: BenchmarkConfig) -> None:
         raise ValueError(f"device must be one of {DEVICES}, got {cfg.device!r} (pick GPUs with CUDA_VISIBLE_DEVICES)")
     if cfg.train.precision not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {PRECISIONS}, got {cfg.train.precision!r}")
+    if not 0.0 <= cfg.train.general_dropout < 1.0 or cfg.train.general_weight_decay < 0.0:
+        raise ValueError("train.general_dropout must be in [0, 1) and train.general_weight_decay >= 0, got "
+                         f"{cfg.train.general_dropout!r} and {cfg.train.general_weight_decay!r}")
     cfg.memsink_config()  # fail early on a bad MemSink setting
     cfg.forget_memsink_config()
     check_goldfish(cfg.goldfish.k, cfg.goldfish.h, cfg.goldfish.hash)

@@ -19,7 +19,6 @@ from statistics import mean
 
 import torch
 
-from ..integrations.finetune import attach_sink_lr
 from ..model.patching import get_memsink_model
 from .finetune_config import FinetuneBenchmarkConfig, FinetuneRun
 from .metrics import doc_losses, measure
@@ -111,7 +110,7 @@ def fine_tune(spec: FinetuneRun, base, setting: TwoDomainSetting, cfg, accelerat
     extra = sum(p.numel() for p in trained.parameters()) - n_base
     t0 = time.time()
     train(trained, setting, stream, run_cfg, with_ids=sinks, label=spec.name, goldfish=goldfish,
-          accelerator=accelerator, on_optimizer=lambda opt: attach_sink_lr(trained, opt))
+          accelerator=accelerator)
     seconds = time.time() - t0
     if spec.lora_r:
         model = trained.merge_and_unload()

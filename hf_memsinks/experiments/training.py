@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from ..data.goldfish import goldfish_labels
 from ..data.sequence_ids import ids_for_documents
 from ..evaluation.memorization import document_losses, pad_documents
+from ..integrations.finetune import attach_sink_lr
 from .config import BenchmarkConfig, GoldfishConfig
+from .pressure import add_general_dropout, add_general_weight_decay
 
 
 def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
@@ -166,6 +168,12 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     t = cfg.train
     steps, every = t.steps, t.eval_every
     opt, schedule = optimizer(model, t)
+    attach_sink_lr(model, opt)  # (the config's sink_lr_scale; nothing for a plain model or a scale of 1)
+    if getattr(model, "memsink", None) is not None:
+        if t.general_weight_decay:
+            add_general_weight_decay(model, opt, t.general_weight_decay)
+        if t.general_dropout:
+            add_general_dropout(model, t.general_dropout, cfg.seed)
     if on_optimizer is not None:
         on_optimizer(opt)
     curve = [curve_point(model, setting, 0, t.curve_docs)]

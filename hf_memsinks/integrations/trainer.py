@@ -1,5 +1,6 @@
 """A ``TrainerCallback``: sink statistics in the training logs, the sink-free export at the end,
-and the only model that ``push_to_hub=True`` publishes.
+and the only model that ``push_to_hub=True`` publishes; and two callbacks every ``Trainer`` gets:
+the push guard and the sinks' learning rate.
 
 The plain ``Trainer`` needs nothing else: ``sequence_ids`` is a named forward argument, so the
 default column filter keeps it, and the checkpoint format saves and restores sinks exactly.
@@ -55,8 +56,7 @@ def sink_statistics(model) -> dict[str, float]:
 
 
 class MemSinkCallback(TrainerCallback):
-    """Apply the model's ``sink_lr_scale`` to Trainer's optimizer (``MemSinkConfig.for_finetuning()``),
-    log sink statistics with every Trainer log, and at the end of training save the sink-free
+    """Log sink statistics with every Trainer log, and at the end of training save the sink-free
     model (``remove_sinks`` on a copy; the trained model keeps its sinks) to ``export_dir``.
 
     ``forget_ids``: export with every sink kept at its expected value except these IDs' sinks
@@ -92,9 +92,7 @@ class MemSinkCallback(TrainerCallback):
             state.log_history.append({**{k: round(v, 4) for k, v in stats.items()}, "step": state.global_step})
             logger.info("step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is not None and optimizer is not None:
-            attach_sink_lr(model, optimizer)  # MemSinkConfig.sink_lr_scale (for_finetuning's recipe)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.export_dir is not None and state.is_world_process_zero:
             self._check_export_dir()  # fail before training, not after it
         if args.push_to_hub and holds_sinks(model):
@@ -187,4 +185,14 @@ class PushGuard(TrainerCallback):
                           ["the model weights with their sink tensors at every push"])
 
 
+class SinkLRCallback(TrainerCallback):
+    """In every ``Trainer``: the model's ``MemSinkConfig.sink_lr_scale`` applied to the Trainer's
+    optimizer (:func:`hf_memsinks.integrations.finetune.attach_sink_lr`) when training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None:
+            attach_sink_lr(model, optimizer)
+
+
 add_default_trainer_callback(PushGuard)
+add_default_trainer_callback(SinkLRCallback)

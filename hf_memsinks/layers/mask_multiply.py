@@ -22,15 +22,18 @@ class MaskSinks(torch.autograd.Function):
 
     ``factor`` (None: ``keep`` itself) is the same mask in ``h``'s dtype (one per forward call, shared by the layers):
     multiplying by a bool tensor converts it at every element, about 10x the cost of the multiply
-    for a per-token ``(B, T, S)`` mask on CPU. Backward keeps only the bool mask and converts it
-    once per layer.
+    for a per-token ``(B, T, S)`` mask on CPU. Backward keeps only the bool mask; ``shared`` (a
+    :class:`BackwardFactors` of the call, or None) converts it once for every layer's backward and
+    frees the copy when the layer that masked first is done, so nothing is held between forward
+    and backward.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor | None, num_general: int,
-                in_place: bool) -> torch.Tensor:
+                in_place: bool, shared: BackwardFactors | None = None) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.num_general = num_general
+        ctx.shared, ctx.order = shared, shared.register() if shared is not None else 0
         factor = keep if factor is None else factor
         if in_place:
             h.narrow(-1, num_general, h.shape[-1] - num_general).mul_(factor)
@@ -43,9 +46,37 @@ class MaskSinks(torch.autograd.Function):
         (keep,) = ctx.saved_tensors
         g = ctx.num_general
         if grad.is_contiguous() and not torch.compiler.is_compiling():  # (a view of the matmul's fresh result is fine)
-            grad.narrow(-1, g, grad.shape[-1] - g).mul_(keep.to(grad.dtype))
-            return grad, None, None, None, None
-        return _masked_copy(grad, keep, g), None, None, None, None
+            factor = keep.to(grad.dtype) if ctx.shared is None else ctx.shared.get(keep, grad.dtype)
+            grad.narrow(-1, g, grad.shape[-1] - g).mul_(factor)
+            if ctx.shared is not None and ctx.order == 0:
+                ctx.shared.clear()  # (the first layer to mask is the last to run backward)
+            return grad, None, None, None, None, None
+        return _masked_copy(grad, keep, g), None, None, None, None, None
+
+
+class BackwardFactors:
+    """The bool mask of one forward call in the gradient's dtype, made by the first layer's
+    backward that needs it and reused by the others (one conversion per call, not per layer).
+    Holds no tensor until backward starts; :meth:`clear` drops it."""
+
+    __slots__ = ("count", "factors")
+
+    def __init__(self):
+        self.count, self.factors = 0, {}
+
+    def register(self) -> int:
+        """The order in which a layer's forward used these masks (0: the first)."""
+        self.count += 1
+        return self.count - 1
+
+    def get(self, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        factor = self.factors.get(dtype)
+        if factor is None:
+            factor = self.factors[dtype] = keep.to(dtype)
+        return factor
+
+    def clear(self) -> None:
+        self.factors.clear()
 
 
 # grad_fn types whose backward keeps their inputs, never their output: masking their output in

@@ -276,11 +276,14 @@ def _apply_sinks(m: ProjectionPatch, h: torch.Tensor, call: ForwardSinks) -> tor
         return h * m.state.coefficients(call, m.layer, m.general, m.sinks, h)
     keep = m.state.keep_mask(call, m.layer, m.sinks)
     # (under torch.compile the bool mask: inductor fuses the multiply, and the graph stays free of the cache)
-    factor = None if torch.compiler.is_compiling() else m.state.keep_factor(call, m.layer, m.sinks, h.dtype)
+    eager = not torch.compiler.is_compiling()
+    factor = m.state.keep_factor(call, m.layer, m.sinks, h.dtype) if eager else None
+    shared = m.state.backward_factors(call, m.layer, m.sinks) if eager else None
     if h.dim() != keep.dim():  # OPT flattens (B, T, ·) to (B * T, ·) around its MLP
         shape = h.shape
-        return MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, factor, m.general, False).reshape(shape)
-    return MaskSinks.apply(h, keep, factor, m.general, maskable_in_place(h))
+        return MaskSinks.apply(h.reshape(keep.shape[0], -1, shape[-1]), keep, factor, m.general, False,
+                               shared).reshape(shape)
+    return MaskSinks.apply(h, keep, factor, m.general, maskable_in_place(h), shared)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}

@@ -28,6 +28,7 @@ import torch
 
 from ..config import MemSinkConfig
 from ..ids.masks import sink_mask
+from .mask_multiply import BackwardFactors
 
 EVAL_MODES = ("drop", "expected", "activate", "exclude")
 PAPER_MODE_NAMES = {"dropout": "drop", "all": "expected", "activate_seq": "activate", "exclude_seq_ids": "exclude"}
@@ -159,6 +160,15 @@ class SinkState:
         if factor is None:
             factor = call.masks[key] = self.keep_mask(call, layer, num_sinks).to(dtype)
         return factor
+
+    def backward_factors(self, call: ForwardSinks, layer: int, num_sinks: int) -> BackwardFactors:
+        """The call's shared :class:`BackwardFactors` for this layer's mask (layers sharing a mask
+        share it); it outlives the call, held only by the layers' backward nodes."""
+        key = ("backward", self._layer_key(layer), num_sinks)
+        shared = call.masks.get(key)
+        if shared is None:
+            shared = call.masks[key] = BackwardFactors()
+        return shared
 
     def general_scale(self, call: ForwardSinks) -> float:
         return self.config.general_eval_scale if call.kind == "drop" else 1.0
