@@ -48,7 +48,8 @@ def components(patched) -> dict[str, list[str]]:
     inside = {n for g in groups.values() for n in g}
     groups[EMBEDDINGS] = [n for n in names if n not in inside]
     for kind in ("attention", "MLP"):
-        groups[f"all {kind}"] = [n for k, g in list(groups.items()) if k.endswith(f" {kind}") and k[0] == "L" for n in g]
+        layers = [g for k, g in groups.items() if k.startswith("L") and k.endswith(f" {kind}")]
+        groups[f"all {kind}"] = [n for g in layers for n in g]
     return groups
 
 

@@ -294,7 +294,8 @@ def _warn_sink_lr(patch: ModelPatch) -> None:
     warnings.warn(
         f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks train at "
         "the general neurons' learning rate and isolate less: every transformers Trainer (and MemSinkSFTTrainer) "
-        "applies it; in your own training loop call hf_memsinks.attach_sink_lr(model, optimizer) once", UserWarning, stacklevel=3)
+        "applies it; in your own training loop call hf_memsinks.attach_sink_lr(model, optimizer) once",
+        UserWarning, stacklevel=3)
 
 
 def _forward_with_ids(base: type, backbone: bool):
