@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_memsinks import MemSinkConfig, get_memsink_model
+from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
 from hf_memsinks.data import stable_id
 
 VOCAB, LENGTH, BATCH = 64, 32, 16
@@ -47,6 +47,7 @@ def train(model, data: Bigram, canaries: torch.Tensor, with_ids: bool, label: st
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    attach_sink_lr(model, opt)  # the sinks' faster step (MemSinkConfig.sink_lr_scale); nothing for a plain model
     canary_ids = torch.tensor([stable_id(c) for c in canaries])
     n_canary = int(BATCH * CANARY_SHARE)
     model.train()

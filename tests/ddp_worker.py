@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import tiny_model  # noqa: E402
 
-from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
+from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.data import MemSinkDataCollator  # noqa: E402
 
 PROBE_IDS = torch.tensor([0, 1, 2, 3, 12345, 2**62 + 7])
@@ -46,6 +46,7 @@ def with_accelerate(model, checkpointing):
                         generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt, loader = accelerator.prepare(model, opt, loader)
+    assert attach_sink_lr(model, opt) is not None  # through the DDP and accelerate wrappers
     for batch in loader:
         loss = model(**batch).loss
         accelerator.backward(loss)

@@ -95,7 +95,8 @@ def write_markdown(report: dict, out: Path) -> Path:
         f"{report['config']['train']['batch_size']} documents ({st['train_tokens']:,} tokens); "
         f"{st['repeated_natural']} natural documents and {st['repeated_canaries']} canaries each repeated "
         f"{report['config']['data']['repetitions']}x; MemSinks sink_fraction {mc['sink_fraction']}, "
-        f"sink_active_prob {mc['sink_active_prob']}. Total time {report['timings_s'].get('total', 0):.0f} s.",
+        f"sink_active_prob {mc['sink_active_prob']}, sink_lr_scale {mc.get('sink_lr_scale', 1.0)}. "
+        f"Total time {report['timings_s'].get('total', 0):.0f} s.",
         "",
         "| run | " + " | ".join(c[1] for c in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),

@@ -47,19 +47,24 @@ class SinkLR:
 
     def __init__(self, model: nn.Module, scale: float):
         self.scale = float(scale)
-        self.targets = [(getattr(m, name), dim, m.memsink.sink_spans) for m in model.modules()
-                        if is_patched_projection(m) for name, dim in m.neuron_dims().items()
-                        if getattr(m, name).requires_grad]
+        # every sink span of every trainable patched weight (viewed anew at each step: a wrapper such
+        # as FSDP may swap a parameter's storage)
+        self.targets = [(getattr(m, name), dim, start, n) for m in model.modules() if is_patched_projection(m)
+                        for name, dim in m.neuron_dims().items() if getattr(m, name).requires_grad
+                        for start, n in m.memsink.sink_spans]
         self._saved: list[torch.Tensor] = []
+
+    def _views(self) -> list[torch.Tensor]:
+        return [param.narrow(dim, start, n) for param, dim, start, n in self.targets]
 
     @torch.no_grad()
     def before(self, *_) -> None:
-        self._saved = [pick(p, dim, spans) for p, dim, spans in self.targets]
+        self._saved = [v.clone() for v in self._views()]
 
     @torch.no_grad()
     def after(self, *_) -> None:
-        for (param, dim, spans), old in zip(self.targets, self._saved):
-            copy_into_spans(param, dim, spans, torch.lerp(old, pick(param, dim, spans), self.scale))
+        for view, old in zip(self._views(), self._saved):
+            view.copy_(old.lerp_(view, self.scale))  # old + scale * (new - old), in place of old
         self._saved = []
 
 
