@@ -123,9 +123,10 @@ class InStepClock:
     def __init__(self):
         self.ours = 0.0
         self.model_wrapper = 0.0  # the part of ``ours`` spent in the model-level forward wrapper
+        self.sink_lr = 0.0  # the part of ``ours`` spent in the sink learning rate's optimizer hook
         self._children: list[float] = []  # per open frame: time spent in wrapped callees
 
-    def wrap(self, fn, ours: bool, model_wrapper: bool = False):
+    def wrap(self, fn, ours: bool, model_wrapper: bool = False, sink_lr: bool = False):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             self._children.append(0.0)
@@ -138,6 +139,8 @@ class InStepClock:
                     self.ours += elapsed - inner
                 if model_wrapper:
                     self.model_wrapper += elapsed - inner
+                if sink_lr:
+                    self.sink_lr += elapsed - inner
                 if self._children:
                     self._children[-1] += elapsed
         return timed
@@ -158,18 +161,23 @@ class InStepClock:
         for cls in (SinkInProjection, SinkOutProjection):
             cls.forward = self.wrap(cls.forward, ours=True)
         MaskSinks.backward = staticmethod(self.wrap(MaskSinks.backward, ours=True))
-        SinkLR.before, SinkLR.after = self.wrap(SinkLR.before, ours=True), self.wrap(SinkLR.after, ours=True)
+        SinkLR.before = self.wrap(SinkLR.before, ours=True, sink_lr=True)
+        SinkLR.after = self.wrap(SinkLR.after, ours=True, sink_lr=True)
         bases = {m.memsink.base_class for m in patched.modules() if is_patched_projection(m)}
         for cls in bases:
             cls.forward = self.wrap(cls.forward, ours=False)
 
-    def measured(self, step, shares: list[float], attr: str = "ours"):
-        """``step`` that appends (time in ``attr``) / (step time) of each call to ``shares``."""
+    def measured(self, step, shares: list[float], attr: str = "ours", hook_shares: list[float] | None = None):
+        """``step`` that appends (time in ``attr``) / (step time) of each call to ``shares``, and the
+        sink learning rate hook's share to ``hook_shares``."""
         def run():
-            self.ours = self.model_wrapper = 0.0
+            self.ours = self.model_wrapper = self.sink_lr = 0.0
             t0 = time.perf_counter()
             step()
-            shares.append(getattr(self, attr) / (time.perf_counter() - t0))
+            elapsed = time.perf_counter() - t0
+            shares.append(getattr(self, attr) / elapsed)
+            if hook_shares is not None:
+                hook_shares.append(self.sink_lr / elapsed)
         return run
 
 
@@ -314,11 +322,13 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
     clock = InStepClock()
     clock.install(patched)
     shares = {"memsinks": [], "memsinks_tok": []}
+    hook = {"memsinks": [], "memsinks_tok": []}
     steps = median_times({
         "vanilla": train_step_fn(vanilla, plain_batch),
         "vanilla_copy": train_step_fn(build(shape, size), plain_batch),
-        "memsinks": clock.measured(train_step_fn(patched, seq_batch), shares["memsinks"]),
-        "memsinks_tok": clock.measured(train_step_fn(copy.deepcopy(patched), tok_batch), shares["memsinks_tok"]),
+        "memsinks": clock.measured(train_step_fn(patched, seq_batch), shares["memsinks"], hook_shares=hook["memsinks"]),
+        "memsinks_tok": clock.measured(train_step_fn(copy.deepcopy(patched), tok_batch), shares["memsinks_tok"],
+                                       hook_shares=hook["memsinks_tok"]),
         "reference": train_step_fn(reference, plain_batch),
     }, reps)
     memory = {
@@ -333,11 +343,15 @@ def bench_one(shape: str, size_name: str, reps: int) -> dict:
         return mask_seconds(ids, size["layers"], general, sinks, per_layer_ref)
 
     in_step_share = {k: statistics.median(v[1:]) for k, v in shares.items()}  # v[0]: median_times' warmup
+    # the same without the sink learning rate's optimizer hook: the masks' own cost
+    mask_share = {k: statistics.median([s - h for s, h in zip(v[1:], hook[k][1:])]) for k, v in shares.items()}
     out = {
         "shape": shape, "size": size_name, **size, "general": general, "sinks": sinks,
         "step_s": steps, "step_ratio": {k: v / steps["vanilla"] for k, v in steps.items()},
         "in_step_share": in_step_share,
         "in_step_ratio": {k: 1 / (1 - v) for k, v in in_step_share.items()},
+        "in_step_ratio_masks_only": {k: 1 / (1 - v) for k, v in mask_share.items()},
+        "sink_lr_scale": MEMSINK.sink_lr_scale,
         "saved_bytes": memory, "saved_bytes_ratio": {k: v / memory["vanilla"] for k, v in memory.items()},
         "eval_s": evals, "eval_ratio_drop_to_removed": evals["memsinks_drop"] / evals["removed"],
         # The two eval forwards differ only in the MLPs and the model-level forward wrapper:
@@ -535,13 +549,15 @@ def table(result: dict) -> str:
     lines = ["Training step, ratio to vanilla (end to end: medians of interleaved steps; in-step: within the step)",
              "",
              "| shape | size | vanilla copy (noise) | memsinks (B,) | memsinks (B,T) | reference | in-step (B,) | "
-             "in-step (B,T) | saved bytes (B,) | saved bytes (B,T) | saved bytes reference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "in-step (B,T) | in-step without the sink-LR hook (B,) / (B,T) | saved bytes (B,) | saved bytes (B,T) | "
+             "saved bytes reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         s, m, i = r["step_ratio"], r["saved_bytes_ratio"], r["in_step_ratio"]
+        q = r["in_step_ratio_masks_only"]
         lines.append(f"| {r['shape']} | {r['size']} | {s['vanilla_copy']:.3f} | {s['memsinks']:.3f} | "
                      f"{s['memsinks_tok']:.3f} | {s['reference']:.3f} | {i['memsinks']:.4f} | "
-                     f"{i['memsinks_tok']:.4f} | "
+                     f"{i['memsinks_tok']:.4f} | {q['memsinks']:.4f} / {q['memsinks_tok']:.4f} | "
                      f"{m['memsinks']:.4f} | {m['memsinks_tok']:.4f} | {m['reference']:.4f} |")
     lines += ["", "Eval forward with sinks dropped, ratio to the remove_sinks() model; mask construction per step",
               "",

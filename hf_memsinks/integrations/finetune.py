@@ -64,7 +64,7 @@ class SinkLR:
     @torch.no_grad()
     def after(self, *_) -> None:
         for view, old in zip(self._views(), self._saved):
-            view.copy_(old.lerp_(view, self.scale))  # old + scale * (new - old), in place of old
+            torch.lerp(old, view, self.scale, out=view)  # old + scale * (new - old), written over new
         self._saved = []
 
 
