@@ -64,4 +64,4 @@ def test_compiled_training_steps_match_eager_with_one_graph_break_for_masks():
     # One break, at the start of the call (mask build), before the model: none inside the layers.
     assert len(ours) == 1 and "model/patched.py" in ours[0], stacks
     line = int(ours[0].split("line ")[1].split()[0])
-    assert "state.enter(" in inspect.getsource(model_module).splitlines()[line - 1], ours
+    assert "_start_call(" in inspect.getsource(model_module).splitlines()[line - 1], ours

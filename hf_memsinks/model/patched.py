@@ -288,14 +288,19 @@ def memsink_class(base: type, backbone: bool = False) -> type:
     return _MODEL_CLASSES[base, backbone]
 
 
-def _warn_sink_lr(patch: ModelPatch) -> None:
-    """Once: training runs, but no optimizer applies the config's ``sink_lr_scale``."""
-    patch.sink_lr_warned = True
-    warnings.warn(
-        f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks train at "
-        "the general neurons' learning rate and isolate less: every transformers Trainer (and MemSinkSFTTrainer) "
-        "applies it; in your own training loop call hf_memsinks.attach_sink_lr(model, optimizer) once",
-        UserWarning, stacklevel=3)
+@torch.compiler.disable
+def _start_call(patch: ModelPatch, ids: torch.Tensor | None, training: bool):
+    """The eager start of every forward (under torch.compile, the one graph break of ours): a
+    warning, once, if training runs but no optimizer applies the config's ``sink_lr_scale``; then
+    the call's masks (``SinkState.enter``)."""
+    if training and patch.config.sink_lr_scale != 1.0 and not (patch.sink_lr_attached or patch.sink_lr_warned):
+        patch.sink_lr_warned = True
+        warnings.warn(
+            f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks "
+            "train at the general neurons' learning rate and isolate less: every transformers Trainer (and "
+            "MemSinkSFTTrainer) applies it; in your own training loop call hf_memsinks.attach_sink_lr(model, "
+            "optimizer) once", UserWarning, stacklevel=3)
+    return patch.state.enter(ids, training)
 
 
 def _forward_with_ids(base: type, backbone: bool):
@@ -319,14 +324,12 @@ def _forward_with_ids(base: type, backbone: bool):
         cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
         ids = check_batch_ids(sequence_ids, inputs, cached)
         sync_adapters(patch.slots)
-        if self.training and patch.config.sink_lr_scale != 1.0 and not (patch.sink_lr_attached or patch.sink_lr_warned):
-            _warn_sink_lr(patch)
         if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
             # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
             # attention masks, which a KV cache turns off; no cache is needed in training. Only
             # then: the packed-sequence check reads a tensor on the host (a device sync).
             kwargs["use_cache"] = False
-        previous = state.enter(ids, self.training)
+        previous = _start_call(patch, ids, self.training)
         try:
             return base.forward(self, *args, **kwargs)
         finally:
