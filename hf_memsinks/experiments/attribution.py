@@ -86,11 +86,11 @@ def attribute(cfg: BenchmarkConfig, out_dir: str | os.PathLike) -> dict:
     m, m0 = (trained[k].remove_sinks() for k in ("M", "M0"))
     report = {"M": gaps(m, setting, cfg), "M0": gaps(m0, setting, cfg), "components": {},
               "memsink_config": config.to_dict(), "config": cfg.to_dict()}
+    sizes = {n: p.numel() for n, p in m.named_parameters()}
     for name, names in groups.items():
         report["components"][name] = {"restored": gaps(hybrid(m, m0, names), setting, cfg),
                                       "grafted": gaps(hybrid(m0, m, names), setting, cfg),
-                                      "parameters": sum(dict(m.named_parameters())[n].numel() for n in names
-                                                        if n in dict(m.named_parameters()))}
+                                      "parameters": sum(sizes.get(n, 0) for n in names)}
     if accelerator.is_main_process:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

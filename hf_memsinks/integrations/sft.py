@@ -32,7 +32,6 @@ from ..data.collators import example_ids
 from ..data.sequence_ids import ID_COLUMN
 from ..ids.masks import NO_SEQUENCE
 from ..model.patched import is_memsink_model
-from .finetune import attach_sink_lr
 from .peft import train_sinks
 from .trainer import MemSinkCallback
 
@@ -107,12 +106,6 @@ class MemSinkSFTTrainer(SFTTrainer):
         if inner is not self.model and train_sinks_with_adapter:
             train_sinks(self.model)
         self.data_collator = SequenceIdCollator(self.data_collator)
-
-    def create_optimizer(self, *args, **kwargs):
-        """Trainer's optimizer, with the sinks' step scaled by the model's ``sink_lr_scale``."""
-        optimizer = super().create_optimizer(*args, **kwargs)
-        attach_sink_lr(self.model, optimizer)
-        return optimizer
 
     def init_hf_repo(self, *args, **kwargs):
         """``push_to_hub=True`` would upload the sinks at every push: refused here, when the trainer

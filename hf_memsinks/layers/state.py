@@ -142,33 +142,33 @@ class SinkState:
         c = self.config
         return sink_mask(ids, num_sinks, c.sink_active_prob, salt=c.salt, layer=layer, scheme=c.mask_scheme)
 
+    @staticmethod
+    def _cached(call: ForwardSinks, key: tuple, make):
+        """``call.masks[key]``, made by ``make()`` the first time in this call."""
+        value = call.masks.get(key)
+        if value is None:
+            value = call.masks[key] = make()
+        return value
+
     def keep_mask(self, call: ForwardSinks, layer: int, num_sinks: int) -> torch.Tensor:
         """Bool ``(B, 1, S)`` or ``(B, T, S)``: which sinks the call's IDs activate."""
-        key = (self._layer_key(layer), num_sinks)
-        mask = call.masks.get(key)
-        if mask is None:
-            mask = self._mask(call.ids, num_sinks, key[0])
-            mask = mask.unsqueeze(1) if call.ids.dim() == 1 else mask
-            call.masks[key] = mask
-        return mask
+        key = self._layer_key(layer)
+
+        def make():
+            mask = self._mask(call.ids, num_sinks, key)
+            return mask.unsqueeze(1) if call.ids.dim() == 1 else mask
+        return self._cached(call, (key, num_sinks), make)
 
     def keep_factor(self, call: ForwardSinks, layer: int, num_sinks: int, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`keep_mask` in ``dtype``, for the multiply (a bool operand is converted at every
         element, in every layer); cached for the call, gone with it."""
-        key = (self._layer_key(layer), num_sinks, dtype)
-        factor = call.masks.get(key)
-        if factor is None:
-            factor = call.masks[key] = self.keep_mask(call, layer, num_sinks).to(dtype)
-        return factor
+        return self._cached(call, (self._layer_key(layer), num_sinks, dtype),
+                            lambda: self.keep_mask(call, layer, num_sinks).to(dtype))
 
     def backward_factors(self, call: ForwardSinks, layer: int, num_sinks: int) -> BackwardFactors:
         """The call's shared :class:`BackwardFactors` for this layer's mask (layers sharing a mask
         share it); it outlives the call, held only by the layers' backward nodes."""
-        key = ("backward", self._layer_key(layer), num_sinks)
-        shared = call.masks.get(key)
-        if shared is None:
-            shared = call.masks[key] = BackwardFactors()
-        return shared
+        return self._cached(call, ("backward", self._layer_key(layer), num_sinks), BackwardFactors)
 
     def general_scale(self, call: ForwardSinks) -> float:
         return self.config.general_eval_scale if call.kind == "drop" else 1.0
