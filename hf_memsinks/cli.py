@@ -154,11 +154,13 @@ def _experiment(args) -> int:
     cfg = load_config(args.config, args.overrides)
     name = cfg.name or Path(args.config).stem
     if args.command == "run":
+        from .experiments.report import headline_table
         from .experiments.runner import run
 
         out = args.out or os.path.join("runs", name)
-        run(cfg, out)
-        text = [(Path(out) / "report.md").read_text() if _is_main_process() else "",
+        report = run(cfg, out)
+        seconds = report["timings_s"]["total"]
+        text = [headline_table(report), f"\n{seconds / 60:.1f} min; every table in {Path(out) / 'report.md'}. "
                 f"report.json, report.md, curves.png, tradeoff.png in {out}"]
     elif args.command == "scale":
         from .experiments.scale import parse_models, scale

@@ -71,6 +71,12 @@ class MemSinkConfig:
             (docs/isolation.md). Applied by an optimizer hook that every ``Trainer`` attaches
             (``MemSinkSFTTrainer`` too); a training loop of your own calls
             :func:`hf_memsinks.attach_sink_lr` (training without it warns once).
+        general_sightings: the privacy setting. ``None`` (the paper's method): every repetition of a
+            document trains the general neurons and its sinks. ``K``: only the first ``K`` sightings
+            of each sequence ID train the general path, with no sink on; every later one trains that
+            ID's sinks alone, all else frozen for it (hf_memsinks.model.routing). The general path
+            then learns each document as if the data were deduplicated, so removal leaves no
+            membership trace (docs/privacy.md). Counted per model, across processes.
         target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
@@ -92,6 +98,7 @@ class MemSinkConfig:
     init_seed: int = 0
     sink_init: str = "random"
     sink_lr_scale: float = 4.0
+    general_sightings: int | None = None
     target_modules: dict[str, Any] | None = None
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.
@@ -117,6 +124,9 @@ class MemSinkConfig:
                 1.0 <= self.sink_lr_scale <= 100.0):
             fail("sink_lr_scale", "must be a number from 1 to 100")
         self.sink_lr_scale = float(self.sink_lr_scale)
+        if self.general_sightings is not None and (isinstance(self.general_sightings, bool) or not isinstance(
+                self.general_sightings, int) or self.general_sightings < 1):
+            fail("general_sightings", "must be a positive integer or None")
         if self.eval_scaling not in EVAL_SCALINGS:
             fail("eval_scaling", f"must be one of {EVAL_SCALINGS}")
         if self.mask_scheme not in MASK_SCHEMES:

@@ -19,7 +19,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_TYPES = ("gpt2", "llama", "gpt_neox")
 # integers that may be 0; every other integer must be positive
-MAY_BE_ZERO = {"warmup", "control", "repeated_natural", "repeated_canaries", "secret_canaries", "seed"}
+MAY_BE_ZERO = {"exposure_candidates", "warmup", "control", "repeated_natural", "repeated_canaries", "secret_canaries",
+               "seed"}
 
 
 @dataclass
@@ -78,7 +79,7 @@ class EvalConfig:
     suffix: int = 16
     batch_size: int = 64
     mia_k: float = 0.2  # Min-K% and Min-K%++: the share of least likely tokens averaged
-    exposure_candidates: int = 1000  # sampled candidate secrets per canary (exposure is capped at log2 of it + 1)
+    exposure_candidates: int = 1000  # sampled candidate secrets per canary (capped at log2 of it + 1); 0: no exposure
 
 
 @dataclass
@@ -132,6 +133,7 @@ class BenchmarkConfig:
     name: str | None = None
     seed: int = 0
     threads: int | None = None
+    workers: int = 1  # processes for runs that share no model (experiments/workers.py); each uses `threads`
     device: str = "auto"  # "auto": cuda when available, else cpu; pick GPUs with CUDA_VISIBLE_DEVICES
     save_models: bool = False
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -229,6 +231,8 @@ def _check_values(cfg: BenchmarkConfig) -> None:
     unknown = set(cfg.runs) - set(RUNS)
     if unknown:
         raise ValueError(f"unknown runs {sorted(unknown)}; choose from {RUNS}")
+    if cfg.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.model.type not in MODEL_TYPES:
         raise ValueError(f"model.type must be gpt2, llama or gpt_neox, got {cfg.model.type!r}")
     if cfg.device not in DEVICES:

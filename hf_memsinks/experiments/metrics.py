@@ -61,7 +61,7 @@ def measure(model, setting: Setting, cfg: BenchmarkConfig, own_ids: bool = False
     hits = sum(out.get(f"extraction_rate_{k}", 0.0) * n[k] for k in n if n[k])
     out["extraction_rate"] = hits / max(1, sum(n.values()))
     out["mia_auc"] = mia_auc(model, setting, cfg, own_ids)
-    if setting.secrets:
+    if setting.secrets and cfg.eval.exposure_candidates:
         out["exposure"] = secret_exposure(model, setting, cfg, own_ids)
     return out
 

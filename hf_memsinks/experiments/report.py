@@ -83,6 +83,30 @@ def _fmt(value) -> str:
     return str(value)
 
 
+HEADLINE = (("standard", "standard training", None), ("memsinks_removed", "memsinks, sinks removed", ""),
+            ("goldfish", "Goldfish loss", "goldfish_"), ("memsinks_goldfish_removed", "memsinks + Goldfish",
+                                                         "memsinks_goldfish_"), ("dedup", "dedup", "dedup_"))
+
+
+def headline_table(report: dict) -> str:
+    """The README's results table for this run: per method, gap closed (natural / canary), val
+    ratio, extraction and the strongest membership attack's AUC (sinks removed where they were)."""
+    m, s = report["metrics"], report["summary"]
+    lines = ["| method | gap closed (natural / canary) | val ratio | extraction | membership AUC |",
+             "|---|---|---|---|---|"]
+    for key, name, prefix in HEADLINE:
+        if key not in m:
+            continue
+        run, std = m[key], m["standard"]
+        closed = [1.0 - run[f"memorization_gap{k}"] / std[f"memorization_gap{k}"] if prefix is not None else 0.0
+                  for k in ("", "_natural", "_canary") if f"memorization_gap{k}" in run]
+        gap = f"{closed[0]:.3f}" + (f" ({closed[1]:.3f} / {closed[2]:.3f})" if len(closed) == 3 else "")
+        auc = max(a["all"] for a in run["mia_auc"].values()) if "mia_auc" in run else None
+        lines.append(f"| {name} | {gap} | {run['val_loss'] / std['val_loss']:.3f} | {run['extraction_rate']:.2f} | "
+                     f"{_fmt(auc)} |")
+    return "\n".join(lines) if "standard" in m and s else ""
+
+
 def write_markdown(report: dict, out: Path) -> Path:
     m, s = report["metrics"], report["summary"]
     lines = [f"# MemSinks memorization benchmark: {report['config'].get('name', 'run')}", ""]

@@ -5,7 +5,9 @@ the run directory.
 
 ``run`` reads as its steps: each configured run is one method of ``Benchmark``, which holds what
 the steps share (the setting, the initial model, the accelerator) and what they produce (models,
-metrics, curves, each process's share of the training, timings).
+metrics, curves, each process's share of the training, timings). With ``workers: N`` the runs
+that share no model are split over N worker processes (experiments/workers.py), each a
+``Benchmark`` of its own; the same seed gives the same figures either way.
 """
 
 from __future__ import annotations
@@ -28,26 +30,65 @@ from . import forgetting
 from .config import BenchmarkConfig, GoldfishConfig
 from .metrics import measure, summarize
 from .posthoc import neuron_specificity, zero_top_neurons
+from .progress import Progress
 from .setting import build_setting
 from .training import build_model, make_accelerator, precision, train
+from .workers import groups, run_in_workers, trainings
 
 
 def run(cfg: BenchmarkConfig, out_dir: str | os.PathLike) -> dict:
     """Every configured run on one stream, then report.json, report.md and plots in ``out_dir``.
     Under ``accelerate launch`` each training is data-parallel; every process evaluates the same
     (identical) models and only the main process writes."""
-    bench = Benchmark(cfg, out_dir)
-    runs = set(cfg.runs) | ({"standard"} if {"posthoc", "forget"} & set(cfg.runs) else set())
-    for name, step in (("standard", bench.standard), ("memsinks", bench.memsinks), ("dedup", bench.dedup),
-                       ("goldfish", bench.goldfish), ("memsinks+goldfish", bench.memsinks_goldfish),
-                       ("posthoc", bench.posthoc), ("forget", bench.forget)):
-        if name in runs:
-            step()
-    report = bench.report()
+    start = time.time()
+    runs = needed_runs(cfg)
+    parts = groups(runs, cfg.workers)
+    if len(parts) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        states = run_in_workers(cfg, out_dir, parts, run_part)
+        report = assemble(cfg, states, time.time() - start, workers=parts)
+        write_report(report, Path(out_dir))
+        return report
+    progress = Progress(trainings(cfg, runs), trainings(cfg, runs) * cfg.train.steps,
+                        enabled=_is_main_process(), desc=cfg.name or "benchmark")
+    bench = Benchmark(cfg, out_dir, progress)
+    run_steps(bench, runs)
+    progress.close()
+    report = assemble(cfg, [bench.state()], time.time() - start)
     if bench.accelerator.is_main_process:
         write_report(report, Path(out_dir))
     bench.accelerator.wait_for_everyone()
     return report
+
+
+def needed_runs(cfg: BenchmarkConfig) -> list[str]:
+    """The configured runs in the order they run, with ``standard`` where post-hoc or forgetting needs it."""
+    runs = set(cfg.runs) | ({"standard"} if {"posthoc", "forget"} & set(cfg.runs) else set())
+    return [name for name in ORDER if name in runs]
+
+
+ORDER = ("standard", "memsinks", "dedup", "goldfish", "memsinks+goldfish", "posthoc", "forget")
+
+
+def run_steps(bench: Benchmark, runs: list[str]) -> None:
+    steps = {"standard": bench.standard, "memsinks": bench.memsinks, "dedup": bench.dedup,
+             "goldfish": bench.goldfish, "memsinks+goldfish": bench.memsinks_goldfish,
+             "posthoc": bench.posthoc, "forget": bench.forget}
+    for name in ORDER:
+        if name in runs:
+            steps[name]()
+
+
+def run_part(cfg: BenchmarkConfig, out_dir, progress) -> dict:
+    """A worker process's part of ``run`` (its runs are ``cfg.runs``): what it produced."""
+    bench = Benchmark(cfg, out_dir, progress)
+    run_steps(bench, needed_runs(cfg))
+    return bench.state()
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -62,8 +103,8 @@ def write_report(report: dict, out: Path) -> None:
 class Benchmark:
     """The shared state of one ``run`` and its steps."""
 
-    def __init__(self, cfg: BenchmarkConfig, out_dir: str | os.PathLike):
-        self.cfg, self.out = cfg, Path(out_dir)
+    def __init__(self, cfg: BenchmarkConfig, out_dir: str | os.PathLike, progress=None):
+        self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
         self.accelerator = make_accelerator(cfg)
         self.start = time.time()
         self.timings: dict[str, float] = {}
@@ -82,7 +123,8 @@ class Benchmark:
     def train(self, name: str, model, stream, with_ids: bool, goldfish: GoldfishConfig | None = None):
         t0 = time.time()
         self.curves[name], self.shares[name] = train(model, self.setting, stream, self.cfg, with_ids=with_ids,
-                                                     label=name, goldfish=goldfish, accelerator=self.accelerator)
+                                                     label=name, goldfish=goldfish, accelerator=self.accelerator,
+                                                     progress=self.progress)
         self.timings[name] = time.time() - t0
         return model
 
@@ -170,26 +212,45 @@ class Benchmark:
                            "summary": forgetting.summarize(rows),
                            "unlearning": forgetting.summarize_baselines(rows), "rows": rows}
 
-    # -- the report ---------------------------------------------------------------------------------
+    # -- what a run produced --------------------------------------------------------------------------
 
-    def report(self) -> dict:
-        self.timings["total"] = time.time() - self.start
+    def state(self) -> dict:
+        """What this process produced, as plain data (what a worker process sends back)."""
         a = self.accelerator
-        return {
-            "summary": summarize(self.metrics) if "standard" in self.metrics else {},
-            "metrics": {k: v for k, v in self.metrics.items() if k != "posthoc_sweep"},
-            "posthoc_sweep": self.metrics.get("posthoc_sweep", []),
-            "forgetting": self.forgetting,
-            "curves": self.curves,
-            "setting": self.setting.describe(),
-            "config": self.cfg.to_dict(),
-            "memsink_config": self.memsink_config.to_dict(),
-            "model_parameters": sum(p.numel() for p in self.base.parameters()),
-            "processes": {"count": a.num_processes, "rank": a.process_index, "precision": precision(self.cfg, a.device),
-                          "device": a.device.type, "shares": self.shares},
-            "versions": versions(),
-            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
-        }
+        return {"metrics": self.metrics, "curves": self.curves, "shares": self.shares, "timings": self.timings,
+                "forgetting": self.forgetting, "setting": self.setting.describe(),
+                "model_parameters": sum(p.numel() for p in self.base.parameters()),
+                "processes": {"count": a.num_processes, "rank": a.process_index,
+                              "precision": precision(self.cfg, a.device), "device": a.device.type},
+                "versions": versions()}
+
+
+def assemble(cfg: BenchmarkConfig, states: list[dict], elapsed: float, workers: list[list[str]] | None = None) -> dict:
+    """The report of one benchmark from the states of the processes that ran its parts."""
+    merged = {key: {} for key in ("metrics", "curves", "shares", "timings")}
+    for state in states:
+        for key in merged:
+            merged[key].update(state[key])
+    first = states[0]
+    metrics, timings = merged["metrics"], merged["timings"]
+    timings["total"] = elapsed
+    report = {
+        "summary": summarize(metrics) if "standard" in metrics else {},
+        "metrics": {k: v for k, v in metrics.items() if k != "posthoc_sweep"},
+        "posthoc_sweep": metrics.get("posthoc_sweep", []),
+        "forgetting": next((s["forgetting"] for s in states if s["forgetting"]), None),
+        "curves": merged["curves"],
+        "setting": first["setting"],
+        "config": cfg.to_dict(),
+        "memsink_config": cfg.memsink_config().to_dict(),
+        "model_parameters": first["model_parameters"],
+        "processes": {**first["processes"], "shares": merged["shares"]},
+        "versions": first["versions"],
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if workers:
+        report["workers"] = workers
+    return report
 
 
 def versions() -> dict:

@@ -148,7 +148,7 @@ def curve_point(model, setting, step: int, n: int) -> dict:
 
 def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool | Sequence[int], label: str,
           goldfish: GoldfishConfig | None = None, accelerator=None,
-          on_optimizer: Callable | None = None) -> tuple[list[dict], dict]:
+          on_optimizer: Callable | None = None, progress=None) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
     and the shares: documents and target tokens each process trained on.
@@ -161,6 +161,8 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
         on_optimizer: called with the optimizer once it exists (to attach hooks to it).
+        progress: report the steps to this (experiments/progress.py: the benchmark's one display)
+            instead of drawing a bar of its own.
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
@@ -181,9 +183,13 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     wrapped.train()
     counts = torch.zeros(2, dtype=torch.long)  # this process's documents, target tokens
     batches = global_batches(stream, t.batch_size, setting.pad_id, with_ids, goldfish)
-    bar = tqdm(batches, total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
-    for step, batch in enumerate(bar, 1):
+    if progress is not None and accelerator.is_main_process:
+        progress.start(label, steps)
+        report, bar = progress, None
+    else:
+        report, bar = None, tqdm(total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
+                                 disable=not accelerator.is_main_process)
+    for step, batch in enumerate(batches, 1):
         targets = int((batch["labels"][:, 1:] != -100).sum().clamp(min=1))  # on the host: no device sync
         part = share(batch, rank, processes)
         counts += torch.tensor([part["input_ids"].shape[0], int((part["labels"][:, 1:] != -100).sum())])
@@ -195,13 +201,22 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         prepared_opt.step()
         schedule.step()
         prepared_opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # (about the batch's mean loss)
+        shown = loss.item() if step % 50 == 0 else None  # (about the batch's mean loss)
+        if report is not None:
+            report.advance(label, 1, shown)
+        else:
+            bar.update(1)
+            if shown is not None:
+                bar.set_postfix(loss=f"{shown:.3f}")
         if step % every == 0 or step == steps:
             curve.append(curve_point(model, setting, step, t.curve_docs))
             wrapped.train()
         if step >= steps:
             break
+    if report is not None:
+        report.end(label)
+    else:
+        bar.close()
     model.eval()
     shares = accelerator.gather(counts.to(accelerator.device)).reshape(processes, 2).cpu()
     accelerator.free_memory()

@@ -34,6 +34,7 @@ from ..layers.state import EVAL_MODES, PAPER_MODE_NAMES, SinkState
 from ..sites.widths import plan_widths
 from .forgetting import coverage_warning, forget_sinks, forgotten_sinks
 from .gradient_checkpointing import CheckpointingMixin, unwrap_checkpointing
+from .routing import routed_forward, routes
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ModelPatch:
     slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.integrations.peft)
     sink_lr_attached: bool = False  # an optimizer applies config.sink_lr_scale (hf_memsinks.integrations.finetune)
     sink_lr_warned: bool = False  # training ran without that optimizer hook, and was told so once
+    routing: Any = None  # config.general_sightings' state, made by the first routed forward (model.routing)
 
 
 def is_memsink_model(model: nn.Module) -> bool:
@@ -116,8 +118,6 @@ class MemSinkModelMixin(_PatchedClass):
             yield self
         finally:
             state.eval_mode, state.eval_ids = previous
-
-    # -- inspection --
 
     def sink_parameters(self) -> dict[str, torch.Tensor]:
         """Copies of every sink tensor, keyed like the checkpoint (``...c_fc.sink_weight``)."""
@@ -230,8 +230,7 @@ def _check_foldable(model: PreTrainedModel, patch: ModelPatch) -> None:
             f"remove_sinks(forget_ids=...) cannot fold model type {model.config.model_type!r} into plain weights "
             f"exactly: its MLP normalises over the hidden neurons ({normed[0]}), so sinks at their expected "
             "value (a fraction of each, before the norm) have no plain-weight form. remove_sinks() without "
-            "forget_ids is exact; or forget_sinks(ids) and serve the patched model"
-        )
+            "forget_ids is exact; or forget_sinks(ids) and serve the patched model")
 
 
 def _new_patched_model(base: type, backbone: bool = False) -> PreTrainedModel:
@@ -323,6 +322,8 @@ def _forward_with_ids(base: type, backbone: bool):
         inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
         cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
         ids = check_batch_ids(sequence_ids, inputs, cached)
+        if ids is not None and routes(self, backbone):
+            return routed_forward(self, args, kwargs, ids)
         sync_adapters(patch.slots)
         if self.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
             # Packed rows (position_ids restarting per document) need Transformers' packed-sequence

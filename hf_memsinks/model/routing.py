@@ -1,0 +1,211 @@
+"""``MemSinkConfig.general_sightings``: the general path learns each document from its first
+sightings only; every later sighting trains that document's sinks alone.
+
+Plain MemSinks trains the general neurons on every repetition of a document, so after removal
+they still hold a trace of it that a membership attack reads (docs/privacy.md). Here a training
+forward routes each sighting (a row, or with per-token IDs one document's stretch of a packed
+row, counted by :class:`hf_memsinks.ids.sightings.Sightings`):
+
+* among the first ``general_sightings`` of its ID: trains every parameter with **no sink on**
+  (its ID is treated as -1), as a model trained on the deduplicated data would;
+* any later sighting: trains **only its own sinks**; every other parameter takes no gradient from
+  it (a forward in which they are detached, :func:`frozen_general`).
+
+The two kinds run as two forward calls over their rows (a packed row holding both runs in both,
+each token's logits taken from its own call); the logits are put back in batch order and the
+loss is the model's own loss function over them, so callers (``Trainer``, TRL, accelerate) see one
+ordinary output. Removal then leaves the general path alone, which never trained on a repetition.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..ids.sightings import Sightings
+from ..layers.experts import is_patched_experts
+from ..layers.projections import is_patched_projection
+
+
+class SinkGradOnly(torch.autograd.Function):
+    """``weight`` itself (a view: no copy) whose gradient is kept only where ``mask`` is True
+    (the sink neurons' slices)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def sink_masks(model) -> dict[int, torch.Tensor]:
+    """``id(parameter) -> bool mask`` (broadcastable: size 1 off the neuron dimension) of the sink
+    slices of every patched projection's neuron-indexed tensors."""
+    out = {}
+    for module in model.modules():
+        if is_patched_experts(module):
+            raise NotImplementedError("general_sightings is not supported on mixture-of-experts MLPs yet")
+        if not is_patched_projection(module):
+            continue
+        for name, dim in module.neuron_dims().items():
+            param = getattr(module, name)
+            shape = [1] * param.dim()
+            shape[dim] = param.shape[dim]
+            mask = torch.zeros(shape[dim], dtype=torch.bool, device=param.device)
+            for start, n in module.memsink.sink_spans:
+                mask[start:start + n] = True
+            out[id(param)] = mask.reshape(shape)
+    return out
+
+
+@dataclass
+class Routing:
+    """A patched model's routing state (``model.memsink.routing``): the sightings counted so far,
+    the sink masks of its parameters, and whether a routed forward's own calls are running."""
+
+    sightings: Sightings
+    masks: dict[int, torch.Tensor] | None = None
+    inside: bool = False
+
+
+def frozen_general(model) -> dict[str, torch.Tensor]:
+    """Parameters for a forward that trains the sinks only: every trainable parameter detached,
+    except the patched projections' tensors, whose gradient is kept on their sink slices."""
+    routing = model.memsink.routing
+    if routing.masks is None:
+        routing.masks = sink_masks(model)
+    masks = routing.masks
+    params = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            mask = masks.get(id(param))
+            params[name] = param.detach() if mask is None else SinkGradOnly.apply(param, mask)
+    return params
+
+
+def first_sightings(sightings: Sightings, ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """Bool, the shape of ``ids``: True where the sighting is among the first ``limit`` of its ID
+    (and where there is no ID, -1); counts the step's sightings (every process's)."""
+    if ids.dim() == 1:
+        units, inverse = ids, None
+    else:  # one sighting per (row, ID) stretch of a packed row
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+        labelled = ids >= 0
+        pairs = torch.stack([rows[labelled], ids[labelled]], 1)
+        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        units = unique[:, 1].contiguous()
+    everyone, offset = _all_processes(units)
+    first = sightings.first(units, limit, everyone, offset)
+    if inverse is None:
+        return first | (ids < 0)
+    out = torch.ones_like(ids, dtype=torch.bool)
+    out[ids >= 0] = first[inverse]
+    return out
+
+
+def _all_processes(units: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Every process's sightings of this step in rank order (padded with -1) and where this
+    process's start; ``(None, 0)`` in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([units.numel()], device=units.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), -1, dtype=units.dtype, device=units.device)
+    padded[:units.numel()] = units
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts), rank * longest
+
+
+def _rows(value: Any, index: torch.Tensor, batch: int) -> Any:
+    return value[index] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
+
+
+def routes(model, backbone: bool) -> bool:
+    """Whether this forward is a training forward that ``general_sightings`` routes."""
+    patch = model.memsink
+    if not model.training or patch.config.general_sightings is None or (patch.routing and patch.routing.inside):
+        return False
+    if backbone:
+        raise NotImplementedError("MemSinkConfig.general_sightings routes the whole model's forward (its loss "
+                                  "included); a training forward of the backbone alone (a fused LM-head loss) "
+                                  "cannot be routed: call the model itself")
+    return True
+
+
+def _call(model, args: tuple, kwargs: dict, ids: torch.Tensor, frozen: bool):
+    """One forward call of ``model`` with ``ids``, not routed again (``frozen``: only the sinks train)."""
+    routing = model.memsink.routing
+    routing.inside = True
+    try:
+        if frozen:
+            return torch.func.functional_call(model, frozen_general(model), args, {**kwargs, "sequence_ids": ids},
+                                              strict=False)
+        return model(*args, **kwargs, sequence_ids=ids)
+    finally:
+        routing.inside = False
+
+
+def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
+    """One training forward under ``general_sightings`` (see the module's docstring)."""
+    patch = model.memsink
+    call = functools.partial(_call, model)
+    if model.is_activation_checkpointing:
+        raise NotImplementedError("MemSinkConfig.general_sightings does not work with gradient checkpointing "
+                                  "yet (a recomputed layer would read the general parameters unfrozen): turn "
+                                  "gradient checkpointing off, or set general_sightings=None")
+    if kwargs.get("past_key_values") is not None:
+        raise ValueError("general_sightings: a training forward takes no past_key_values")
+    if patch.routing is None:
+        patch.routing = Routing(Sightings(ids.device))
+    fresh = first_sightings(patch.routing.sightings, ids, patch.config.general_sightings)
+    tokens = fresh if fresh.dim() == 2 else fresh.unsqueeze(1)  # (B, T) or (B, 1)
+    in_a, in_b = tokens.any(1), (~tokens).any(1)
+    none = torch.full_like(ids, -1)
+    if not bool(in_b.any()):  # every sighting trains the general path
+        return call(args, kwargs, none, False)
+    if not bool(in_a.any()):  # every sighting trains its sinks only
+        return _connected(call(args, kwargs, torch.where(fresh, none, ids), True), model)
+    labels = kwargs.pop("labels", None)
+    loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels") if k in kwargs}
+    batch = ids.shape[0]
+    a, b = in_a.nonzero().squeeze(1), in_b.nonzero().squeeze(1)
+    out_a = call(*_sliced(args, kwargs, a, batch), none[a], False)
+    out_b = call(*_sliced(args, kwargs, b, batch), torch.where(fresh, none, ids)[b], True)
+    logits = out_a.logits.new_zeros(batch, *out_a.logits.shape[1:])
+    logits = logits.index_put((a,), out_a.logits)
+    from_b = out_b.logits if fresh.dim() == 1 else torch.where(
+        tokens[b, -out_b.logits.shape[1]:].unsqueeze(-1), logits[b], out_b.logits)
+    logits = logits.index_put((b,), from_b)
+    out_a.logits = logits
+    if labels is not None:
+        out_a.loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size,
+                                         **loss_kwargs)
+    return out_a
+
+
+def _sliced(args: tuple, kwargs: dict, index: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+    return tuple(_rows(v, index, batch) for v in args), {k: _rows(v, index, batch) for k, v in kwargs.items()}
+
+
+def _connected(out, model):
+    """Under DDP every parameter must get a gradient each step: with no first sighting in the
+    batch, the general parameters get a zero one (a sum over them times 0)."""
+    import torch.distributed as dist
+
+    if out.loss is not None and dist.is_available() and dist.is_initialized():
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        out.loss = out.loss + zero
+    return out
