@@ -1,5 +1,6 @@
 """``hf-memsinks``: the command line. Each command is one call into the library: ``export`` and
-``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``audit-privacy``
+``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``audit --git-push`` and ``install-hook``
+(:mod:`hf_memsinks.checkpoints.git_hook`), ``audit-privacy``
 (:mod:`hf_memsinks.evaluation.privacy_audit`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep sinks at their expected value except these sequence IDs'")
     p.add_argument("--overwrite", action="store_true",
                    help="allow a non-empty output directory: replace the files an export writes, keep the others")
-    p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks")
+    p = sub.add_parser("audit", help="exit 1, naming what was found, if a directory holds any trace of sinks; "
+                       "run it before any upload that does not import hf_memsinks (`hf upload`)")
     p.add_argument("directory")
+    p.add_argument("--git-push", metavar="REMOTE", default=None,
+                   help="DIRECTORY is a git repository and stdin git's pre-push input: check what the push to "
+                        "REMOTE would send (the hook of install-hook runs this)")
+    p = sub.add_parser("install-hook", help="a git pre-push hook in a repository that refuses pushes carrying sinks")
+    p.add_argument("repo", nargs="?", default=".")
     p = sub.add_parser("audit-privacy", help="membership-inference AUCs and extraction of a model on documents it "
                        "was trained on against control documents it never saw")
     p.add_argument("model", help="model directory (with its tokenizer); a memsink checkpoint is audited sink-free")
@@ -128,12 +135,34 @@ def _main(argv: list[str] | None = None) -> int:
             return 1
         print(f"exported a sink-free model to {args.out}")
         return 0
+    if args.command == "install-hook":
+        from .checkpoints.git_hook import install_hook
+
+        print(f"installed {install_hook(args.repo)}: a push that would carry sinks is refused")
+        return 0
+    if args.git_push is not None:
+        return _audit_push(args)
     findings = audit(args.directory)
     if findings:
         print(f"{args.directory}: {len(findings)} trace(s) of sinks:\n  " + "\n  ".join(findings))
         return 1
     print(json.dumps({"directory": args.directory, "clean": True}))
     return 0
+
+
+def _audit_push(args) -> int:
+    from .checkpoints.git_hook import pushed_traces
+    from .checkpoints.publish import SINKS_UPLOAD_CONSENT
+
+    traces = pushed_traces(args.directory, sys.stdin.read().splitlines(), args.git_push or None)
+    if not traces:
+        return 0
+    listed = "\n  ".join(traces)
+    print(f"hf-memsinks: push refused: it would publish memorized training data held by the sinks:\n  {listed}\n"
+          "Push the sink-free model instead (`hf-memsinks export CHECKPOINT OUT`, then commit OUT). A private copy "
+          "with sinks goes up with huggingface_hub, not git: hf_memsinks.allow_sinks_upload(repo_id, "
+          f"{SINKS_UPLOAD_CONSENT!r}) checks that the repository is private. See docs/publishing.md", file=sys.stderr)
+    return 1
 
 
 def _audit_privacy(args) -> int:

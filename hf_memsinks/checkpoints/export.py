@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 
+from .content import inspect
+
 AUDIT_WORDS = ("sink_weight", "sink_bias", "sink_gate_up_proj", "sink_up_proj", "sink_down_proj", "memsink",
                "sink_layout", "sink_fraction", "sink_active_prob")
 
@@ -44,7 +46,8 @@ def _json_file(path: str) -> str:
 
 def audit(directory: str) -> list[str]:
     """Everything in ``directory`` that betrays sinks: sink tensors, sink config fields, memsink
-    metadata files. Empty for a clean export.
+    metadata files, and in any other file what the upload gate would find in it (sink tensors in a
+    renamed file, an archive or a pickle). Empty for a clean export.
 
     Anything that is not a readable model directory is an error (:class:`CLIError`), never
     "clean": a missing path, a file, a directory without ``config.json`` or without weights, a
@@ -81,9 +84,27 @@ def audit(directory: str) -> list[str]:
             elif name.endswith((".bin", ".pt", ".pth", ".ckpt")):
                 weights += 1
                 findings.append(f"{rel}: pickled weights cannot be audited; export with safetensors")
+            else:  # judged by what it holds, as the upload gate does: renamed weights, archives, pickles
+                found = inspect(rel, path)
+                weights += any(f.kind == "tensors" and f.where == rel for f in found)
+                findings += _content_findings(rel, found)
     if weights == 0:
         raise CLIError(f"cannot audit {directory}: no weights in it (no .safetensors file)")
     return findings
+
+
+def _content_findings(rel: str, found) -> list[str]:
+    out = []
+    for f in found:
+        if f.kind == "tensors":
+            out += [f"{f.where}: sink tensor {k}" for k in f.detail if ".sink_" in k]
+        elif f.kind == "keys":
+            out += [f"{f.where}: pickled {k}" for k in f.detail]
+        elif f.kind == "memsink" and f.where != rel:  # (the file's own name is reported above)
+            out.append(f"{f.where}: memsink metadata file")
+        elif f.kind == "unreadable":
+            out.append(f"{f.where}: cannot be checked for sinks ({f.detail})")
+    return out
 
 
 MODEL_CARD = """---

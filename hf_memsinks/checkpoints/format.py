@@ -37,6 +37,9 @@ A `{arch}` trained with MemSinks (hf_memsinks) whose **sink neurons are still in
 where the model memorized its training sequences, so this checkpoint holds memorized training data:
 keep it private, never publish it. Publish the sink-free model instead:
 `hf-memsinks export <this directory> <out>`, which writes and audits a plain `{arch}`.
+
+Uploads from Python that imports hf_memsinks refuse this folder. `hf upload` and `git push` do not
+check it: run `hf-memsinks audit <folder>` before an upload, and `hf-memsinks install-hook` in a git clone.
 """
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 

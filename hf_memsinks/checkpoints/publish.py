@@ -2,22 +2,21 @@
 
 The sinks hold the memorized training data, so a model that still has them, its checkpoints and
 a LoRA adapter over its sink neurons are private artifacts. One gate sits on huggingface_hub's
-upload calls (``HfApi.create_commit``, and ``upload_folder``, whose streamed xet path skips
-``create_commit``), which every Transformers, ``Trainer`` and PEFT push goes through: a commit
-that would carry a memsink file, a
-sink tensor, or adapter weights on the sink neurons of a patched model of this process is refused
-with :class:`SinkUploadError`, unless its repository was named in :func:`allow_sinks_upload`, and
-then only if that repository is private. The earlier checks (the patched model's ``push_to_hub``,
-``MemSinkCallback``, ``MemSinkSFTTrainer``) refuse the same uploads before anything is written.
+upload methods (``HfApi.create_commit``, ``preupload_lfs_files``, ``upload_folder``, whose streamed
+xet path skips the other two, and ``batch_bucket_files``, which every bucket upload goes through;
+:func:`hf_memsinks.transformers_internals.gate_hub_uploads`), so every Transformers, ``Trainer``,
+PEFT, ``upload_file`` and ``sync_bucket`` upload meets it before any byte is sent. It judges each
+file by what it holds (:mod:`.content`), not by its name: a memsink file, a sink tensor (in
+safetensors, a torch checkpoint, a pickle, or an archive of them), or adapter weights on the sink
+neurons of a patched model of this process is refused with :class:`SinkUploadError`, unless its
+repository was named in :func:`allow_sinks_upload`, and then only if that repository is private.
+The earlier checks (the patched model's ``push_to_hub``, ``MemSinkCallback``, ``MemSinkSFTTrainer``)
+refuse the same uploads before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import posixpath
-import struct
 import threading
 import weakref
 from typing import Any, Iterable, Iterator
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..layers.projections import is_patched_projection
 from ..transformers_internals import gate_hub_uploads
+from .content import inspect
 from .format import SINK_KEY_MARKERS
 
 SINKS_UPLOAD_CONSENT = "I understand this uploads memorized training data"
@@ -102,24 +102,6 @@ def holds_sinks(model: Any) -> bool:
     return getattr(model, "memsink", None) is not None
 
 
-def _header(source: Any) -> dict:
-    """The tensor table of a safetensors file (path, bytes or file object) without reading tensors."""
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source[:8])
-        length = struct.unpack("<Q", data)[0]
-        return json.loads(bytes(source[8:8 + length]))
-    if hasattr(source, "read"):
-        position = source.tell()
-        try:
-            length = struct.unpack("<Q", source.read(8))[0]
-            return json.loads(source.read(length))
-        finally:
-            source.seek(position)
-    with open(source, "rb") as f:
-        length = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(length))
-
-
 def _sink_widths() -> dict[str, set[int]]:
     """Module path -> full widths (general + sinks) of every patched projection of live models."""
     out: dict[str, set[int]] = {}
@@ -150,27 +132,32 @@ def _adapter_keys_on_sinks(table: dict, widths: dict[str, set[int]]) -> list[str
 
 
 def sink_traces(files: Iterable[tuple[str, Any]]) -> list[str]:
-    """What in ``files`` (path in the repository, local path or bytes) would publish sinks."""
+    """What in ``files`` (path in the repository, local path, bytes or file object) would publish
+    sinks, judged from what each file holds (:func:`.content.inspect`), not from its name: a sink
+    tensor or memsink file inside a renamed file, an archive, a torch checkpoint or a pickle counts."""
     traces, widths = [], None
     for path_in_repo, source in files:
-        name = posixpath.basename(path_in_repo.replace(os.sep, "/")).lower()
-        if "memsink" in name:
-            traces.append(f"{path_in_repo} (memsink metadata)")
-        if not name.endswith(".safetensors"):
-            continue
-        try:
-            table = _header(source)
-        except (OSError, ValueError, struct.error) as err:
-            traces.append(f"{path_in_repo} (unreadable safetensors, cannot be checked for sinks: {err})")
-            continue
-        sinks = [k for k in table if k.endswith(SINK_KEY_MARKERS)]
-        if sinks:
-            traces.append(f"{path_in_repo} (sink tensors {', '.join(sinks[:2])}{', ...' if len(sinks) > 2 else ''})")
-        widths = _sink_widths() if widths is None else widths
-        adapters = _adapter_keys_on_sinks(table, widths) if widths else []
-        if adapters:
-            traces.append(f"{path_in_repo} (adapter weights on sink neurons: {adapters[0]}, ...)")
+        for found in inspect(path_in_repo, source):
+            if found.kind == "memsink":
+                traces.append(f"{found.where} (memsink metadata)")
+            elif found.kind == "unreadable":
+                traces.append(f"{found.where} (unreadable {found.detail}; it cannot be checked for sinks)")
+            elif found.kind == "keys":
+                traces.append(f"{found.where} (pickled sink tensors or hf_memsinks objects {_listed(found.detail)})")
+            else:
+                sinks = [k for k in found.detail if k.endswith(SINK_KEY_MARKERS)]
+                if sinks:
+                    traces.append(f"{found.where} (sink tensors {_listed(sinks)})")
+                widths = _sink_widths() if widths is None else widths
+                adapters = _adapter_keys_on_sinks(found.detail, widths) if widths else []
+                if adapters:
+                    traces.append(f"{found.where} (adapter weights on sink neurons: {adapters[0]}, ...)")
     return traces
+
+
+def _listed(keys) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
 
 
 def refusal(what: str, traces: list[str]) -> SinkUploadError:
@@ -187,14 +174,18 @@ def check_upload(api, repo_id: str, repo_type: str | None, token, files: list[tu
     if not is_permitted(repo_id):
         raise refusal(f"{what} to {repo_id}", traces)
     try:
-        private = api.repo_info(repo_id, repo_type=repo_type, token=token).private
+        if repo_type == "bucket":
+            private = api.bucket_info(repo_id, token=token).private
+        else:
+            private = api.repo_info(repo_id, repo_type=repo_type, token=token).private
     except Exception as err:  # network, auth: no proof of privacy is a refusal
         raise SinkUploadError(f"{what} to {repo_id} refused: it carries sinks, and the repository could not be "
                               f"checked to be private ({type(err).__name__}: {err})") from None
     if not private:
+        settings = "update_bucket_settings" if repo_type == "bucket" else "update_repo_settings"
         raise SinkUploadError(f"{what} to {repo_id} refused: it carries sinks and {repo_id} is not private. "
                               "allow_sinks_upload covers private repositories only: make it private first "
-                              "(HfApi().update_repo_settings(repo_id, private=True)) or use another repository")
+                              f"(HfApi().{settings}(repo_id, private=True)) or use another repository")
 
 
 gate_hub_uploads(check_upload)
