@@ -1,6 +1,6 @@
 """One rank of the two-process tests (launched by tests/test_distributed.py, never collected).
 
-usage: ddp_worker.py OUT_DIR {accelerate,trainer,fsdp} [--checkpointing]
+usage: ddp_worker.py OUT_DIR {accelerate,trainer,fsdp} [--checkpointing] [--sightings]
 
 Each rank trains a tiny patched model on its own shard of a dataset with many IDs, then writes
 its final weights, the masks it built for a fixed list of IDs, and which sinks moved.
@@ -107,9 +107,11 @@ def main():
     parser.add_argument("out")
     parser.add_argument("how", choices=["accelerate", "trainer", "fsdp"])
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--sightings", action="store_true", help="MemSinkConfig(general_sightings=1)")
     a = parser.parse_args()
     torch.manual_seed(0)
-    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    config = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3, general_sightings=1 if a.sightings else None)
+    model = get_memsink_model(tiny_model("gpt2"), config)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if a.how == "accelerate":
         model, rank, world = with_accelerate(model, a.checkpointing)
@@ -122,8 +124,10 @@ def main():
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)
+    routing = model.memsink.routing
     torch.save({"world": world, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "initial": initial, "masks": sink_mask(PROBE_IDS, 32, 0.3)}, os.path.join(a.out, f"rank{rank}.pt"))
+                "initial": initial, "masks": sink_mask(PROBE_IDS, 32, 0.3),
+                "sightings": routing.sightings.state_dict() if routing else None}, os.path.join(a.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -23,14 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher, how, out, checkpointing):
+def launch(launcher, how, out, checkpointing, *extra):
     port = str(free_port())
     if launcher == "accelerate":
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
-    cmd += [str(HERE / "ddp_worker.py"), str(out), how] + (["--checkpointing"] if checkpointing else [])
+    cmd += [str(HERE / "ddp_worker.py"), str(out), how] + (["--checkpointing"] if checkpointing else []) + list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,6 +52,20 @@ def test_two_processes_agree(tmp_path, launcher, how, checkpointing):
         assert torch.equal(r0["state"][name], r1["state"][name]), name
     moved = [n for n in r0["state"] if not torch.equal(r0["state"][n], r0["initial"][n])]
     assert any("c_fc" in n for n in moved) and any("c_proj" in n for n in moved)
+
+
+def test_two_processes_count_every_sighting_alike(tmp_path):
+    """general_sightings under DDP (Trainer, torchrun): each process counts both processes' IDs,
+    so the tables and the routed weights agree; every labelled row is counted once."""
+    r0, r1 = launch("torchrun", "trainer", tmp_path, False, "--sightings")
+    t0, t1 = r0["sightings"], r1["sightings"]
+    assert torch.equal(t0["ids"], t1["ids"]) and torch.equal(t0["counts"], t1["counts"])
+    from ddp_worker import dataset
+
+    labelled = [i for i in dataset()["sequence_ids"] if i >= 0]
+    assert sorted(t0["ids"].tolist()) == sorted(set(labelled)) and int(t0["counts"].sum()) == len(labelled)
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
 
 
 def test_fsdp_on_cpu_trains_and_exports_from_full_parameters(tmp_path):
