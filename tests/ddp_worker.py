@@ -127,7 +127,8 @@ def main():
     routing = model.memsink.routing
     torch.save({"world": world, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "initial": initial, "masks": sink_mask(PROBE_IDS, 32, 0.3),
-                "sightings": routing.sightings.state_dict() if routing else None}, os.path.join(a.out, f"rank{rank}.pt"))
+                "sightings": routing.sightings.state_dict() if routing else None},
+               os.path.join(a.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -58,3 +58,19 @@ def test_finetune_smoke_report(tmp_path, capsys):
 def test_finetune_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_finetune_config(SMOKE, [override, "finetune.reference=a"] if "runs=" in override else [override])
+
+
+def test_secret_canaries_repeat_in_the_fine_tune_stream(tmp_path):
+    """data.secret_canaries puts private records into the fine-tune (new-domain) stream like the other
+    repeats, so the fine-tune's rows get the exposure test; their unseen twins never appear."""
+    from hf_memsinks.experiments.two_domains import build_two_domains
+    corpus = new_domain(tmp_path / "new.jsonl", n=1200)
+    cfg = load_finetune_config(SMOKE, [f"finetune.corpus.source={corpus}", "data.secret_canaries=3",
+                                       "data.max_length=48"])
+    setting = build_two_domains(cfg)
+    stream, dedup = [tuple(d) for d in setting.stream], [tuple(d) for d in setting.dedup_stream]
+    assert len(setting.secrets.docs) == 3 and len(stream) == cfg.train.steps * cfg.train.batch_size
+    for doc in setting.secrets.docs:
+        assert stream.count(tuple(doc)) == cfg.data.repetitions and dedup.count(tuple(doc)) == 1
+    for doc in setting.control_secrets.docs:
+        assert tuple(doc) not in stream

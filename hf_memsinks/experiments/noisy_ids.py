@@ -163,23 +163,26 @@ def noisy_ids(cfg: BenchmarkConfig, out_dir: str | os.PathLike, noise: list[floa
     runs["standard"] = std
     for name, ids in conditions(true_ids(setting.stream), noise, missing_shares, coarse_ks, cfg.seed).items():
         runs[name] = _against(measure(trained(setting.stream, ids, name), setting, cfg), std)
-    stream, ids, copies = edited_stream(setting, edits, cfg.seed)
-    both = with_copies(setting, copies)
-    std_edited = measure(trained(stream, None, "standard, edited repeats"), both, cfg)
-    runs["standard, edited repeats"] = std_edited
-    policies = {"content": true_ids(stream), "near_duplicates": near_duplicate_ids(stream, **(near_duplicates or {})),
-                "metadata": ids}
-    clusters = {name: cluster_counts(ids, policy_ids, setting)
-                for name, policy_ids in {**policies, "near_duplicates, threshold 0.8, 5-token shingles":
-                                         near_duplicate_ids(stream, threshold=0.8, shingle_size=5)}.items()}
-    for policy, policy_ids in policies.items():
-        name = f"edited repeats, by={policy}"
-        runs[name] = _against(measure(trained(stream, policy_ids, name), both, cfg), std_edited)
+    summary: dict = {"edits_per_copy": edits}
+    if edits:  # (0: no near-duplicate conditions)
+        stream, ids, copies = edited_stream(setting, edits, cfg.seed)
+        both = with_copies(setting, copies)
+        std_edited = measure(trained(stream, None, "standard, edited repeats"), both, cfg)
+        runs["standard, edited repeats"] = std_edited
+        policies = {"content": true_ids(stream),
+                    "near_duplicates": near_duplicate_ids(stream, **(near_duplicates or {})), "metadata": ids}
+        strict = near_duplicate_ids(stream, threshold=0.8, shingle_size=5)
+        summary["clusters"] = {name: cluster_counts(ids, policy_ids, setting) for name, policy_ids in
+                               {**policies, "near_duplicates, threshold 0.8, 5-token shingles": strict}.items()}
+        for policy, policy_ids in policies.items():
+            name = f"edited repeats, by={policy}"
+            runs[name] = _against(measure(trained(stream, policy_ids, name), both, cfg), std_edited)
     closures = {name: {"gap_closure": r["gap_closure"], "val_loss_ratio": r["val_loss_ratio"]}
                 for name, r in runs.items() if "gap_closure" in r}
-    summary = {"id_conditions": closures, "edits_per_copy": edits, "clusters": clusters,
-               "near_duplicates_to_exact": closures["edited repeats, by=near_duplicates"]["gap_closure"]
-               / closures["exact IDs"]["gap_closure"]}
+    summary["id_conditions"] = closures
+    if edits:
+        summary["near_duplicates_to_exact"] = (closures["edited repeats, by=near_duplicates"]["gap_closure"]
+                                               / closures["exact IDs"]["gap_closure"])
     report = {"summary": summary, "runs": runs, "config": cfg.to_dict(),
               "conditions": {"noise": noise, "missing": missing_shares, "coarse": coarse_ks, "edits": edits,
                              "near_duplicates": near_duplicates or {}}}

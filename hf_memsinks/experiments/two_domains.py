@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from .corpus import load_documents, load_or_train_tokenizer
+from .secrets import make_secrets
 from .setting import Setting, _canary_sampler, _streams
 
 
@@ -34,7 +35,7 @@ def document_counts(cfg) -> dict[str, int]:
     """Documents each domain gives: the fine-tune stream's slots left by the repeats, split by
     ``replay``, dedup's fillers, the pretraining stream and the validation sets."""
     data, ft, batch = cfg.data, cfg.finetune, cfg.train.batch_size
-    repeated = data.repeated_natural + data.repeated_canaries
+    repeated = data.repeated_natural + data.repeated_canaries + data.secret_canaries
     general = cfg.train.steps * batch - repeated * data.repetitions
     if general <= 0:
         raise ValueError(f"train.steps x batch_size cannot hold {repeated * data.repetitions} repeated documents")
@@ -80,9 +81,14 @@ def build_two_domains(cfg) -> TwoDomainSetting:
     fresh = list(new_docs)
     canaries = _canary_sampler(general, len(tokenizer), eos, data.canary_length or data.max_length, seed)
     canary_docs, control_canaries = canaries(data.repeated_canaries), canaries(data.control)
+    secrets = control_secrets = None
+    if data.secret_canaries:  # private records in the new domain's stream: the exposure test
+        secrets, control_secrets = make_secrets(tokenizer, data.secret_canaries, data.secret_digits, seed, eos,
+                                                data.max_length)
     mixed = general + replay
     rng.shuffle(mixed)
-    stream, dedup = _streams(mixed, natural + canary_docs, fresh, data.repetitions, rng)
+    repeated = natural + canary_docs + (secrets.docs if secrets else [])
+    stream, dedup = _streams(mixed, repeated, fresh, data.repetitions, rng)
     return TwoDomainSetting(tokenizer, data.max_length, pad_id, natural, canary_docs, control_natural,
                             control_canaries, validation, stream, dedup, general[: max(data.control, 64)], fresh,
-                            pretrain_stream=pretrain, old_validation=old_validation)
+                            secrets, control_secrets, pretrain_stream=pretrain, old_validation=old_validation)
