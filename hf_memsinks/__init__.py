@@ -3,7 +3,7 @@
 from .checkpoints.auto import AutoMemSinkModelForCausalLM
 from .checkpoints.publish import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .config import MemSinkConfig
-from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, stable_id
+from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, check_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
 from .integrations.finetune import attach_sink_lr
 from .integrations.peft import train_sinks
@@ -25,6 +25,7 @@ __all__ = [
     "SinkUploadError",
     "add_sequence_ids",
     "attach_sink_lr",
+    "check_ids",
     "allow_sinks_upload",
     "get_memsink_model",
     "is_memsink_model",

@@ -1,6 +1,6 @@
 """``hf-memsinks``: the command line. Each command is one call into the library: ``export`` and
 ``audit`` (:mod:`hf_memsinks.checkpoints.export`), ``audit --git-push`` and ``install-hook``
-(:mod:`hf_memsinks.checkpoints.git_hook`), ``audit-privacy``
+(:mod:`hf_memsinks.checkpoints.git_hook`), ``check-ids`` (:mod:`hf_memsinks.data.id_check`), ``audit-privacy``
 (:mod:`hf_memsinks.evaluation.privacy_audit`), ``run``, ``sweep`` and ``scale`` (:mod:`hf_memsinks.experiments`)."""
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                         "REMOTE would send (the hook of install-hook runs this)")
     p = sub.add_parser("install-hook", help="a git pre-push hook in a repository that refuses pushes carrying sinks")
     p.add_argument("repo", nargs="?", default=".")
+    p = sub.add_parser("check-ids", help="before training: do a dataset's IDs agree on its repeated rows, and which "
+                       "add_sequence_ids(by=...) to use")
+    p.add_argument("dataset", help="a folder written by save_to_disk, a .jsonl/.json/.csv/.parquet file, or a Hub "
+                   "dataset name")
+    p.add_argument("--ids-column", default="sequence_ids", help="the column of IDs or metadata (absent: no IDs yet)")
+    p.add_argument("--text-column", default="text", help="texts or token lists whose repeats the IDs should follow")
+    p.add_argument("--split", default="train")
+    p.add_argument("--threshold", type=float, default=0.5, help="Jaccard similarity of near-duplicate rows")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("audit-privacy", help="membership-inference AUCs and extraction of a model on documents it "
                        "was trained on against control documents it never saw")
     p.add_argument("model", help="model directory (with its tokenizer); a memsink checkpoint is audited sink-free")
@@ -125,6 +134,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.command == "audit-privacy":
         return _audit_privacy(args)
+    if args.command == "check-ids":
+        return _check_ids(args)
 
     if args.command == "export":
         try:
@@ -163,6 +174,33 @@ def _audit_push(args) -> int:
           "with sinks goes up with huggingface_hub, not git: hf_memsinks.allow_sinks_upload(repo_id, "
           f"{SINKS_UPLOAD_CONSENT!r}) checks that the repository is private. See docs/publishing.md", file=sys.stderr)
     return 1
+
+
+def _check_ids(args) -> int:
+    from .data.id_check import check_ids
+
+    result = check_ids(_load_dataset(args.dataset, args.split), args.ids_column, args.text_column,
+                       threshold=args.threshold)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else str(result))
+    return 0
+
+
+def _load_dataset(source: str, split: str):
+    """A saved dataset folder, a data file, or a Hub dataset's split."""
+    import datasets
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
+        loaded = datasets.load_from_disk(source)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source):
+        if ext not in formats:
+            raise ValueError(f"{source}: not a .jsonl, .json, .csv or .parquet file")
+        return datasets.load_dataset(formats[ext], data_files=source, split="train")
+    if os.path.exists(source) or ext in formats:
+        raise ValueError(f"{source}: neither a file nor a folder written by save_to_disk")
+    return datasets.load_dataset(source, split=split)
 
 
 def _audit_privacy(args) -> int:
