@@ -59,12 +59,12 @@ finetune: install data/manpages.jsonl
 # Gap closure and val-loss cost against model size, 4x and 16x MLPs (standard + memsinks per point), at the
 # sink_lr_scale 1, as docs/scale.md was measured (the default is 4 since).
 scale: install
-	$(VENV)/bin/hf-memsinks scale configs/demo.yaml memsinks.sink_lr_scale=1 --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
+	$(VENV)/bin/hf-memsinks scale configs/demo_full.yaml memsinks.sink_lr_scale=1 --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
 
 # Where the memorization left after sink removal lives: components swapped with a twin trained without
 # the canaries (docs/isolation.md); about 10 minutes.
 attribution: install
-	$(VENV)/bin/hf-memsinks attribute configs/demo.yaml --out runs/attribution
+	$(VENV)/bin/hf-memsinks attribute configs/demo_full.yaml --out runs/attribution
 
 # Sequence IDs as users have them (noisy, missing, coarse, near-duplicate repeats): docs/noisy_ids.md.
 noisy-ids: install

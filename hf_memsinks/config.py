@@ -17,6 +17,7 @@ CONFIG_NAME = "memsink_config.json"
 
 MODES = ("auto", "split", "add")
 SINK_INITS = ("random", "copy")
+SIGHTINGS_BY = ("ids+content", "ids")
 EVAL_SCALINGS = ("none", "paper")
 MASK_SCHEMES = ("hash", "reference")
 TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr", "norm"}
@@ -77,6 +78,10 @@ class MemSinkConfig:
             ID's sinks alone, all else frozen for it (hf_memsinks.model.routing). The general path
             then learns each document as if the data were deduplicated, so removal leaves no
             membership trace (docs/privacy.md). Counted per model, across processes.
+        sightings_by: what makes a sighting a repeat under ``general_sightings``. ``"ids+content"``
+            (default): its ID or its content (a hash of its tokens) seen ``K`` times before, so an
+            exact repeat that carries another document's ID (wrong metadata) is still a repeat and
+            trains sinks only (docs/noisy_ids.md); with exact IDs both agree. ``"ids"``: the ID alone.
         target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
@@ -99,6 +104,7 @@ class MemSinkConfig:
     sink_init: str = "random"
     sink_lr_scale: float = 4.0
     general_sightings: int | None = None
+    sightings_by: str = "ids+content"
     target_modules: dict[str, Any] | None = None
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.
@@ -127,6 +133,8 @@ class MemSinkConfig:
         if self.general_sightings is not None and (isinstance(self.general_sightings, bool) or not isinstance(
                 self.general_sightings, int) or self.general_sightings < 1):
             fail("general_sightings", "must be a positive integer or None")
+        if self.sightings_by not in SIGHTINGS_BY:
+            fail("sightings_by", f"must be one of {SIGHTINGS_BY}")
         if self.eval_scaling not in EVAL_SCALINGS:
             fail("eval_scaling", f"must be one of {EVAL_SCALINGS}")
         if self.mask_scheme not in MASK_SCHEMES:

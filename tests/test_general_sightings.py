@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 from hf_memsinks import MemSinkConfig, get_memsink_model
 from hf_memsinks.data import MemSinkDataCollator, add_sequence_ids
 from hf_memsinks.ids.sightings import Sightings
-from hf_memsinks.model.routing import sink_masks
+from hf_memsinks.model.routing import Routing, content_keys, first_sightings, sink_masks
 
 
 def test_sightings_count_exactly_like_a_counter():
@@ -54,7 +54,8 @@ def loss_over(model, x, rows, ids, targets):
 
 
 def test_repeats_train_only_their_sinks_and_first_sightings_only_the_general_path():
-    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(general_sightings=1)).train()
+    # sightings_by="ids": rows 2 and 3 come back under new IDs as first sightings (by content: repeats)
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(general_sightings=1, sightings_by="ids")).train()
     reference = plain_copy(model)
     x = torch.randint(3, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, 7, 8])).loss.backward()  # all first sightings
@@ -77,7 +78,7 @@ def test_repeats_train_only_their_sinks_and_first_sightings_only_the_general_pat
 
 
 def test_packed_rows_general_gradient_ignores_the_repeated_documents_targets():
-    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1, sightings_by="ids")).train()
     x = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([[5] * 12, [6] * 12])).loss.backward()
     ids = torch.tensor([[5] * 6 + [7] * 6, [8] * 12])  # 5 repeats; 7 and 8 are first sightings
@@ -98,6 +99,30 @@ def test_packed_rows_general_gradient_ignores_the_repeated_documents_targets():
     assert any(not torch.allclose(a, b) for a, b in zip(grads[0].values(), grads[1].values()))
 
 
+def test_a_repeat_under_another_id_is_a_repeat_by_its_content():
+    x = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    y[2] = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(4))  # a new document
+    for by, expected in (("ids+content", [False, False, True]), ("ids", [True, True, True])):
+        model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1, sightings_by=by)).train()
+        model(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, 7]))
+        # rows 0 and 1 again, each under an ID never seen (wrong metadata)
+        assert first_sightings(model.memsink.routing, torch.tensor([11, 12, 13]), 1, y).tolist() == expected, by
+
+
+def test_content_keys_follow_the_tokens_not_their_place():
+    def row_key(tokens, mask=None):
+        return content_keys(torch.tensor([tokens]), torch.tensor([1]), mask and torch.tensor([mask]), None, 1).item()
+
+    assert row_key([7, 8, 9, 10, 0, 0], [1, 1, 1, 1, 0, 0]) == row_key([0, 7, 8, 9, 10, 0], [0, 1, 1, 1, 1, 0])
+    assert row_key([7, 8, 9, 10]) == row_key([7, 8, 9, 10, 0], [1, 1, 1, 1, 0]) != row_key([10, 9, 8, 7])
+    assert row_key([7, 8, 9, 10]) != row_key([7, 8, 9]) and row_key([7, 8, 9, 10]) >= 0
+    routing = Routing(Sightings(), Sightings())  # packed rows: one document's stretch at two places
+    packed = torch.tensor([[3, 4, 7, 8, 9, 10], [7, 8, 9, 10, 5, 6]])
+    ids = torch.tensor([[1, 1, 2, 2, 2, 2], [20, 20, 20, 20, 21, 21]])
+    assert first_sightings(routing, ids, 1, packed).tolist() == [[True] * 6, [False] * 4 + [True] * 2]
+
+
 def test_trainer_counts_each_document_and_trains(tmp_path):
     texts = [[3 + i] * 10 for i in range(6)]
     ds = add_sequence_ids(Dataset.from_dict({"input_ids": texts * 4}), by="content")
@@ -115,6 +140,8 @@ def test_trainer_counts_each_document_and_trains(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="general_sightings"):
         MemSinkConfig(general_sightings=0)
+    with pytest.raises(ValueError, match="sightings_by"):
+        MemSinkConfig(general_sightings=1, sightings_by="content")
     model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
     model.gradient_checkpointing_enable()
     x = torch.randint(3, VOCAB, (2, 8))

@@ -6,8 +6,9 @@ they still hold a trace of it that a membership attack reads (docs/privacy.md). 
 forward routes each sighting (a row, or with per-token IDs one document's stretch of a packed
 row, counted by :class:`hf_memsinks.ids.sightings.Sightings`):
 
-* among the first ``general_sightings`` of its ID: trains every parameter with **no sink on**
-  (its ID is treated as -1), as a model trained on the deduplicated data would;
+* among the first ``general_sightings`` of its ID (and, with ``sightings_by="ids+content"``, of
+  its content: a hash of its tokens, so a repeat under a wrong ID is still a repeat): trains every
+  parameter with **no sink on** (its ID is treated as -1), as on deduplicated data;
 * any later sighting: trains **only its own sinks**; every other parameter takes no gradient from
   it (a forward in which they are detached, :func:`frozen_general`).
 
@@ -71,6 +72,7 @@ class Routing:
     the sink masks of its parameters, and whether a routed forward's own calls are running."""
 
     sightings: Sightings
+    contents: Sightings | None = None  # sightings_by="ids+content": counts per content hash
     masks: dict[int, torch.Tensor] | None = None
     inside: bool = False
 
@@ -90,9 +92,11 @@ def frozen_general(model) -> dict[str, torch.Tensor]:
     return params
 
 
-def first_sightings(sightings: Sightings, ids: torch.Tensor, limit: int) -> torch.Tensor:
+def first_sightings(routing: Routing, ids: torch.Tensor, limit: int, tokens: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool, the shape of ``ids``: True where the sighting is among the first ``limit`` of its ID
-    (and where there is no ID, -1); counts the step's sightings (every process's)."""
+    (and where there is no ID, -1), and, given ``tokens`` with ``routing.contents``, of its
+    content; counts the step's sightings (every process's)."""
     if ids.dim() == 1:
         units, inverse = ids, None
     else:  # one sighting per (row, ID) stretch of a packed row
@@ -102,12 +106,45 @@ def first_sightings(sightings: Sightings, ids: torch.Tensor, limit: int) -> torc
         unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
         units = unique[:, 1].contiguous()
     everyone, offset = _all_processes(units)
-    first = sightings.first(units, limit, everyone, offset)
+    first = routing.sightings.first(units, limit, everyone, offset)
+    if routing.contents is not None and tokens is not None:
+        keys = content_keys(tokens, ids, attention_mask, inverse, units.numel())
+        everyone, offset = _all_processes(keys)
+        first &= routing.contents.first(keys, limit, everyone, offset)
     if inverse is None:
         return first | (ids < 0)
     out = torch.ones_like(ids, dtype=torch.bool)
     out[ids >= 0] = first[inverse]
     return out
+
+
+_MIX = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)  # splitmix64
+
+
+def content_keys(tokens: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 inverse: torch.Tensor | None, units: int) -> torch.Tensor:
+    """A non-negative 63-bit hash of each sighting's tokens in order (a row's attended tokens, or
+    a packed row's stretch of one ID), equal in every process and run: a sum over the tokens of a
+    splitmix64 mix of (token, its rank in the sighting), in wrapping int64 arithmetic."""
+    tokens = tokens.to(torch.long)
+    valid = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if inverse is None:
+        unit = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1).expand_as(tokens)
+    else:
+        unit = torch.full_like(tokens, -1)
+        unit[ids >= 0] = inverse
+        valid = valid & (ids >= 0)
+    rank = valid.long().cumsum(1) - 1  # within its row; a stretch of a packed row counts from its start
+    if inverse is not None:
+        start = torch.full((units,), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        start = start.scatter_reduce(0, unit[valid], rank[valid], reduce="amin")
+        rank = rank - start[unit.clamp(min=0)]
+    x = tokens * _MIX[0] + (rank + 1) * _MIX[1]
+    x = (x ^ (x >> 31)) * _MIX[2]
+    x = x ^ (x >> 29)
+    keys = torch.zeros(units, dtype=torch.long, device=tokens.device)
+    keys.index_add_(0, unit[valid], x[valid])
+    return keys & (2**63 - 1)
 
 
 def _all_processes(units: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -169,8 +206,11 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     if kwargs.get("past_key_values") is not None:
         raise ValueError("general_sightings: a training forward takes no past_key_values")
     if patch.routing is None:
-        patch.routing = Routing(Sightings(ids.device))
-    fresh = first_sightings(patch.routing.sightings, ids, patch.config.general_sightings)
+        contents = Sightings(ids.device) if patch.config.sightings_by == "ids+content" else None
+        patch.routing = Routing(Sightings(ids.device), contents)
+    input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    fresh = first_sightings(patch.routing, ids, patch.config.general_sightings, input_ids,
+                            kwargs.get("attention_mask"))
     tokens = fresh if fresh.dim() == 2 else fresh.unsqueeze(1)  # (B, T) or (B, 1)
     in_a, in_b = tokens.any(1), (~tokens).any(1)
     none = torch.full_like(ids, -1)
