@@ -27,12 +27,12 @@ test: install
 coverage: install
 	$(PY) tests/coverage_models.py
 
-# The memorization benchmark's headline on the embedded corpus, usual 4x MLP, two processes (under 10 min on
-# 2 cores): standard, memsinks (sinks removed) and Goldfish; the table at the end, runs/demo/report.md + plots.
+# The memorization benchmark's headline on the embedded corpus, usual 4x MLP, two processes (7:22 on an idle
+# 2-core machine): standard, memsinks (sinks removed) and Goldfish; the table at the end, runs/demo/report.md + plots.
 demo: install
 	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
 
-# The whole benchmark on the same setting (about 30 min on 2 cores): also dedup, post-hoc, memsinks+goldfish,
+# The whole benchmark on the same setting (44:56 in one process; two now): also dedup, post-hoc, memsinks+goldfish,
 # exposure of the secret canaries, and the forgetting experiment with the unlearning baselines: runs/demo-full.
 demo-full: install
 	$(VENV)/bin/hf-memsinks run configs/demo_full.yaml --out runs/demo-full
