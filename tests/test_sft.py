@@ -3,6 +3,8 @@ loss, padding-free packing and LoRA each move exactly the sinks of the batches' 
 -1 move none. DPO, which has no sequence IDs, is refused with the clear error."""
 
 import copy
+import dataclasses
+import math
 import random
 
 import pytest
@@ -36,13 +38,13 @@ def tokenizer():
                                    chat_template=CHAT_TEMPLATE)
 
 
-def patched_llama():
+def patched_llama(memsink_config=CFG):
     config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                   vocab_size=len(SPECIAL) + len(WORDS), max_position_embeddings=128,
                                   pad_token_id=0, eos_token_id=1, bos_token_id=1)
     torch.manual_seed(0)
-    return get_memsink_model(AutoModelForCausalLM.from_config(config), CFG)
+    return get_memsink_model(AutoModelForCausalLM.from_config(config), memsink_config)
 
 
 def sentence(rng, n):
@@ -114,6 +116,24 @@ def test_sft_trainer_moves_exactly_the_batch_ids_sinks(case, tmp_path):
     for name, (sinks, general) in moved(before).items():
         assert torch.equal(sinks, want), f"{case}: {name} moved sinks {sinks.nonzero().flatten().tolist()}"
         assert general == (case != "lora"), name  # with LoRA, general neurons change only through the adapter
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_trainer_routes_sightings_under_the_privacy_setting(packing, tmp_path):
+    """general_sightings: TRL's fused LM head cannot route, so the step takes the model's forward;
+    every row (or packed stretch) is counted once, and the first sightings move no sink."""
+    model = patched_llama(dataclasses.replace(CFG, general_sightings=1))
+    before = snapshot(model)
+    args = {"packing": True, "max_length": 40} if packing else {}
+    trainer = train(model, text_dataset(IDS), tmp_path, args=args)
+    sightings = model.memsink.routing.sightings
+    assert sightings.ids.tolist() == sorted(IDS)
+    if not packing:  # 2 steps x 4 rows, IDs alternating: each ID seen 4 times
+        assert sightings.counts.tolist() == [4, 4]
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    for name, (sinks, general) in moved(before).items():
+        assert general, name  # the first sightings trained the general path
+        assert sinks.any() and torch.equal(sinks & ~expected(IDS), torch.zeros_like(sinks)), name
 
 
 def test_sft_rows_without_sequence_move_no_sink(tmp_path):

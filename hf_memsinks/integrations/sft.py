@@ -15,7 +15,10 @@ padding-free packing, assistant-only loss, ``peft_config``):
 * ``push_to_hub=True`` without a :class:`MemSinkCallback` is refused when the trainer is built.
 
 TRL's fused LM head calls the backbone directly with the batch's keys; the patched backbone
-takes ``sequence_ids`` too, so the masks act on that path as on the plain forward.
+takes ``sequence_ids`` too, so the masks act on that path as on the plain forward. Under
+``MemSinkConfig.general_sightings`` a training step goes through the model's own forward
+instead (``Trainer.compute_loss``), which routes each sighting; TRL's token accuracy and entropy
+are then not logged.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import Trainer
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
@@ -116,6 +120,15 @@ class MemSinkSFTTrainer(SFTTrainer):
             raise refusal("MemSinkSFTTrainer(args=SFTConfig(push_to_hub=True)) of a model that still has sinks",
                           ["the model weights with their sink tensors at every push"])
         return super().init_hf_repo(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, except under ``general_sightings``: the fused LM head runs the backbone alone,
+        which cannot route a sighting, so the step takes the model's own forward and loss."""
+        inner = self.accelerator.unwrap_model(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        if model.training and is_memsink_model(inner) and inner.memsink.config.general_sightings is not None:
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

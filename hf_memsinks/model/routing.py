@@ -20,6 +20,7 @@ ordinary output. Removal then leaves the general path alone, which never trained
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -188,21 +189,47 @@ def _call(model, args: tuple, kwargs: dict, ids: torch.Tensor, frozen: bool):
     routing.inside = True
     try:
         if frozen:
-            return torch.func.functional_call(model, frozen_general(model), args, {**kwargs, "sequence_ids": ids},
-                                              strict=False)
+            params = frozen_general(model)
+            with _replayed_frozen(model, params):
+                return torch.func.functional_call(model, params, args, {**kwargs, "sequence_ids": ids}, strict=False,
+                                                  tie_weights=True)
         return model(*args, **kwargs, sequence_ids=ids)
     finally:
         routing.inside = False
+
+
+@contextlib.contextmanager
+def _replayed_frozen(model, params: dict[str, torch.Tensor]):
+    """Activation checkpointing replays a layer's forward in the backward pass, after the frozen
+    call has put the real parameters back: each checkpointed layer's replay of this call runs with
+    the frozen ones again, so a repeat's gradient still reaches the sinks only."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+              and "_gradient_checkpointing_func" in m.__dict__]
+
+    def replaying(checkpoint):
+        def run(function, *args, **kwargs):
+            def frozen_function(*a, **k):
+                with _reparametrize_module(model, params, tie_weights=True):
+                    return function(*a, **k)
+            return checkpoint(frozen_function, *args, **kwargs)
+        return run
+
+    originals = [m.__dict__["_gradient_checkpointing_func"] for m in layers]
+    try:
+        for m, checkpoint in zip(layers, originals):
+            m._gradient_checkpointing_func = replaying(checkpoint)
+        yield
+    finally:
+        for m, checkpoint in zip(layers, originals):
+            m._gradient_checkpointing_func = checkpoint
 
 
 def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     """One training forward under ``general_sightings`` (see the module's docstring)."""
     patch = model.memsink
     call = functools.partial(_call, model)
-    if model.is_activation_checkpointing:
-        raise NotImplementedError("MemSinkConfig.general_sightings does not work with gradient checkpointing "
-                                  "yet (a recomputed layer would read the general parameters unfrozen): turn "
-                                  "gradient checkpointing off, or set general_sightings=None")
     if kwargs.get("past_key_values") is not None:
         raise ValueError("general_sightings: a training forward takes no past_key_values")
     if patch.routing is None:
