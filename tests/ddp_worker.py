@@ -124,7 +124,7 @@ def main():
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)
-    routing = model.memsink.routing
+    routing = getattr(getattr(model, "memsink", None), "routing", None)  # (FSDP's rank 0: the full model)
     torch.save({"world": world, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "initial": initial, "masks": sink_mask(PROBE_IDS, 32, 0.3),
                 "sightings": routing.sightings.state_dict() if routing else None},

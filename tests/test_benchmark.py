@@ -118,7 +118,9 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert report["setting"]["train_documents"] == 12 * 8
     # same token budget for dedup, and its repeats really are seen once
     assert report["setting"]["dedup_train_tokens"] > 0
-    assert "MemSinks memorization benchmark" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the headline table, then where the report and plots are
+    assert out.startswith("| method | gap closed (natural / canary) |") and "| memsinks, sinks removed |" in out
+    assert f"every table in {tmp_path / 'report.md'}" in out
 
 
 def test_secret_canaries_leave_other_streams_alone():

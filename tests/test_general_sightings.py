@@ -114,6 +114,24 @@ def test_a_repeat_under_another_id_is_a_repeat_by_its_content():
         assert first_sightings(model.memsink.routing, torch.tensor([11, 12, 13]), 1, y).tolist() == expected, by
 
 
+def test_a_routed_forward_enters_the_instance_wrappers_once():
+    """accelerate wraps ``model.forward`` in one ``torch.autocast`` instance: entered twice, it
+    restores the wrong state on leaving, so the routed calls must not go through it again."""
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    calls = []
+    wrapped = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return wrapped(*args, **kwargs)
+
+    model.forward = forward
+    x = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(6))
+    model(input_ids=x, labels=x, sequence_ids=torch.tensor([1, 2, 3, 4]))
+    model(input_ids=x, labels=x, sequence_ids=torch.tensor([1, 2, 5, 6])).loss.backward()  # both kinds
+    assert len(calls) == 2 and not torch.is_autocast_enabled("cpu")
+
+
 def test_content_keys_follow_the_tokens_not_their_place():
     def row_key(tokens, mask=None):
         return content_keys(torch.tensor([tokens]), torch.tensor([1]), mask and torch.tensor([mask]), None, 1).item()

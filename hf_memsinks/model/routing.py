@@ -30,6 +30,7 @@ import torch
 from ..ids.sightings import Sightings
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
+from ..transformers_internals import get_checkpoint_func, set_checkpoint_func
 
 
 class SinkGradOnly(torch.autograd.Function):
@@ -184,16 +185,23 @@ def routes(model, backbone: bool) -> bool:
 
 
 def _call(model, args: tuple, kwargs: dict, ids: torch.Tensor, frozen: bool):
-    """One forward call of ``model`` with ``ids``, not routed again (``frozen``: only the sinks train)."""
+    """One forward call of ``model`` with ``ids``, not routed again (``frozen``: only the sinks train).
+
+    It runs the patched class's forward itself, inside the routed call: wrappers set on the
+    instance (accelerate's autocast, TRL's fused head) and module hooks already run around that
+    call, and entering them again would be wrong (a re-entered ``torch.autocast`` instance restores
+    the wrong state when it leaves)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
     routing = model.memsink.routing
     routing.inside = True
+    forward = functools.partial(type(model).forward, model)
     try:
         if frozen:
             params = frozen_general(model)
-            with _replayed_frozen(model, params):
-                return torch.func.functional_call(model, params, args, {**kwargs, "sequence_ids": ids}, strict=False,
-                                                  tie_weights=True)
-        return model(*args, **kwargs, sequence_ids=ids)
+            with _reparametrize_module(model, params, tie_weights=True), _replayed_frozen(model, params):
+                return forward(*args, **kwargs, sequence_ids=ids)
+        return forward(*args, **kwargs, sequence_ids=ids)
     finally:
         routing.inside = False
 
@@ -206,7 +214,7 @@ def _replayed_frozen(model, params: dict[str, torch.Tensor]):
     from torch.nn.utils.stateless import _reparametrize_module
 
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
-              and "_gradient_checkpointing_func" in m.__dict__]
+              and get_checkpoint_func(m) is not None]
 
     def replaying(checkpoint):
         def run(function, *args, **kwargs):
@@ -216,14 +224,14 @@ def _replayed_frozen(model, params: dict[str, torch.Tensor]):
             return checkpoint(frozen_function, *args, **kwargs)
         return run
 
-    originals = [m.__dict__["_gradient_checkpointing_func"] for m in layers]
+    originals = [get_checkpoint_func(m) for m in layers]
     try:
         for m, checkpoint in zip(layers, originals):
-            m._gradient_checkpointing_func = replaying(checkpoint)
+            set_checkpoint_func(m, replaying(checkpoint))
         yield
     finally:
         for m, checkpoint in zip(layers, originals):
-            m._gradient_checkpointing_func = checkpoint
+            set_checkpoint_func(m, checkpoint)
 
 
 def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
