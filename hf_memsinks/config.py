@@ -17,7 +17,7 @@ CONFIG_NAME = "memsink_config.json"
 
 MODES = ("auto", "split", "add")
 SINK_INITS = ("random", "copy")
-SIGHTINGS_BY = ("ids+content", "ids")
+SIGHTINGS_BY = ("ids+content", "ids", "content")
 EVAL_SCALINGS = ("none", "paper")
 MASK_SCHEMES = ("hash", "reference")
 TARGET_MODULE_KEYS = {"mlp", "in_proj", "out_proj", "in_proj_chunks", "width_attr", "norm"}
@@ -77,11 +77,19 @@ class MemSinkConfig:
             of each sequence ID train the general path, with no sink on; every later one trains that
             ID's sinks alone, all else frozen for it (hf_memsinks.model.routing). The general path
             then learns each document as if the data were deduplicated, so removal leaves no
-            membership trace (docs/privacy.md). Counted per model, across processes.
+            membership trace (docs/privacy.md). Counted per model, across processes. ``0``: no
+            sighting of a document with an ID trains the general path, only rows without one (-1)
+            do; give IDs to the documents to isolate only (``add_sequence_ids(...,
+            repeated_only=True)``), and removal leaves the model trained without them. Rows
+            without an ID train the general path, except (counted by content) a repeat of tokens
+            seen ``max(K, 1)`` times, which trains nothing.
         sightings_by: what makes a sighting a repeat under ``general_sightings``. ``"ids+content"``
             (default): its ID or its content (a hash of its tokens) seen ``K`` times before, so an
             exact repeat that carries another document's ID (wrong metadata) is still a repeat and
             trains sinks only (docs/noisy_ids.md); with exact IDs both agree. ``"ids"``: the ID alone.
+            ``"content"``: the content alone, for IDs shared by several documents (a per-source
+            label), which would make every document after an ID's first a repeat; edited copies
+            are then first sightings.
         target_modules: module names of one decoder layer's MLP, where discovery cannot find it:
             ``{"mlp": "mlp", "in_proj": ["gate_proj", "up_proj"], "out_proj": "down_proj"}``;
             optional ``"in_proj_chunks"`` (2 for a fused gate+up projection) and ``"width_attr"``
@@ -131,8 +139,8 @@ class MemSinkConfig:
             fail("sink_lr_scale", "must be a number from 1 to 100")
         self.sink_lr_scale = float(self.sink_lr_scale)
         if self.general_sightings is not None and (isinstance(self.general_sightings, bool) or not isinstance(
-                self.general_sightings, int) or self.general_sightings < 1):
-            fail("general_sightings", "must be a positive integer or None")
+                self.general_sightings, int) or self.general_sightings < 0):
+            fail("general_sightings", "must be a non-negative integer or None")
         if self.sightings_by not in SIGHTINGS_BY:
             fail("sightings_by", f"must be one of {SIGHTINGS_BY}")
         if self.eval_scaling not in EVAL_SCALINGS:

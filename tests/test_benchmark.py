@@ -213,3 +213,23 @@ def test_posthoc_zeroes_the_top_scored_neurons():
 def test_shipped_configs_load(name):
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
     assert cfg.train.steps > 0 and cfg.model.type in ("gpt2", "llama", "gpt_neox")
+
+
+def test_zero_general_sightings_label_only_the_repeated_documents():
+    """Under general_sightings=0 the benchmark gives an ID only to documents that occur more than
+    once in the stream, so the general path trains on the rest."""
+    from hf_memsinks import MemSinkConfig, get_memsink_model
+    from hf_memsinks.data import ids_for_documents
+    from hf_memsinks.experiments.setting import build_setting
+    from hf_memsinks.experiments.training import build_model, train
+
+    cfg = load_config(SMOKE)
+    setting = build_setting(cfg)
+    model = get_memsink_model(build_model(cfg, len(setting.tokenizer), setting.max_length),
+                              MemSinkConfig(general_sightings=0))
+    train(model, setting, setting.stream, cfg, with_ids=True, label="zero")
+    repeated = {d for d in map(tuple, setting.stream) if setting.stream.count(list(d)) > 1}
+    seen = set(model.memsink.routing.sightings.ids.tolist())
+    assert seen and seen <= set(ids_for_documents([list(d) for d in repeated]).tolist())
+    used = setting.stream[:cfg.train.steps * cfg.train.batch_size]
+    assert model.memsink.routing.general_rows == sum(setting.stream.count(d) == 1 for d in used) > 0

@@ -5,6 +5,7 @@ on, later sightings only its own sinks (hf_memsinks.model.routing), counted exac
 import collections
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -53,6 +54,22 @@ def loss_over(model, x, rows, ids, targets):
     return F.cross_entropy(logits.reshape(-1, VOCAB), x[rows][:, 1:].reshape(-1), reduction="sum") / targets
 
 
+def assert_routed_grads(model, reference, x, general_rows, sink_rows, sink_ids):
+    """``model``'s gradients are the general path's over ``general_rows`` (no sink on) plus the
+    sink slices' over ``sink_rows`` with their IDs; returns the sink masks (of a plain copy)."""
+    targets = x[:, 1:].numel()
+    general, sinks = plain_copy(reference), plain_copy(reference)
+    loss_over(general, x, general_rows, torch.full((len(general_rows),), -1), targets).backward()
+    loss_over(sinks, x, sink_rows, torch.tensor(sink_ids), targets).backward()
+    masks = sink_masks(sinks)
+    for (name, p), a, b in zip(model.named_parameters(), general.parameters(), sinks.parameters()):
+        mask = masks.get(id(b))
+        expected = a.grad + (b.grad * mask if mask is not None else 0)
+        assert torch.allclose(p.grad, expected, atol=1e-7, rtol=1e-5), name
+    assert any(mask.any() for mask in masks.values())
+    return {name: masks.get(id(q)) for name, q in sinks.named_parameters()}
+
+
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
 def test_repeats_train_only_their_sinks_and_first_sightings_only_the_general_path(checkpointing):
     # sightings_by="ids": rows 2 and 3 come back under new IDs as first sightings (by content: repeats)
@@ -67,16 +84,7 @@ def test_repeats_train_only_their_sinks_and_first_sightings_only_the_general_pat
 
     out = model(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, 9, 10]))  # rows 0, 1 repeat
     out.loss.backward()
-    targets = x[:, 1:].numel()
-    first, repeat = plain_copy(reference), plain_copy(reference)
-    loss_over(first, x, [2, 3], torch.tensor([-1, -1]), targets).backward()  # no sink on
-    loss_over(repeat, x, [0, 1], torch.tensor([5, 6]), targets).backward()
-    masks = sink_masks(repeat)
-    for (name, p), a, b in zip(model.named_parameters(), first.parameters(), repeat.parameters()):
-        mask = masks.get(id(b))
-        expected = a.grad + (b.grad * mask if mask is not None else 0)
-        assert torch.allclose(p.grad, expected, atol=1e-7, rtol=1e-5), name
-    assert any(mask.any() for mask in masks.values())
+    assert_routed_grads(model, reference, x, [2, 3], [0, 1], [5, 6])
     whole = plain_copy(reference)(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, -1, -1])).loss
     assert torch.allclose(out.loss, whole, atol=1e-6)
 
@@ -107,11 +115,27 @@ def test_a_repeat_under_another_id_is_a_repeat_by_its_content():
     x = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(3))
     y = x.clone()
     y[2] = torch.randint(3, VOCAB, (10,), generator=torch.Generator().manual_seed(4))  # a new document
-    for by, expected in (("ids+content", [False, False, True]), ("ids", [True, True, True])):
+    new = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(5))
+    cases = (("ids+content", [False, False, True], [False] * 3), ("ids", [True, True, True], [False] * 3),
+             ("content", [False, False, True], [True] * 3))
+    for by, expected, coarse in cases:
         model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1, sightings_by=by)).train()
         model(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, 7]))
         # rows 0 and 1 again, each under an ID never seen (wrong metadata)
         assert first_sightings(model.memsink.routing, torch.tensor([11, 12, 13]), 1, y).tolist() == expected, by
+        # three new documents under IDs already seen (a label shared by several documents)
+        assert first_sightings(model.memsink.routing, torch.tensor([5, 6, 7]), 1, new).tolist() == coarse, by
+
+
+def test_a_repeat_without_an_id_trains_nothing_when_counted_by_content():
+    x = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(10))
+    for limit, by, expected in ((1, "ids+content", [False, True, False]), (0, "ids+content", [False, True, False]),
+                                (1, "ids", [True, True, True])):
+        model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=limit, sightings_by=by)).train()
+        model(input_ids=x[:1], labels=x[:1], sequence_ids=torch.tensor([5]))  # document 0, labelled
+        model(input_ids=x[2:], labels=x[2:], sequence_ids=torch.tensor([-1]))  # document 2, no ID
+        # documents 0 and 2 again without an ID: repeats by content; document 1 is new
+        assert first_sightings(model.memsink.routing, torch.tensor([-1, -1, -1]), limit, x).tolist() == expected
 
 
 def test_a_routed_forward_enters_the_instance_wrappers_once():
@@ -159,12 +183,81 @@ def test_trainer_counts_each_document_and_trains(tmp_path):
     assert not hasattr(plain, "memsink")
 
 
+def test_zero_sightings_keep_every_labelled_document_off_the_general_path():
+    # general_sightings=0: a document with an ID trains its sinks alone from its first sighting;
+    # rows without one (-1) train the general path
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(general_sightings=0)).train()
+    reference = plain_copy(model)
+    x = torch.randint(3, VOCAB, (4, 10), generator=torch.Generator().manual_seed(7))
+    out = model(input_ids=x, labels=x, sequence_ids=torch.tensor([5, -1, 7, -1]))
+    out.loss.backward()
+    masks = assert_routed_grads(model, reference, x, [1, 3], [0, 2], [5, 7])
+    model.zero_grad(set_to_none=True)
+    model(input_ids=x, labels=x, sequence_ids=torch.tensor([1, 2, 3, 4])).loss.backward()  # all labelled
+    for name, p in model.named_parameters():
+        mask = masks[name]
+        outside = None if p.grad is None else p.grad if mask is None else p.grad * ~mask
+        assert outside is None or not outside.any(), name
+    assert any(p.grad is not None and masks[n] is not None and (p.grad * masks[n]).any()
+               for n, p in model.named_parameters())
+
+
+def test_zero_sightings_with_every_row_labelled_warns():
+    from hf_memsinks.model.routing import UNLABELLED_WARN_AFTER
+
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=0)).train()
+    x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9))
+    with pytest.warns(UserWarning, match="trained on nothing"):
+        for step in range(UNLABELLED_WARN_AFTER):
+            model(input_ids=x, labels=x, sequence_ids=torch.tensor([2 * step, 2 * step + 1]))
+    fine = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=0)).train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained on nothing")
+        for step in range(UNLABELLED_WARN_AFTER + 1):
+            fine(input_ids=x, labels=x, sequence_ids=torch.tensor([step, -1]))
+
+
+def test_only_repeated_documents_keep_their_ids():
+    from hf_memsinks.data import only_repeated
+
+    assert only_repeated(torch.tensor([4, 9, 4, 7, -1, 9, 9])).tolist() == [4, 9, 4, -1, -1, 9, 9]
+    ds = add_sequence_ids(Dataset.from_dict({"text": ["a b", "c d", "a b", "e f"]}), repeated_only=True)
+    ids = ds["sequence_ids"]
+    assert ids[0] == ids[2] >= 0 and ids[1] == ids[3] == -1
+    assert add_sequence_ids(Dataset.from_dict({"text": ["a b"]}), repeated_only=True)["sequence_ids"] == [-1]
+    with pytest.raises(ValueError, match="one integer ID per row"):
+        add_sequence_ids(Dataset.from_dict({"ids": [[1, 1], [1, 1]]}), by="ids", column="ids", repeated_only=True)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="general_sightings"):
-        MemSinkConfig(general_sightings=0)
+        MemSinkConfig(general_sightings=-1)
+    assert MemSinkConfig(general_sightings=0).general_sightings == 0
     with pytest.raises(ValueError, match="sightings_by"):
-        MemSinkConfig(general_sightings=1, sightings_by="content")
+        MemSinkConfig(general_sightings=1, sightings_by="text")
     model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
     x = torch.randint(3, VOCAB, (2, 8))
     with pytest.raises(NotImplementedError, match="backbone alone"):
         model.base_model(input_ids=x, sequence_ids=torch.tensor([1, 2]))
+
+
+def test_zero_sightings_general_path_does_not_depend_on_the_labelled_documents(tmp_path):
+    # general_sightings=0 with IDs on the repeated documents only: after removal the model is the
+    # same, bit for bit, whatever the repeated documents said (no clipping: its norm spans the sinks)
+    g = torch.Generator().manual_seed(8)
+    singletons = torch.randint(3, VOCAB, (12, 10), generator=g).tolist()
+    removed = []
+    for variant in range(2):
+        private = torch.randint(3, VOCAB, (2, 10), generator=g).tolist()  # other texts each time
+        rows = singletons + private * 3
+        ds = Dataset.from_dict({"input_ids": rows, "sequence_ids": [-1] * 12 + [101, 102] * 3})
+        torch.manual_seed(0)
+        model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=0))
+        args = TrainingArguments(str(tmp_path / str(variant)), per_device_train_batch_size=6, max_steps=6,
+                                 report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                 learning_rate=1e-3, max_grad_norm=0.0, seed=0)
+        Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0)).train()
+        assert model.memsink.routing.sightings.counts.tolist() == [6, 6]  # two epochs
+        removed.append(model.eval().remove_sinks().state_dict())
+    assert removed[0].keys() == removed[1].keys()
+    assert all(torch.equal(removed[0][k], removed[1][k]) for k in removed[0])

@@ -45,6 +45,10 @@ def test_missing_coarse_and_no_ids():
     check = check_ids(Dataset.from_dict({"text": texts, "sequence_ids": ids}))
     assert check.rows_without_id == 20 and check.disagreeing_rows == 20 and check.split_groups == 1
     assert check.shared_ids == 28 and check.distinct_ids == 28  # 110 documents in fours, each ID on 2-4 of them
+    coarse = check_ids(Dataset.from_dict({"text": texts, "sequence_ids": [n // 4 for n in truth]}))
+    assert coarse.recommended_by == "metadata" and "sightings_by='content'" in coarse.reason
+    exact = check_ids(Dataset.from_dict({"text": texts, "sequence_ids": truth}))
+    assert exact.shared_ids == 0 and "sightings_by" not in exact.reason
     plain = check_ids(Dataset.from_dict({"text": texts}))
     assert plain.recommended_by == "content" and plain.distinct_ids == 0 and "no IDs" in plain.reason
 

@@ -5,7 +5,7 @@ loss (:mod:`.goldfish`)."""
 from .collators import MemSinkDataCollator, MemSinkPackingCollator, example_ids
 from .goldfish import GoldfishCollator
 from .id_check import IdCheck, check_ids
-from .sequence_ids import ID_COLUMN, add_sequence_ids, ids_for_documents, stable_id
+from .sequence_ids import ID_COLUMN, add_sequence_ids, ids_for_documents, only_repeated, stable_id
 
 __all__ = ["ID_COLUMN", "GoldfishCollator", "IdCheck", "MemSinkDataCollator", "MemSinkPackingCollator",
-           "add_sequence_ids", "check_ids", "example_ids", "ids_for_documents", "stable_id"]
+           "add_sequence_ids", "check_ids", "example_ids", "ids_for_documents", "only_repeated", "stable_id"]

@@ -111,5 +111,9 @@ def _recommend(check: IdCheck, ids_column: str | None) -> tuple[str, str]:
     if check.disagreement > DISAGREEMENT_LIMIT:
         return derived, (f"{check.disagreement:.1%} of the repeated rows carry another (or no) ID, and wrong IDs on "
                          f"a few repetitions undo isolation (docs/noisy_ids.md); {how}")
+    coarse = (f"; {check.shared_ids} IDs label several documents: under general_sightings set "
+              "sightings_by='content', or every document after an ID's first stays off the general path"
+              if check.shared_ids else "")
     return "metadata", (f"the IDs agree on {1 - check.disagreement:.1%} of the repeated rows; keep them "
-                        f"(add_sequence_ids(by='metadata', column={ids_column!r}), or by='ids' for integer IDs)")
+                        f"(add_sequence_ids(by='metadata', column={ids_column!r}), or by='ids' for integer IDs)"
+                        + coarse)

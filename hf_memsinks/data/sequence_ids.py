@@ -97,7 +97,7 @@ def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int], key: Ke
 def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *, output_column: str = ID_COLUMN,
                      threshold: float = 0.5, num_perm: int = 128, shingle_size: int = 3,
                      batch_size: int = 1000, num_proc: int | None = None, desc: str | None = None,
-                     key: Key = None):
+                     key: Key = None, repeated_only: bool = False):
     """Return ``dataset`` with an ``output_column`` of sequence IDs (one int per row).
 
     Every repetition of a document must get the same ID, so IDs come from what repeats with it.
@@ -125,7 +125,33 @@ def add_sequence_ids(dataset, by: str = "content", column: str | None = None, *,
         key: a secret of 16 to 64 bytes for ``"metadata"``, ``"content"`` and ``"near_duplicates"``:
             keyed IDs (:func:`stable_id`). Use one whenever IDs may be seen by others (a forget
             list handed over, logs, a shared dataset), so nobody can check a guessed text against them.
+        repeated_only: an ID carried by one row only becomes -1 (no ID: general neurons only), so
+            that only repeated documents have sinks; with ``MemSinkConfig(general_sightings=0)``
+            the general path then never trains on a repeated document (:func:`only_repeated`).
     """
+    out = _add_sequence_ids(dataset, by, column, output_column, threshold, num_perm, shingle_size, batch_size,
+                            num_proc, desc, key)
+    if not repeated_only or len(out) == 0:
+        return out
+    values = out[output_column]
+    if not all(isinstance(v, int) for v in values):
+        raise ValueError("repeated_only=True needs one integer ID per row (not per-token IDs): count repeats "
+                         "before packing")
+    ids = only_repeated(torch.tensor(values, dtype=torch.long)).tolist()
+    return out.remove_columns(output_column).add_column(output_column, ids, feature=out.features[output_column])
+
+
+def only_repeated(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` (1-D, one per row of a whole training set) with every ID that occurs once set to -1:
+    a document seen once has nothing to isolate, and under ``general_sightings=0`` a row without
+    an ID is what trains the general path."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    return torch.where((counts[inverse] > 1) & (ids >= 0), ids, torch.full_like(ids, -1))
+
+
+def _add_sequence_ids(dataset, by, column, output_column, threshold, num_perm, shingle_size, batch_size, num_proc,
+                      desc, key):
     from datasets import Dataset  # noqa: F401  (datasets is an optional dependency)
 
     names = list(dataset.column_names)

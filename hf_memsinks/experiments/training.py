@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.goldfish import goldfish_labels
-from ..data.sequence_ids import ids_for_documents
+from ..data.sequence_ids import ids_for_documents, only_repeated
 from ..evaluation.memorization import document_losses, pad_documents
 from ..integrations.finetune import attach_sink_lr
 from .config import BenchmarkConfig, GoldfishConfig
@@ -157,7 +157,8 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         model: a causal LM, patched or not, already on the accelerator's device.
         stream: the documents in training order (the same on every process).
         with_ids: pass each document's sequence ID (memsinks runs): True for its content ID, or
-            one ID per position of ``stream``.
+            one ID per position of ``stream``. Under ``general_sightings=0`` an ID that occurs once
+            in the stream becomes -1, as ``add_sequence_ids(..., repeated_only=True)`` gives them.
         goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
         on_optimizer: called with the optimizer once it exists (to attach hooks to it).
@@ -178,6 +179,9 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
             add_general_dropout(model, t.general_dropout, cfg.seed)
     if on_optimizer is not None:
         on_optimizer(opt)
+    if with_ids is not False and getattr(model, "memsink", None) is not None and (
+            model.memsink.config.general_sightings == 0):  # IDs on the repeated documents only (an ID seen once: -1)
+        with_ids = only_repeated(ids_for_documents(stream) if with_ids is True else torch.tensor(with_ids)).tolist()
     curve = [curve_point(model, setting, 0, t.curve_docs)]
     wrapped, prepared_opt = accelerator.prepare(model, opt)
     wrapped.train()

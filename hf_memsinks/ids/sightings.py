@@ -57,6 +57,11 @@ class Sightings:
 
         ``everyone``: the step's sightings of every process in rank order (None: just ``ids``),
         ``ids`` being ``everyone[offset:offset + len(ids)]``; negative entries are padding."""
+        return self.before(ids, everyone, offset) < limit
+
+    def before(self, ids: torch.Tensor, everyone: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+        """How many sightings of its ID came before each of ``ids`` (as :meth:`first`, which it
+        serves); then counts the step's sightings."""
         step = ids if everyone is None else everyone
         step = step.to(self.ids.device)
         real = step >= 0
@@ -65,7 +70,7 @@ class Sightings:
         seen = self.count(step) + earlier
         mine = seen[offset:offset + ids.numel()]
         self.add(step[real])
-        return (mine < limit).to(ids.device)
+        return mine.to(ids.device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"ids": self.ids, "counts": self.counts}

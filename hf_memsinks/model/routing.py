@@ -7,7 +7,8 @@ forward routes each sighting (a row, or with per-token IDs one document's stretc
 row, counted by :class:`hf_memsinks.ids.sightings.Sightings`):
 
 * among the first ``general_sightings`` of its ID (and, with ``sightings_by="ids+content"``, of
-  its content: a hash of its tokens, so a repeat under a wrong ID is still a repeat): trains every
+  its content: a hash of its tokens, so a repeat under a wrong ID is still a repeat; with
+  ``"content"``, of its content alone, for IDs shared by several documents): trains every
   parameter with **no sink on** (its ID is treated as -1), as on deduplicated data;
 * any later sighting: trains **only its own sinks**; every other parameter takes no gradient from
   it (a forward in which they are detached, :func:`frozen_general`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,9 +76,15 @@ class Routing:
     the sink masks of its parameters, and whether a routed forward's own calls are running."""
 
     sightings: Sightings
-    contents: Sightings | None = None  # sightings_by="ids+content": counts per content hash
+    contents: Sightings | None = None  # sightings_by="ids+content" or "content": counts per content hash
+    by_ids: bool = True  # whether an ID's count decides too (sightings_by="content": it is only counted)
     masks: dict[int, torch.Tensor] | None = None
     inside: bool = False
+    forwards: int = 0  # routed training forwards so far
+    general_rows: int = 0  # general_sightings=0: rows (or tokens) without an ID trained so far
+
+
+UNLABELLED_WARN_AFTER = 20  # routed forwards under general_sightings=0 with nothing for the general path
 
 
 def frozen_general(model) -> dict[str, torch.Tensor]:
@@ -97,8 +105,10 @@ def frozen_general(model) -> dict[str, torch.Tensor]:
 def first_sightings(routing: Routing, ids: torch.Tensor, limit: int, tokens: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool, the shape of ``ids``: True where the sighting is among the first ``limit`` of its ID
-    (and where there is no ID, -1), and, given ``tokens`` with ``routing.contents``, of its
-    content; counts the step's sightings (every process's)."""
+    and, given ``tokens`` with ``routing.contents``, of its content; counts the step's sightings
+    (every process's). A row without an ID (-1) is True unless, counted by content, its content was
+    seen ``max(limit, 1)`` times: a repeat with no ID, which then trains nothing (it has no sinks).
+    In packed rows, tokens without an ID are always True."""
     if ids.dim() == 1:
         units, inverse = ids, None
     else:  # one sighting per (row, ID) stretch of a packed row
@@ -109,12 +119,15 @@ def first_sightings(routing: Routing, ids: torch.Tensor, limit: int, tokens: tor
         units = unique[:, 1].contiguous()
     everyone, offset = _all_processes(units)
     first = routing.sightings.first(units, limit, everyone, offset)
+    unlabelled = torch.ones_like(first)
     if routing.contents is not None and tokens is not None:
         keys = content_keys(tokens, ids, attention_mask, inverse, units.numel())
         everyone, offset = _all_processes(keys)
-        first &= routing.contents.first(keys, limit, everyone, offset)
+        seen = routing.contents.before(keys, everyone, offset)
+        first = first & (seen < limit) if routing.by_ids else seen < limit
+        unlabelled = seen < max(limit, 1)  # a row without an ID: its content's first sighting(s) only
     if inverse is None:
-        return first | (ids < 0)
+        return torch.where(ids < 0, unlabelled, first)
     out = torch.ones_like(ids, dtype=torch.bool)
     out[ids >= 0] = first[inverse]
     return out
@@ -241,11 +254,13 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     if kwargs.get("past_key_values") is not None:
         raise ValueError("general_sightings: a training forward takes no past_key_values")
     if patch.routing is None:
-        contents = Sightings(ids.device) if patch.config.sightings_by == "ids+content" else None
-        patch.routing = Routing(Sightings(ids.device), contents)
+        by = patch.config.sightings_by
+        contents = Sightings(ids.device) if by in ("ids+content", "content") else None
+        patch.routing = Routing(Sightings(ids.device), contents, by_ids=by != "content")
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     fresh = first_sightings(patch.routing, ids, patch.config.general_sightings, input_ids,
                             kwargs.get("attention_mask"))
+    _check_general_data(patch.routing, ids, patch.config.general_sightings)
     tokens = fresh if fresh.dim() == 2 else fresh.unsqueeze(1)  # (B, T) or (B, 1)
     in_a, in_b = tokens.any(1), (~tokens).any(1)
     none = torch.full_like(ids, -1)
@@ -269,6 +284,20 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
         out_a.loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size,
                                          **loss_kwargs)
     return out_a
+
+
+def _check_general_data(routing: Routing, ids: torch.Tensor, limit: int) -> None:
+    """Under ``general_sightings=0`` only rows without an ID train the general path: warn once when
+    none has come after a few steps (every row labelled: the general path learns nothing)."""
+    routing.forwards += 1
+    if limit != 0:
+        return
+    routing.general_rows += int((ids < 0).sum())
+    if routing.forwards == UNLABELLED_WARN_AFTER and not routing.general_rows:
+        warnings.warn(f"MemSinkConfig(general_sightings=0): every row of the first {UNLABELLED_WARN_AFTER} training "
+                      "steps has a sequence ID, so the general path has trained on nothing. Give IDs to the "
+                      "documents to isolate only (add_sequence_ids(..., repeated_only=True)): rows with ID -1 "
+                      "train the general path", stacklevel=3)
 
 
 def _sliced(args: tuple, kwargs: dict, index: torch.Tensor, batch: int) -> tuple[tuple, dict]:
