@@ -81,7 +81,7 @@ class Routing:
     masks: dict[int, torch.Tensor] | None = None
     inside: bool = False
     forwards: int = 0  # routed training forwards so far
-    general_rows: int = 0  # general_sightings=0: rows (or tokens) without an ID trained so far
+    general_rows: int = 0  # general_sightings=0: rows (or tokens) without an ID in the first forwards (warning)
 
 
 UNLABELLED_WARN_AFTER = 20  # routed forwards under general_sightings=0 with nothing for the general path
@@ -290,7 +290,7 @@ def _check_general_data(routing: Routing, ids: torch.Tensor, limit: int) -> None
     """Under ``general_sightings=0`` only rows without an ID train the general path: warn once when
     none has come after a few steps (every row labelled: the general path learns nothing)."""
     routing.forwards += 1
-    if limit != 0:
+    if limit != 0 or routing.forwards > UNLABELLED_WARN_AFTER:  # (no device sync after the check)
         return
     routing.general_rows += int((ids < 0).sum())
     if routing.forwards == UNLABELLED_WARN_AFTER and not routing.general_rows:
