@@ -5,8 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+# the memorization benchmark (benchmarks/memorization/, outside the package), run from the repository root
+BENCH := $(PY) -m benchmarks.memorization
 
-.PHONY: install test coverage demo demo-full demo-wide quick-demo manpages realtext finetune scale noisy-ids attribution bench bench-gpu bench-compile clean
+.PHONY: install test coverage demo demo-full demo-wide quick-demo manpages realtext finetune scale noisy-ids noisy-ids-privacy attribution bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -30,45 +32,55 @@ coverage: install
 # The memorization benchmark's headline on the embedded corpus, usual 4x MLP, two processes (7:22 on an idle
 # 2-core machine): standard, memsinks (sinks removed) and Goldfish; the table at the end, runs/demo/report.md + plots.
 demo: install
-	$(VENV)/bin/hf-memsinks run configs/demo.yaml --out runs/demo
+	$(BENCH) run configs/demo.yaml --out runs/demo
 
 # The whole benchmark on the same setting (44:56 in one process; two now): also dedup, post-hoc, memsinks+goldfish,
 # exposure of the secret canaries, and the forgetting experiment with the unlearning baselines: runs/demo-full.
 demo-full: install
-	$(VENV)/bin/hf-memsinks run configs/demo_full.yaml --out runs/demo-full
+	$(BENCH) run configs/demo_full.yaml --out runs/demo-full
 
 # The same on a 16x-wide MLP (2 layers x 64, MLP 1024).
 demo-wide: install
-	$(VENV)/bin/hf-memsinks run configs/demo_wide.yaml --out runs/demo_wide
+	$(BENCH) run configs/demo_wide.yaml --out runs/demo_wide
 
 # Real text: paragraphs of the installed manual pages (data/manpages.jsonl), then the benchmark on them.
 data/manpages.jsonl:
 	$(MAKE) install
-	$(PY) -m hf_memsinks.experiments.manpages --out $@
+	$(PY) -m benchmarks.memorization.manpages --out $@
 
 manpages: data/manpages.jsonl
 
 realtext: install data/manpages.jsonl
-	$(VENV)/bin/hf-memsinks run configs/manpages.yaml --out runs/manpages
+	$(BENCH) run configs/manpages.yaml --out runs/manpages
 
 # The user's path: pretrain on the stories, fine-tune on manual pages with repeated private documents, full
 # fine-tune / LoRA / Goldfish / dedup / MemSinkConfig.for_finetuning(), two seeds: runs/finetune (docs/finetune.md).
 finetune: install data/manpages.jsonl
-	$(VENV)/bin/hf-memsinks finetune configs/finetune.yaml --out runs/finetune
+	$(BENCH) finetune configs/finetune.yaml --out runs/finetune
 
 # Gap closure and val-loss cost against model size, 4x and 16x MLPs (standard + memsinks per point), at the
 # sink_lr_scale 1, as docs/scale.md was measured (the default is 4 since).
 scale: install
-	$(VENV)/bin/hf-memsinks scale configs/demo_full.yaml memsinks.sink_lr_scale=1 --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
+	$(BENCH) scale configs/demo_full.yaml memsinks.sink_lr_scale=1 --models 2x64,4x128,4x192 --mlp-ratios 4,16 --out runs/demo-scale
 
 # Where the memorization left after sink removal lives: components swapped with a twin trained without
 # the canaries (docs/isolation.md); about 10 minutes.
 attribution: install
-	$(VENV)/bin/hf-memsinks attribute configs/demo_full.yaml --out runs/attribution
+	$(BENCH) attribute configs/demo_full.yaml --out runs/attribution
 
-# Sequence IDs as users have them (noisy, missing, coarse, near-duplicate repeats): docs/noisy_ids.md.
+# Sequence IDs as users have them (noisy, missing, coarse, near-duplicate repeats) at the library defaults and
+# the demo's full length, seeds 0 and 1 in two processes (14 trainings each, about 5 min a training on one idle
+# core: over an hour): runs/noisy_ids/seed*/. noisy-ids-privacy: the privacy setting on the noise conditions.
+NOISY_CONDITIONS := --noise 0.02,0.05,0.1,0.3,0.5 --missing 0.3 --coarse 4,16 --edits 3
 noisy-ids: install
-	$(VENV)/bin/hf-memsinks noisy-ids configs/noisy_ids.yaml --out runs/noisy_ids
+	$(BENCH) noisy-ids configs/noisy_ids.yaml $(NOISY_CONDITIONS) --out runs/noisy_ids/seed0 & \
+	$(BENCH) noisy-ids configs/noisy_ids.yaml seed=1 $(NOISY_CONDITIONS) --out runs/noisy_ids/seed1 & wait
+
+noisy-ids-privacy: install
+	$(BENCH) noisy-ids configs/noisy_ids.yaml memsinks.general_sightings=1 --noise 0.1,0.3 --missing "" --coarse "" \
+		--edits 0 --out runs/noisy_ids_privacy/seed0 & \
+	$(BENCH) noisy-ids configs/noisy_ids.yaml seed=1 memsinks.general_sightings=1 --noise 0.1,0.3 --missing "" \
+		--coarse "" --edits 0 --out runs/noisy_ids_privacy/seed1 & wait
 
 # The 45-second toy version (random canaries in a bigram language).
 quick-demo: install

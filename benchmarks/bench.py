@@ -44,10 +44,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E402
 from hf_memsinks.ids.masks import reference_mask  # noqa: E402
-from hf_memsinks.integrations.finetune import SinkLR, attach_sink_lr  # noqa: E402
+from hf_memsinks.integrations.optimizer import SinkLR, attach_sink_lr  # noqa: E402
 from hf_memsinks.layers.mask_multiply import MaskSinks  # noqa: E402
 from hf_memsinks.layers.projections import SinkInProjection, SinkOutProjection, is_patched_projection  # noqa: E402
-from hf_memsinks.sites.resolve import mlp_sites  # noqa: E402
+from hf_memsinks.mlp_discovery.resolve import mlp_sites  # noqa: E402
 
 SIZES = {
     "small": dict(layers=4, hidden=256, mlp=1024, batch=8, seq=256),

@@ -1,16 +1,21 @@
 """hf_memsinks: MemSinks (memorization sinks) for Hugging Face Transformers causal LMs."""
 
-from .checkpoints.auto import AutoMemSinkModelForCausalLM
-from .checkpoints.publish import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
+from . import global_patches
+from .checkpoints.upload_gate import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .config import MemSinkConfig
 from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, check_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
-from .integrations.finetune import attach_sink_lr
+from .integrations.optimizer import attach_sink_lr
 from .integrations.peft import train_sinks
 from .integrations.trainer import MemSinkCallback
-from .model.patched import is_memsink_model, remove_sinks
-from .model.patching import get_memsink_model
+from .model.add_sinks import get_memsink_model
+from .model.loading import AutoMemSinkModelForCausalLM
+from .model.memsink_model import is_memsink_model, remove_sinks
 from .version import __version__
+
+# The upload gate on huggingface_hub and the default Trainer callbacks: the only global changes
+# (hf_memsinks/global_patches.py; off with HF_MEMSINKS_GLOBAL_PATCHES=0, or global_patches.uninstall()).
+global_patches.install_on_import()
 
 __all__ = [
     "AutoMemSinkModelForCausalLM",

@@ -117,7 +117,7 @@ class MemSinkConfig:
     # Written by the patched model when it saves: per-MLP general/sink widths, needed to rebuild
     # the exact structure on load. Users never set it.
     sink_layout: dict[str, Any] | None = field(default=None, repr=False)
-    # Written with it: how the model's MLPs were found (hf_memsinks.sites.resolve), so that restoring
+    # Written with it: how the model's MLPs were found (hf_memsinks.mlp_discovery.resolve), so that restoring
     # runs no discovery and does not depend on the Transformers version.
     found_mlps: dict[str, Any] | None = field(default=None, repr=False)
 

@@ -7,7 +7,7 @@ import torch
 from tiny_models import MODEL_TYPES, batch, tiny_model
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
-from hf_memsinks.sites.resolve import mlp_sites
+from hf_memsinks.mlp_discovery.resolve import mlp_sites
 
 
 def mlp_widths(model):

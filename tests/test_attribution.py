@@ -1,4 +1,4 @@
-"""Attribution by component swaps (experiments/attribution.py): components found from structure
+"""Attribution by component swaps (benchmarks/memorization/attribution.py): components found from structure
 partition the parameters, a swap of every component is the other model, and the command runs."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_models import batch, tiny_model
 
+from benchmarks.memorization.attribution import EMBEDDINGS, attribute, components, hybrid
+from benchmarks.memorization.config import load_config
 from hf_memsinks import MemSinkConfig, get_memsink_model
-from hf_memsinks.experiments.attribution import EMBEDDINGS, attribute, components, hybrid
-from hf_memsinks.experiments.config import load_config
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])

@@ -23,6 +23,8 @@ import torch
 from test_checkpoints import trained
 from tiny_models import batch, tiny_model
 
+from benchmarks.memorization.cli import PROG as BENCH_PROG
+from benchmarks.memorization.cli import main as bench_main
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
 from hf_memsinks.cli import main
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids
@@ -37,17 +39,22 @@ class CLIFailed(Exception):
     """A CLI call that exited non-zero; the message is its stderr."""
 
 
+BENCH_COMMANDS = ("run", "finetune", "sweep", "scale", "attribute", "noisy-ids")
+
+
 def cli(*args: str) -> None:
+    """``hf-memsinks ARGS``, or the benchmark's command line for its commands."""
+    bench = args[0] in BENCH_COMMANDS
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = main([str(a) for a in args])
+        rc = (bench_main if bench else main)([str(a) for a in args])
     text = err.getvalue().strip()
     if rc != 0:
         assert rc == 2, (rc, text)
         # (progress bars of model loading may precede it on stderr)
         errors = [line for line in text.replace("\r", "\n").splitlines() if "error" in line.lower()]
         assert "Traceback" not in text and len(errors) == 1 and errors[0] == text.splitlines()[-1], text
-        assert errors[0].startswith("hf-memsinks: error: "), text
+        assert errors[0].startswith(f"{BENCH_PROG if bench else 'hf-memsinks'}: error: "), text
         raise CLIFailed(errors[0])
 
 
@@ -423,10 +430,11 @@ def test_cli_user_error_in_a_real_process_is_one_line():
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "hf_memsinks.cli", "run", SMOKE, "train.steps=abc"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memorization", "run", SMOKE, "train.steps=abc"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "hf-memsinks: error: override 'train.steps=abc': 'train.steps' must be int, got 'abc'"
+    expected = "error: override 'train.steps=abc': 'train.steps' must be int, got 'abc'"
+    assert proc.stderr.strip() == f"{BENCH_PROG}: {expected}"
 
 
 def _logits_in_child(model, x):

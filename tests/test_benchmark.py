@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_memsinks.cli import main
-from hf_memsinks.experiments.config import load_config
-from hf_memsinks.experiments.corpus import embedded_stories, load_documents
-from hf_memsinks.experiments.posthoc import zero_top_neurons
+from benchmarks.memorization.cli import main
+from benchmarks.memorization.config import load_config
+from benchmarks.memorization.corpus import embedded_stories, load_documents
+from benchmarks.memorization.posthoc import zero_top_neurons
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -128,7 +128,7 @@ def test_secret_canaries_leave_other_streams_alone():
     with them, every other repeated and control document is unchanged and each secret repeats R times."""
     import hashlib
 
-    from hf_memsinks.experiments.setting import build_setting
+    from benchmarks.memorization.setting import build_setting
 
     plain = build_setting(load_config(SMOKE))
     digest = hashlib.sha256(json.dumps([plain.stream, plain.dedup_stream]).encode()).hexdigest()[:16]
@@ -218,10 +218,10 @@ def test_shipped_configs_load(name):
 def test_zero_general_sightings_label_only_the_repeated_documents():
     """Under general_sightings=0 the benchmark gives an ID only to documents that occur more than
     once in the stream, so the general path trains on the rest."""
+    from benchmarks.memorization.setting import build_setting
+    from benchmarks.memorization.training import build_model, train
     from hf_memsinks import MemSinkConfig, get_memsink_model
     from hf_memsinks.data import ids_for_documents
-    from hf_memsinks.experiments.setting import build_setting
-    from hf_memsinks.experiments.training import build_model, train
 
     cfg = load_config(SMOKE)
     setting = build_setting(cfg)

@@ -41,7 +41,7 @@ def test_export_writes_a_clean_model_and_audit_flags_checkpoints(tmp_path, capsy
 
 def test_an_export_that_fails_its_audit_replaces_nothing(tmp_path, monkeypatch, capsys):
     """The audit runs in the staging directory: a dirty export never reaches the target."""
-    from hf_memsinks.checkpoints import export
+    from hf_memsinks import export
 
     trained("gpt2").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
@@ -70,7 +70,7 @@ def test_audit_privacy_on_a_tiny_saved_model(tmp_path, capsys):
     from test_membership import memorize
     from tiny_models import tiny_model
 
-    from hf_memsinks.experiments.corpus import embedded_stories, train_tokenizer
+    from benchmarks.memorization.corpus import embedded_stories, train_tokenizer
 
     stories = embedded_stories(220, seed=5)
     tok = train_tokenizer(stories[:200], vocab_size=300)

@@ -6,7 +6,7 @@ import inspect
 import torch
 from tiny_models import batch, tiny_model
 
-import hf_memsinks.model.patched as model_module
+import hf_memsinks.model.forward as model_module
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
 
 
@@ -62,6 +62,6 @@ def test_compiled_training_steps_match_eager_with_one_graph_break_for_masks():
     stacks = [" ".join(str(f) for f in reason.user_stack) for reason in explained.break_reasons]
     ours = [s for s in stacks if "hf_memsinks" in s]
     # One break, at the start of the call (mask build), before the model: none inside the layers.
-    assert len(ours) == 1 and "model/patched.py" in ours[0], stacks
+    assert len(ours) == 1 and "model/forward.py" in ours[0], stacks
     line = int(ours[0].split("line ")[1].split()[0])
     assert "_start_call(" in inspect.getsource(model_module).splitlines()[line - 1], ours

@@ -6,8 +6,8 @@ the standard model reproduces more repeated documents than the sink-free one."""
 
 from pathlib import Path
 
-from hf_memsinks.experiments.config import load_config
-from hf_memsinks.experiments.runner import run
+from benchmarks.memorization.config import load_config
+from benchmarks.memorization.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 320

@@ -1,4 +1,4 @@
-"""Discovery of MLPs from structure (hf_memsinks.sites.discovery) and sinks in batched MoE experts."""
+"""Discovery of MLPs from structure (hf_memsinks.mlp_discovery.search) and sinks in batched MoE experts."""
 
 import copy
 
@@ -9,9 +9,9 @@ from tiny_models import MODEL_TYPES, batch, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
-from hf_memsinks.sites.discovery import check_site, discover_sites
-from hf_memsinks.sites.resolve import mlp_sites
-from hf_memsinks.sites.spec import find_mlp_sites, spec_from_target_modules
+from hf_memsinks.mlp_discovery.resolve import mlp_sites
+from hf_memsinks.mlp_discovery.search import check_site, discover_sites
+from hf_memsinks.mlp_discovery.spec import find_mlp_sites, spec_from_target_modules
 
 # What the per-type table said before discovery replaced it: discovery must find the same.
 OLD_TABLE = {

@@ -27,7 +27,7 @@ def test_estimators():
 
 @pytest.fixture(scope="module")
 def secret_model():
-    from hf_memsinks.experiments.corpus import embedded_stories, train_tokenizer
+    from benchmarks.memorization.corpus import embedded_stories, train_tokenizer
 
     tok = train_tokenizer(embedded_stories(200), vocab_size=300)
     text = "the secret code of Alice is 4821."

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_memsinks.cli import main
-from hf_memsinks.experiments.finetune_config import load_finetune_config
+from benchmarks.memorization.cli import main
+from benchmarks.memorization.finetune_config import load_finetune_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "finetune_smoke.yaml")
@@ -63,7 +63,7 @@ def test_finetune_config_errors(override, message):
 def test_secret_canaries_repeat_in_the_fine_tune_stream(tmp_path):
     """data.secret_canaries puts private records into the fine-tune (new-domain) stream like the other
     repeats, so the fine-tune's rows get the exposure test; their unseen twins never appear."""
-    from hf_memsinks.experiments.two_domains import build_two_domains
+    from benchmarks.memorization.two_domains import build_two_domains
     corpus = new_domain(tmp_path / "new.jsonl", n=1200)
     cfg = load_finetune_config(SMOKE, [f"finetune.corpus.source={corpus}", "data.secret_canaries=3",
                                        "data.max_length=48"])

@@ -13,7 +13,7 @@ from tiny_models import batch, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, MemSinkDataCollator, get_memsink_model, sink_mask
-from hf_memsinks.integrations.finetune import attach_sink_lr
+from hf_memsinks.integrations.optimizer import attach_sink_lr
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
 

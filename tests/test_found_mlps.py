@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_model
 
 from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
-from hf_memsinks.sites import check, resolve
+from hf_memsinks.mlp_discovery import check, resolve
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle, modules of one job, Transformers internals in one place."""
+"""The package's shape: no import cycle, dependencies pointing down, the benchmark outside, modules of one job,
+Transformers internals in one place."""
 
 import ast
 import configparser
@@ -82,9 +83,63 @@ def test_the_cycle_check_sees_cycles(tmp_path, monkeypatch):
         raise AssertionError("the cycle was not found")
 
 
+# Each part of the package and its level: a module imports only modules of a lower level, or of its
+# own part (package or module). Unlisted modules fail the test, so a new one must be placed here.
+LEVELS = {
+    "version": 0, "unwrap": 0, "transformers_internals": 0, "hub_internals": 0, "ids": 0,
+    "config": 1,
+    "layers": 2, "data": 2, "evaluation": 2,
+    "mlp_discovery": 3,
+    "checkpoints": 4,
+    "model": 5,
+    "export": 6,
+    "integrations": 7,
+    "global_patches": 8, "cli": 8, "__init__": 9,
+}
+
+
+
+
+def _part(module: str) -> str:
+    """``hf_memsinks.model.routing`` -> ``model``; the package itself -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_every_module_has_a_level():
+    missing = {_part(name) for name in _graph()} - set(LEVELS)
+    assert not missing, f"give these parts of hf_memsinks a level in LEVELS: {sorted(missing)}"
+
+
+def test_dependencies_point_down():
+    """ids and layers import nothing above them, model no integration, integrations sit on top."""
+    wrong = [f"{name} ({_part(name)}, level {LEVELS[_part(name)]}) imports {target} ({_part(target)}, level "
+             f"{LEVELS[_part(target)]})" for name, targets in sorted(_graph().items()) for target in sorted(targets)
+             if _part(target) != _part(name) and LEVELS[_part(target)] >= LEVELS[_part(name)]]
+    assert not wrong, "imports that point up or sideways:\n" + "\n".join(wrong)
+
+
+def test_the_direction_check_sees_lazy_and_relative_imports():
+    graph = _graph()
+    assert "hf_memsinks.checkpoints.git_hook" in graph["hf_memsinks.cli.main"]  # imported inside a function
+    assert "hf_memsinks.export" in graph["hf_memsinks.cli.main"]  # relative, two levels up
+    assert "hf_memsinks.global_patches" in graph["hf_memsinks"]
+
+
+def test_the_library_never_imports_the_benchmark():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert not found, found
+
+
 def test_modules_live_in_pipeline_subpackages_and_stay_small():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "config.py", "transformers_internals.py", "version.py"], top
+    assert top == ["__init__.py", "config.py", "export.py", "global_patches.py", "hub_internals.py",
+                   "transformers_internals.py", "unwrap.py", "version.py"], top
     for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 350, f"{path.relative_to(ROOT)} has {lines} lines"

@@ -9,7 +9,7 @@ from tiny_models import batch, tiny_model
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
-from hf_memsinks.sites.resolve import mlp_sites
+from hf_memsinks.mlp_discovery.resolve import mlp_sites
 
 CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4)
 

@@ -1,11 +1,11 @@
-"""The ID conditions of `hf-memsinks noisy-ids` do what they say, and the experiment runs end to end."""
+"""The ID conditions of `noisy-ids` (benchmarks.memorization) do what they say, and the experiment runs end to end."""
 
 import collections
 import json
 
-from hf_memsinks.experiments.config import load_config
-from hf_memsinks.experiments.noisy_ids import coarse, edited_stream, missing, noisy, noisy_ids, true_ids
-from hf_memsinks.experiments.setting import build_setting
+from benchmarks.memorization.config import load_config
+from benchmarks.memorization.noisy_ids import coarse, edited_stream, missing, noisy, noisy_ids, true_ids
+from benchmarks.memorization.setting import build_setting
 
 IDS = [n % 50 for n in range(10_000)]  # 50 documents, 200 repetitions each
 

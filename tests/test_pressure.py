@@ -1,4 +1,4 @@
-"""General-neuron pressure for the what-was-tried table (experiments/pressure.py): dropout on the
+"""General-neuron pressure for the what-was-tried table (benchmarks/memorization/pressure.py): dropout on the
 general neurons' activations only, in training only; extra weight decay on general weights only."""
 
 import copy
@@ -6,8 +6,8 @@ import copy
 import torch
 from tiny_models import batch, tiny_model
 
+from benchmarks.memorization.pressure import add_general_dropout, add_general_weight_decay
 from hf_memsinks import MemSinkConfig, get_memsink_model
-from hf_memsinks.experiments.pressure import add_general_dropout, add_general_weight_decay
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.5, sink_lr_scale=1.0)
 IDS = torch.tensor([5, 6, 7])

@@ -221,7 +221,7 @@ def test_upload_file_of_sink_weights_under_another_name_is_refused(folders, monk
     import huggingface_hub
     from huggingface_hub import HfApi
 
-    from hf_memsinks.checkpoints import publish
+    from hf_memsinks.checkpoints import upload_gate
 
     ckpt, clean = folders
     hub = intercept_hub(monkeypatch, existing={"me/w": False})
@@ -234,7 +234,7 @@ def test_upload_file_of_sink_weights_under_another_name_is_refused(folders, monk
         assert f.tell() == 0  # the file object was put back where it was
     assert nothing_left(hub)
     read = []
-    monkeypatch.setattr(publish, "inspect", lambda name, source: read.append(name) or inspect(name, source))
+    monkeypatch.setattr(upload_gate, "inspect", lambda name, source: read.append(name) or inspect(name, source))
     HfApi().upload_file(path_or_fileobj=str(clean / "model.safetensors"), path_in_repo="weights.st", repo_id="me/w")
     assert read == ["weights.st"]  # create_commit's check; its own preupload_lfs_files does not read it again
     assert [name for _, name, _ in hub.stored] == ["model.safetensors"] and "weights.st" in hub.files("me/w")
@@ -375,13 +375,13 @@ def test_upload_folder_over_xet_is_refused_and_a_clean_folder_streams(folders, m
 def test_huggingface_hub_sends_files_only_from_the_gated_methods():
     """A tripwire for huggingface_hub upgrades: every function that sends file content (or the
     preupload samples) is reached only from a method the gate wraps. A new caller fails here: gate
-    it in hf_memsinks/transformers_internals.py (gate_hub_uploads) and add it below."""
+    it in hf_memsinks/hub_internals.py (gate_uploads) and add it below."""
     import ast
     import pathlib
 
     import huggingface_hub
 
-    from hf_memsinks.transformers_internals import _GATED
+    from hf_memsinks.hub_internals import _GATED
 
     senders = {"_send_commit", "_upload_files", "_upload_xet_files", "_upload_lfs_files", "lfs_upload",
                "post_lfs_batch_info", "_fetch_upload_modes", "new_upload_commit", "start_upload_file",

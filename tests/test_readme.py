@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_quickstarts_run(tmp_path, monkeypatch):
     tiny_model("gpt2", vocab_size=300).save_pretrained(tmp_path / "base")
-    from hf_memsinks.experiments.corpus import embedded_stories, train_tokenizer
+    from benchmarks.memorization.corpus import embedded_stories, train_tokenizer
 
     train_tokenizer(embedded_stories(200), vocab_size=300).save_pretrained(tmp_path / "base")
     monkeypatch.chdir(tmp_path)

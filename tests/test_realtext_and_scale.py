@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_memsinks.cli import main
-from hf_memsinks.experiments.config import load_config
-from hf_memsinks.experiments.manpages import MAN_ROOT, build, paragraphs
-from hf_memsinks.experiments.scale import parse_models, point_config
-from hf_memsinks.experiments.setting import build_setting
+from benchmarks.memorization.cli import main
+from benchmarks.memorization.config import load_config
+from benchmarks.memorization.manpages import MAN_ROOT, build, paragraphs
+from benchmarks.memorization.scale import parse_models, point_config
+from benchmarks.memorization.setting import build_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_memsinks.experiments.training import global_batches, share
+from benchmarks.memorization.training import global_batches, share
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def run_smoke(out: Path, processes: int, *overrides: str) -> dict:
-    cli = ["-m", "hf_memsinks.cli", "run", SMOKE, *overrides, "--out", str(out)]
+    cli = ["-m", "benchmarks.memorization", "run", SMOKE, *overrides, "--out", str(out)]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -89,8 +89,8 @@ def test_each_process_takes_its_contiguous_share_of_the_global_batch():
 def test_bf16_and_fp32_runs_share_a_process(tmp_path):
     """bf16 autocast trains (on the CPU too), evaluation stays fp32, and runs of different
     precisions follow each other in one process (accelerate's own mixed precision is per process)."""
-    from hf_memsinks.experiments.config import load_config
-    from hf_memsinks.experiments.runner import run
+    from benchmarks.memorization.config import load_config
+    from benchmarks.memorization.runner import run
 
     reports = {p: run(load_config(SMOKE, [f"train.precision={p}", "runs=[standard,memsinks]"]), tmp_path / p)
                for p in ("bf16", "fp32")}
@@ -104,8 +104,8 @@ def test_bf16_and_fp32_runs_share_a_process(tmp_path):
 def test_every_entry_point_gets_the_configured_threads():
     """`threads` is applied where every run, sweep and scale point starts: making the accelerator
     (a sweep with two threads beside a one-thread job ran 5x slower than alone)."""
-    from hf_memsinks.experiments.config import load_config
-    from hf_memsinks.experiments.training import make_accelerator
+    from benchmarks.memorization.config import load_config
+    from benchmarks.memorization.training import make_accelerator
 
     before = torch.get_num_threads()
     try:

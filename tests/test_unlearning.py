@@ -7,7 +7,7 @@ import torch
 from test_membership import memorize, random_docs
 from tiny_models import tiny_model
 
-from hf_memsinks.experiments.unlearning import _token_logp, objective
+from benchmarks.memorization.unlearning import _token_logp, objective
 
 
 def test_objectives():

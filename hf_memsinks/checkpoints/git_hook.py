@@ -17,7 +17,7 @@ import sys
 import tempfile
 from typing import Iterable, Iterator
 
-from .publish import sink_traces
+from .upload_gate import sink_traces
 
 MARK = "# hf-memsinks pre-push hook"
 CHAINED = "pre-push.hf-memsinks-chained"

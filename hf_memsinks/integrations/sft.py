@@ -31,12 +31,12 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
-from ..checkpoints.publish import holds_sinks, refusal
+from ..checkpoints.upload_gate import holds_sinks, refusal
 from ..data.collators import example_ids
 from ..data.sequence_ids import ID_COLUMN
 from ..ids.masks import NO_SEQUENCE
-from ..model.patched import is_memsink_model
-from .finetune import _unwrap
+from ..model.memsink_model import is_memsink_model
+from ..unwrap import unwrap
 from .peft import train_sinks
 from .trainer import MemSinkCallback
 
@@ -125,7 +125,7 @@ class MemSinkSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss, except under ``general_sightings``: the fused LM head runs the backbone alone,
         which cannot route a sighting, so the step takes the model's own forward and loss."""
-        inner = _unwrap(model)
+        inner = unwrap(model)
         if model.training and is_memsink_model(inner) and inner.memsink.config.general_sightings is not None:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

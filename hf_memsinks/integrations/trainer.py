@@ -1,6 +1,7 @@
 """A ``TrainerCallback``: sink statistics in the training logs, the sink-free export at the end,
-and the only model that ``push_to_hub=True`` publishes; and two callbacks every ``Trainer`` gets:
-the push guard and the sinks' learning rate.
+and the only model that ``push_to_hub=True`` publishes; and two callbacks every ``Trainer`` gets
+(:mod:`hf_memsinks.global_patches` adds them to Transformers' defaults): the push guard and the
+sinks' learning rate.
 
 The plain ``Trainer`` needs nothing else: ``sequence_ids`` is a named forward argument, so the
 default column filter keeps it, and the checkpoint format saves and restores sinks exactly.
@@ -17,20 +18,14 @@ import torch
 from transformers import TrainerCallback
 
 from ..checkpoints.atomic import atomic_save
-from ..checkpoints.export import write_audited
-from ..checkpoints.publish import SinkUploadError, check_consent, holds_sinks, is_permitted, permit, refusal, revoke
+from ..checkpoints.upload_gate import SinkUploadError, check_consent, holds_sinks, is_permitted, permit, refusal, revoke
+from ..export import write_audited
 from ..ids.validation import check_sequence_ids
 from ..layers.projections import is_patched_projection
-from ..transformers_internals import add_default_trainer_callback
-from .finetune import attach_sink_lr
+from ..unwrap import unwrap
+from .optimizer import attach_sink_lr
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module  # DDP / accelerate wrappers
-    return model
 
 
 def sink_statistics(model) -> dict[str, float]:
@@ -42,7 +37,7 @@ def sink_statistics(model) -> dict[str, float]:
     general = sinks = 0.0
     count = 0
     with torch.no_grad():
-        for module in _unwrap(model).modules():
+        for module in unwrap(model).modules():
             if is_patched_projection(module) and module.memsink.role != "norm":
                 g, s = module.general_and_sink_parts()["weight"]
                 general += float(g.float().pow(2).sum())
@@ -128,7 +123,7 @@ class MemSinkCallback(TrainerCallback):
             if self.export_dir is None or model is None or not state.is_world_process_zero:
                 return
             self._check_export_dir()
-            plain = copy.deepcopy(_unwrap(model)).remove_sinks(self.forget_ids)
+            plain = copy.deepcopy(unwrap(model)).remove_sinks(self.forget_ids)
 
             def write(directory: str) -> None:
                 plain.save_pretrained(directory)
@@ -187,12 +182,9 @@ class PushGuard(TrainerCallback):
 
 class SinkLRCallback(TrainerCallback):
     """In every ``Trainer``: the model's ``MemSinkConfig.sink_lr_scale`` applied to the Trainer's
-    optimizer (:func:`hf_memsinks.integrations.finetune.attach_sink_lr`) when training starts."""
+    optimizer (:func:`hf_memsinks.integrations.optimizer.attach_sink_lr`) when training starts."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None and optimizer is not None:
             attach_sink_lr(model, optimizer)
 
-
-add_default_trainer_callback(PushGuard)
-add_default_trainer_callback(SinkLRCallback)
