@@ -89,3 +89,18 @@ def test_lora_trained_sinks_merged_then_removed_leave_nothing():
     peft_model.train()(input_ids=x, labels=x, sequence_ids=torch.tensor([5, 6, 7])).loss.backward()
     plain = peft_model.merge_and_unload().remove_sinks()
     assert leftovers(plain) == []
+
+
+def test_a_forward_wrapper_taken_before_removal_runs_the_plain_model():
+    """Trainers set an instance forward around the patched one (accelerate's fp32 wrapper, TRL's
+    fused head); after remove_sinks it runs the plain model, as the default eval mode did."""
+    model = get_memsink_model(tiny_model("llama"), CFG).eval()
+    patched = model.forward
+    model.forward = lambda *args, **kwargs: patched(*args, **kwargs)
+    x = batch()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        plain = model.remove_sinks()
+        torch.testing.assert_close(plain(input_ids=x).logits, before)
+    with pytest.raises(TypeError, match="sinks were removed"):
+        plain(input_ids=x, sequence_ids=torch.tensor([5, 6, 7]))

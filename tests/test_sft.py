@@ -136,6 +136,17 @@ def test_sft_trainer_routes_sightings_under_the_privacy_setting(packing, tmp_pat
         assert sinks.any() and torch.equal(sinks & ~expected(IDS), torch.zeros_like(sinks)), name
 
 
+def test_the_trained_model_runs_after_remove_sinks(tmp_path):
+    """MemSinkSFTTrainer leaves TRL's and accelerate's forward wrappers on the instance: removal in
+    the same process still gives a plain model whose logits are the default eval mode's."""
+    model = patched_llama()
+    train(model, text_dataset(IDS), tmp_path)
+    x = torch.tensor([tokenizer()(text_dataset(IDS)["text"][0])["input_ids"]])
+    with torch.no_grad():
+        before = model.eval()(input_ids=x).logits
+        torch.testing.assert_close(model.remove_sinks()(input_ids=x).logits, before)
+
+
 def test_sft_rows_without_sequence_move_no_sink(tmp_path):
     model = patched_llama()
     before = snapshot(model)

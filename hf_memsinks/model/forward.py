@@ -41,8 +41,15 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
        training call with IDs is routed (:mod:`.routing`).
     4. Adapters wrapped around projections since the last call are noticed (``sync_adapters``).
     5. The call's masks are built (:func:`_start_call`), ``base.forward`` runs, the state is restored.
+
+    After ``remove_sinks`` a forward wrapper that captured this one (accelerate's fp32 wrapper,
+    TRL's fused head: set on the instance by a trainer) still calls it: it is then ``base.forward``.
     """
-    patch = model.memsink  # (a ModelPatch)
+    patch = getattr(model, "memsink", None)  # (a ModelPatch)
+    if patch is None:
+        if sequence_ids is not None:
+            raise TypeError(f"{type(model).__name__}'s sinks were removed: its forward takes no sequence_ids")
+        return base.forward(model, *args, **kwargs)
     state = patch.state
     if backbone and sequence_ids is None and state.current() is not None:
         return base.forward(model, *args, **kwargs)
