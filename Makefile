@@ -73,14 +73,16 @@ attribution: install
 # core: over an hour): runs/noisy_ids/seed*/. noisy-ids-privacy: the privacy setting on the noise conditions.
 NOISY_CONDITIONS := --noise 0.02,0.05,0.1,0.3,0.5 --missing 0.3 --coarse 4,16 --edits 3
 noisy-ids: install
-	$(BENCH) noisy-ids configs/noisy_ids.yaml $(NOISY_CONDITIONS) --out runs/noisy_ids/seed0 & \
-	$(BENCH) noisy-ids configs/noisy_ids.yaml seed=1 $(NOISY_CONDITIONS) --out runs/noisy_ids/seed1 & wait
+	$(BENCH) noisy-ids configs/noisy_ids.yaml $(NOISY_CONDITIONS) --out runs/noisy_ids/seed0 & first=$$!; \
+	$(BENCH) noisy-ids configs/noisy_ids.yaml seed=1 $(NOISY_CONDITIONS) --out runs/noisy_ids/seed1 & second=$$!; \
+	wait $$first && wait $$second
 
 noisy-ids-privacy: install
 	$(BENCH) noisy-ids configs/noisy_ids.yaml memsinks.general_sightings=1 --noise 0.1,0.3 --missing "" --coarse "" \
-		--edits 0 --out runs/noisy_ids_privacy/seed0 & \
+		--edits 0 --out runs/noisy_ids_privacy/seed0 & first=$$!; \
 	$(BENCH) noisy-ids configs/noisy_ids.yaml seed=1 memsinks.general_sightings=1 --noise 0.1,0.3 --missing "" \
-		--coarse "" --edits 0 --out runs/noisy_ids_privacy/seed1 & wait
+		--coarse "" --edits 0 --out runs/noisy_ids_privacy/seed1 & second=$$!; \
+	wait $$first && wait $$second
 
 # The 45-second toy version (random canaries in a bigram language).
 quick-demo: install

@@ -24,9 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str, example: str = "configs/demo.yaml") -> argparse.ArgumentParser:
+    def command(name: str, summary: str, example: str = "configs/demo.yaml") -> argparse.ArgumentParser:
         """A command on one YAML config with ``dotted.key=value`` overrides and a run directory."""
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=summary)
         p.add_argument("config", help=f"YAML file, e.g. {example}")
         p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=200 memsinks.sink_fraction=0.5")
         p.add_argument("--out", default=None, help="run directory (default runs/<config name>[-<command>])")
