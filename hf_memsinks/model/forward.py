@@ -21,13 +21,17 @@ def _start_call(patch, ids: torch.Tensor | None, training: bool):
     """The eager start of every forward (under torch.compile, the one graph break of ours): a
     warning, once, if training runs but no optimizer applies the config's ``sink_lr_scale``; then
     the call's masks (``SinkState.enter``)."""
-    if training and patch.config.sink_lr_scale != 1.0 and not (patch.sink_lr_attached or patch.sink_lr_warned):
+    if training and not patch.sink_lr_warned and (
+            (patch.config.sink_lr_scale != 1.0 and not patch.sink_lr_attached)
+            or (patch.config.general_sightings is not None and not patch.general_held)):
         patch.sink_lr_warned = True
         warnings.warn(
-            f"MemSinkConfig.sink_lr_scale={patch.config.sink_lr_scale} but no optimizer applies it, so the sinks "
-            "train at the general neurons' learning rate and isolate less: every transformers Trainer (and "
-            "MemSinkSFTTrainer) applies it; in your own training loop call hf_memsinks.attach_sink_lr(model, "
-            "optimizer) once", UserWarning, stacklevel=3)
+            f"MemSinkConfig(sink_lr_scale={patch.config.sink_lr_scale}, general_sightings="
+            f"{patch.config.general_sightings}) needs its optimizer hooks, and no optimizer has them: without them "
+            "the sinks train at the general neurons' learning rate and isolate less, and under general_sightings "
+            "the optimizer's momentum and weight decay move the general path on steps that trained only sinks. "
+            "Every transformers Trainer (and MemSinkSFTTrainer) attaches them; in your own training loop call "
+            "hf_memsinks.attach_sink_lr(model, optimizer) once", UserWarning, stacklevel=3)
     return patch.state.enter(ids, training)
 
 
@@ -67,6 +71,8 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
     ids = check_batch_ids(sequence_ids, inputs, cached)
     if ids is not None and routes(model, backbone):
         return routed_forward(model, args, kwargs, ids)
+    if model.training and not (patch.routing is not None and patch.routing.inside):
+        patch.general_trained = True  # (a routed call's own calls say for themselves, in routed_forward)
     sync_adapters(patch.slots)
     if model.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
         # Packed rows (position_ids restarting per document) need Transformers' packed-sequence

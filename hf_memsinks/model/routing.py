@@ -264,9 +264,11 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     tokens = fresh if fresh.dim() == 2 else fresh.unsqueeze(1)  # (B, T) or (B, 1)
     in_a, in_b = tokens.any(1), (~tokens).any(1)
     none = torch.full_like(ids, -1)
+    general = bool(in_a.any())
+    patch.general_trained |= general  # (the optimizer hook holds the general path on steps where none did)
     if not bool(in_b.any()):  # every sighting trains the general path
         return call(args, kwargs, none, False)
-    if not bool(in_a.any()):  # every sighting trains its sinks only
+    if not general:  # every sighting trains its sinks only
         return _connected(call(args, kwargs, torch.where(fresh, none, ids), True), model)
     labels = kwargs.pop("labels", None)
     loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels") if k in kwargs}
