@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # the memorization benchmark (benchmarks/memorization/, outside the package), run from the repository root
 BENCH := $(PY) -m benchmarks.memorization
 
-.PHONY: install test coverage demo demo-full demo-wide quick-demo manpages realtext finetune scale noisy-ids noisy-ids-privacy attribution bench bench-gpu bench-compile clean
+.PHONY: install test coverage demo demo-full demo-wide quick-demo manpages docstrings realtext repetition epochs finetune scale noisy-ids noisy-ids-privacy attribution bench bench-gpu bench-compile clean
 
 install: $(STAMP)
 
@@ -49,6 +49,35 @@ data/manpages.jsonl:
 	$(PY) -m benchmarks.memorization.manpages --out $@
 
 manpages: data/manpages.jsonl
+
+# A second real-text corpus: the paragraphs of the Python standard library's docstrings (data/docstrings.jsonl).
+data/docstrings.jsonl:
+	$(MAKE) install
+	$(PY) -m benchmarks.memorization.docstrings --out $@
+
+docstrings: data/docstrings.jsonl
+
+# Where repetition is worth something (docs/repetition.md), seeds 0 and 1 in two processes. `repetition`: from
+# scratch, a background seen once beside a domain's documents repeated 8 times, two (background, domain) pairs
+# (stories + manual pages, manual pages + docstrings). `epochs`: a pretrained base fine-tuned for 3 and 8 epochs.
+# Tables: runs/repetition/*.md, runs/epochs/report.md.
+REP := $(BENCH) repetition
+repetition: install data/manpages.jsonl data/docstrings.jsonl
+	$(REP) configs/repetition_domain.yaml --out runs/repetition/manpages/seed0 & first=$$!; \
+	$(REP) configs/repetition_domain.yaml seed=1 --out runs/repetition/manpages/seed1 & second=$$!; \
+	wait $$first && wait $$second
+	$(REP) configs/repetition_domain_docstrings.yaml --out runs/repetition/docstrings/seed0 & first=$$!; \
+	$(REP) configs/repetition_domain_docstrings.yaml seed=1 --out runs/repetition/docstrings/seed1 & second=$$!; \
+	wait $$first && wait $$second
+	$(BENCH) repetition-table runs/repetition/manpages/seed0 runs/repetition/manpages/seed1 --out runs/repetition/manpages.md
+	$(BENCH) repetition-table runs/repetition/docstrings/seed0 runs/repetition/docstrings/seed1 \
+		--out runs/repetition/docstrings.md
+
+epochs: install data/manpages.jsonl
+	$(REP) configs/repetition_epochs.yaml --out runs/epochs/seed0 & first=$$!; \
+	$(REP) configs/repetition_epochs.yaml seed=1 --out runs/epochs/seed1 & second=$$!; \
+	wait $$first && wait $$second
+	$(BENCH) repetition-table runs/epochs/seed0 runs/epochs/seed1 --out runs/epochs/report.md
 
 realtext: install data/manpages.jsonl
 	$(BENCH) run configs/manpages.yaml --out runs/manpages

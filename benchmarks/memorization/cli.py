@@ -1,5 +1,5 @@
 """``python -m benchmarks.memorization``: the memorization benchmark's commands (``run``, ``finetune``,
-``sweep``, ``scale``, ``attribute``, ``noisy-ids``), each a YAML config of :mod:`.config` plus
+``repetition``, ``sweep``, ``scale``, ``attribute``, ``noisy-ids``), each a YAML config of :mod:`.config` plus
 ``dotted.key=value`` overrides; the Makefile's experiment targets call them."""
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-ratios", default="4,16", help="MLP width as multiples of hidden, e.g. 4,16")
     command("attribute", "where the canaries' gap left after sink removal lives: components swapped with a twin "
             "trained without the canaries")
+    command("repetition", "where repetition is worth something: a repeated domain from scratch, or a fine-tune's "
+            "epochs; one seed per call", "configs/repetition_domain.yaml")
+    p = sub.add_parser("repetition-table", help="the table of several repetition runs (one per seed)")
+    p.add_argument("runs", nargs="+", help="run directories, each with a report.json")
+    p.add_argument("--out", required=True, help="the markdown file to write (and its .json beside it)")
     p = command("noisy-ids", "memsinks with noisy, missing, coarse and near-duplicate sequence IDs")
     p.add_argument("--noise", default="0.1,0.3,0.5", help="shares of repetitions given another document's ID")
     p.add_argument("--missing", default="0.3", help="shares of documents without an ID")
@@ -56,6 +61,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "finetune":
         return _finetune(args)
+    if args.command in ("repetition", "repetition-table"):
+        return _repetition(args)
     return _experiment(args)
 
 
@@ -124,6 +131,21 @@ def _finetune(args) -> int:
     out = args.out or os.path.join("runs", cfg.name or Path(args.config).stem)
     run_finetune(cfg, out)
     print((Path(out) / "report.md").read_text() + f"\nreport.json and report.md in {out}")
+    return 0
+
+
+def _repetition(args) -> int:
+    from pathlib import Path
+
+    from .repetition import combine, load_repetition_config, run_repetition
+
+    if args.command == "repetition-table":
+        print(combine(args.runs, args.out) + f"\n{args.out} and its .json")
+        return 0
+    cfg = load_repetition_config(args.config, args.overrides)
+    out = args.out or os.path.join("runs", f"{cfg.name or Path(args.config).stem}-seed{cfg.seed}")
+    run_repetition(cfg, out)
+    print((Path(out) / "report.md").read_text() + f"\nreport.json, report.md and rows.jsonl in {out}")
     return 0
 
 

@@ -149,7 +149,8 @@ def curve_point(model, setting, step: int, n: int) -> dict:
 
 def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool | Sequence[int], label: str,
           goldfish: GoldfishConfig | None = None, accelerator=None,
-          on_optimizer: Callable | None = None, progress=None) -> tuple[list[dict], dict]:
+          on_optimizer: Callable | None = None, progress=None, route: Callable | None = None
+          ) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
     and the shares: documents and target tokens each process trained on.
@@ -165,6 +166,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         on_optimizer: called with the optimizer once it exists (to attach hooks to it).
         progress: report the steps to this (progress.py: the benchmark's one display)
             instead of drawing a bar of its own.
+        route: ``route(model, global_batch)`` gives the batch's sequence IDs at each step (gate.py).
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
@@ -195,6 +197,8 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         report, bar = None, tqdm(total=steps, desc=label, mininterval=2.0, dynamic_ncols=True,
                                  disable=not accelerator.is_main_process)
     for step, batch in enumerate(batches, 1):
+        if route is not None:
+            batch["sequence_ids"] = route(model, batch)
         targets = int((batch["labels"][:, 1:] != -100).sum().clamp(min=1))  # on the host: no device sync
         part = share(batch, rank, processes)
         counts += torch.tensor([part["input_ids"].shape[0], int((part["labels"][:, 1:] != -100).sum())])

@@ -1,0 +1,343 @@
+"""``python -m benchmarks.memorization repetition CONFIG.yaml``: MemSinks where repetition is worth
+something, so that dedup and one epoch lose what it teaches.
+
+Two settings (``repetition.setting``):
+
+* ``domain`` (from scratch): a background corpus seen once, plus ``repetition.documents`` documents
+  of another domain, each repeated ``data.repetitions`` times and shuffled in (the paper's
+  TinyStories inside SlimPajama). Validation: held-out documents of the domain. Dedup sees each
+  domain document once, fresh background fills its slots.
+* ``epochs`` (fine-tune): a base pretrained on the corpus (seen once), fine-tuned on the domain's
+  ``documents`` private documents for each of ``repetition.epochs`` epochs (a fresh shuffle per
+  epoch). Validation: held-out documents of the domain; the base's domain is the old one. "Dedup"
+  here is one epoch.
+
+Members are the first ``data.repeated_natural`` of the repeated documents (and the
+``data.secret_canaries`` secret sentences, repeated like them); non-members are ``data.control``
+held-out documents of the domain. Per row: the domain's validation loss and the share of
+repetition's benefit it keeps (against the standard run and dedup or one epoch), old-domain loss,
+the gap closed against the standard run, extraction, every attack's membership AUC and the
+secrets' exposure. Memsinks rows are measured with their sinks removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+import torch
+
+from hf_memsinks.config import MemSinkConfig
+from hf_memsinks.model.add_sinks import get_memsink_model
+
+from .config import BenchmarkConfig, CorpusConfig, load_config
+from .corpus import load_documents, load_or_train_tokenizer
+from .finetune_config import PretrainConfig
+from .gate import LossGate
+from .metrics import doc_losses, measure
+from .secrets import make_secrets
+from .setting import Setting, _streams
+from .training import build_model, make_accelerator, train
+
+SETTINGS = ("domain", "epochs")
+METHODS = ("standard", "dedup", "goldfish", "memsinks")
+
+
+@dataclass
+class Row:
+    """One training of the table. ``method``: ``standard`` (the full fine-tune in ``epochs``),
+    ``dedup`` (one epoch in ``epochs``), ``goldfish`` or ``memsinks`` (``memsinks``: MemSinkConfig
+    fields; ``recipe``: over ``MemSinkConfig.for_finetuning()``)."""
+
+    name: str
+    method: str = "standard"
+    memsinks: dict = field(default_factory=dict)
+    recipe: bool = False
+    gate: dict | None = None  # memsinks: LossGate's settings (gate.py), over general_sightings=0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"repetition row {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
+        if self.gate is not None and self.method != "memsinks":
+            raise ValueError(f"repetition row {self.name!r}: gate needs method memsinks")
+        if self.method == "memsinks":
+            self.memsink_config()
+
+    def memsink_config(self) -> MemSinkConfig:
+        fields = {**self.memsinks, **({"general_sightings": 0, "sightings_by": "ids"} if self.gate is not None else {})}
+        return MemSinkConfig.for_finetuning(**fields) if self.recipe else MemSinkConfig(**fields)
+
+
+@dataclass
+class RepetitionConfig:
+    setting: str = "domain"
+    domain: CorpusConfig = field(default_factory=lambda: CorpusConfig(source="data/manpages.jsonl"))
+    documents: int = 800  # the domain's repeated (private) documents
+    epochs: list[int] = field(default_factory=lambda: [3, 8])  # setting epochs: one fine-tune per entry
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # setting epochs: the base
+    rows: list[dict] = field(default_factory=lambda: [{"name": "standard"}, {"name": "dedup", "method": "dedup"}])
+
+    def row_specs(self) -> list[Row]:
+        names = {f.name for f in dataclasses.fields(Row)}
+        specs = []
+        for raw in self.rows:
+            unknown = set(raw) - names
+            if unknown or "name" not in raw:
+                raise ValueError(f"repetition row {raw}: needs a name and known keys; unknown {sorted(unknown)}")
+            specs.append(Row(**raw))
+        return specs
+
+
+@dataclass
+class RepetitionBenchmarkConfig(BenchmarkConfig):
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    runs: list[str] = field(default_factory=list)
+
+
+def load_repetition_config(path, overrides: list[str] | None = None) -> RepetitionBenchmarkConfig:
+    cfg = load_config(path, overrides, kind=RepetitionBenchmarkConfig)
+    rep = cfg.repetition
+    if rep.setting not in SETTINGS:
+        raise ValueError(f"repetition.setting must be one of {SETTINGS}, got {rep.setting!r}")
+    specs = rep.row_specs()
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"repetition.rows: names must differ, got {names}")
+    for method in ("standard", "dedup"):
+        if sum(s.method == method for s in specs) != 1:
+            raise ValueError(f"repetition.rows: exactly one row of method {method!r} (the reference), got "
+                             f"{sum(s.method == method for s in specs)}")
+    if cfg.data.repeated_natural > rep.documents:
+        raise ValueError(f"data.repeated_natural ({cfg.data.repeated_natural} measured) > repetition.documents")
+    return cfg
+
+
+# ---- the settings -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RepetitionSetting(Setting):
+    """A :class:`Setting` whose ``natural`` are the measured members; ``epochs``: the fine-tune's
+    passes (``epoch_streams[e]`` for ``e`` epochs, ``epoch_streams[1]`` is one epoch), the base's
+    pretraining stream and the old domain's validation set."""
+
+    epoch_streams: dict[int, list[list[int]]] = field(repr=False, default_factory=dict)
+    pretrain_stream: list[list[int]] = field(repr=False, default_factory=list)
+    old_validation: list[list[int]] = field(repr=False, default_factory=list)
+
+
+def build_repetition(cfg: RepetitionBenchmarkConfig) -> RepetitionSetting:
+    rep, data, batch, seed = cfg.repetition, cfg.data, cfg.train.batch_size, cfg.seed
+    n_domain = rep.documents + data.control + data.validation
+    domain_texts = load_documents(rep.domain.source, None, text_field=rep.domain.text_field,
+                                  split=rep.domain.split, seed=seed)
+    rng = random.Random(seed)
+    rng.shuffle(domain_texts)
+    if len(domain_texts) < n_domain:
+        raise ValueError(f"{rep.domain.source} has {len(domain_texts)} documents; the setting needs {n_domain}")
+    domain_texts = domain_texts[:n_domain]
+    if rep.setting == "domain":
+        slots = cfg.train.steps * batch - (rep.documents + data.secret_canaries) * data.repetitions
+        if slots <= 0:
+            raise ValueError("train.steps x batch_size cannot hold the repeated domain documents")
+        n_background = slots + (rep.documents + data.secret_canaries) * (data.repetitions - 1)
+    else:
+        n_background = rep.pretrain.steps * batch + data.validation
+    background = load_documents(cfg.corpus.source, None if cfg.corpus.source != "embedded" else n_background,
+                                text_field=cfg.corpus.text_field, split=cfg.corpus.split, seed=seed)
+    rng.shuffle(background)
+    if len(background) < n_background:
+        raise ValueError(f"{cfg.corpus.source} has {len(background)} documents; the setting needs {n_background}")
+    background = background[:n_background]
+    tokenizer = load_or_train_tokenizer(cfg.tokenizer, background[:10000] + domain_texts[:10000])
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [([eos] + e)[:data.max_length] for e in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    domain, other = encode(domain_texts), encode(background)
+    repeated, control = domain[:rep.documents], domain[rep.documents:rep.documents + data.control]
+    validation = domain[rep.documents + data.control:]
+    secrets = control_secrets = None
+    if data.secret_canaries:
+        secrets, control_secrets = make_secrets(tokenizer, data.secret_canaries, data.secret_digits, seed, eos,
+                                                data.max_length)
+    private = repeated + (secrets.docs if secrets else [])
+    measured = repeated[:data.repeated_natural]
+    common = dict(tokenizer=tokenizer, max_length=data.max_length, pad_id=pad_id, natural=measured, canaries=[],
+                  control_natural=control, control_canaries=[], validation=validation, secrets=secrets,
+                  control_secrets=control_secrets)
+    if rep.setting == "domain":
+        general, fresh = other[:slots], other[slots:]
+        stream, dedup = _streams(general, private, fresh, data.repetitions, rng)
+        return RepetitionSetting(**common, stream=stream, dedup_stream=dedup, general_sample=general[:64], fresh=fresh)
+    old_validation, pretrain = other[:data.validation], other[data.validation:]
+    epochs = {}
+    for e in sorted(set(rep.epochs) | {1}):
+        passes = []
+        order = random.Random(seed * 1000 + 17)  # the same first epochs for every length
+        for _ in range(e):
+            one = list(private)
+            order.shuffle(one)
+            passes += one
+        epochs[e] = passes[:len(passes) // batch * batch]
+    return RepetitionSetting(**common, stream=epochs[max(epochs)], dedup_stream=epochs[1], epoch_streams=epochs,
+                             pretrain_stream=pretrain, old_validation=old_validation)
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+
+
+def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
+    """Every row of the config at its seed (``cfg.seed``); report.json and report.md in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    accelerator = make_accelerator(cfg)
+    setting = build_repetition(cfg)
+    rep = cfg.repetition
+    tables = {}
+    if rep.setting == "domain":
+        tables[f"R={cfg.data.repetitions}"] = _table(cfg, setting, None, setting.stream, setting.dedup_stream,
+                                                     accelerator, out, log)
+    else:
+        base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(accelerator.device)
+        p = rep.pretrain
+        pre = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, steps=p.steps, lr=p.lr, warmup=p.warmup, min_lr_ratio=p.min_lr_ratio, eval_every=p.steps))
+        train(base, setting, setting.pretrain_stream, pre, with_ids=False, label="pretrain", accelerator=accelerator)
+        tables["pretrained"] = {"pretrained": evaluate(base, setting, cfg)}
+        for e in rep.epochs:
+            tables[f"E={e}"] = _table(cfg, setting, base, setting.epoch_streams[e], setting.epoch_streams[1],
+                                      accelerator, out, log)
+    report = {"seed": cfg.seed, "setting": rep.setting, "tables": tables, "config": cfg.to_dict(),
+              "describe": setting.describe(), "seconds": round(time.time() - t0, 1),
+              "versions": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "report.md").write_text(markdown([report]))
+    return report
+
+
+def _table(cfg, setting, base, stream, once, accelerator, out: Path, log) -> dict:
+    rows = {}
+    for spec in cfg.repetition.row_specs():
+        t0 = time.time()
+        rows[spec.name] = train_row(spec, cfg, setting, base, stream if spec.method != "dedup" else once, accelerator)
+        rows[spec.name]["seconds"] = round(time.time() - t0, 1)
+        rows[spec.name]["method"] = spec.method
+        with (out / "rows.jsonl").open("a") as f:
+            f.write(json.dumps({"seed": cfg.seed, "row": spec.name, "steps": len(stream) // cfg.train.batch_size,
+                                **rows[spec.name]}, default=float) + "\n")
+    std = next(r for r in rows.values() if r["method"] == "standard")
+    low = next(r for r in rows.values() if r["method"] == "dedup")
+    for r in rows.values():
+        r.update(relative(r, std, low))
+    return rows
+
+
+def train_row(spec: Row, cfg, setting: RepetitionSetting, base, stream, accelerator) -> dict:
+    """One row trained on ``stream`` (from ``base`` in the epochs setting, from scratch otherwise) and
+    measured, sinks removed."""
+    if base is None:
+        model = build_model(cfg, len(setting.tokenizer), setting.max_length)
+    else:
+        model = copy.deepcopy(base)
+    sinks = spec.method == "memsinks"
+    if sinks:
+        model = get_memsink_model(model, spec.memsink_config())
+    model = model.to(accelerator.device)
+    steps = len(stream) // cfg.train.batch_size
+    train_cfg = dataclasses.replace(cfg.train, steps=steps, eval_every=steps)
+    goldfish = cfg.goldfish if spec.method == "goldfish" else None
+    gate = LossGate(**spec.gate) if spec.gate is not None else None
+    train(model, setting, stream, dataclasses.replace(cfg, train=train_cfg), with_ids=sinks, label=spec.name,
+          goldfish=goldfish, accelerator=accelerator, route=gate)
+    if sinks:
+        model = model.remove_sinks()
+    out = evaluate(model.eval(), setting, cfg)
+    if gate is not None:
+        out["gate"] = {"repeats_to_general": gate.general, "repeats_to_sinks": gate.sinks, "ref": gate.ref}
+    return out
+
+
+def evaluate(model, setting: RepetitionSetting, cfg) -> dict:
+    out = measure(model, setting, cfg)
+    if setting.old_validation:
+        out["old_val_loss"] = doc_losses(model, setting.old_validation, cfg, setting.pad_id).mean().item()
+    return out
+
+
+def relative(run: dict, std: dict, low: dict) -> dict:
+    """Gap closed against the standard run; the share of repetition's validation benefit kept:
+    (low - run) / (low - standard), ``low`` being dedup or one epoch."""
+    benefit = low["val_loss"] - std["val_loss"]
+    out = {"gap_closure": 1.0 - run["memorization_gap"] / std["memorization_gap"],
+           "benefit_kept": (low["val_loss"] - run["val_loss"]) / benefit if benefit else float("nan"),
+           "val_ratio": run["val_loss"] / std["val_loss"]}
+    if "old_val_loss" in run:
+        out["old_ratio"] = run["old_val_loss"] / std["old_val_loss"]
+    return out
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    return " / ".join(format(v, fmt) for v in values)
+
+
+def markdown(reports: list[dict]) -> str:
+    """One table per setting length, each cell a value per seed (``seed 0 / seed 1``)."""
+    from hf_memsinks.evaluation.membership import ATTACKS
+
+    first = reports[0]
+    lines = [f"# Repetition benchmark: {first['setting']} (seeds {', '.join(str(r['seed']) for r in reports)})", ""]
+    for key in first["tables"]:
+        rows = first["tables"][key]
+        if key == "pretrained":
+            pre = [r["tables"][key]["pretrained"] for r in reports]
+            lines += [f"Pretrained base: domain val {_cell([p['val_loss'] for p in pre], '.3f')}, old domain "
+                      f"{_cell([p['old_val_loss'] for p in pre], '.3f')}", ""]
+            continue
+        old = "old_val_loss" in next(iter(rows.values()))
+        head = ["row", "domain val", "kept", *(["old val", "old ratio"] if old else []), "gap closed", "extraction",
+                *[f"AUC {a}" for a in ATTACKS], "exposure trained / unseen (bits)"]
+        lines += [f"## {key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in rows:
+            per = [r["tables"][key][name] for r in reports]
+            cells = [name, _cell([p["val_loss"] for p in per], ".3f"), _cell([p["benefit_kept"] for p in per], ".2f")]
+            if old:
+                cells += [_cell([p["old_val_loss"] for p in per], ".3f"), _cell([p["old_ratio"] for p in per], ".3f")]
+            cells += [_cell([p["gap_closure"] for p in per], ".2f"), _cell([p["extraction_rate"] for p in per], ".2f")]
+            cells += [_cell([max(v for k, v in p["mia_auc"][a].items()) for p in per], ".2f") for a in ATTACKS]
+            exp = [p.get("exposure") for p in per]
+            cells.append(" / ".join(f"{e['trained']['mean']:.1f} vs {e['control']['mean']:.1f}" if e else "-"
+                                    for e in exp))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap closed "
+                 "against the standard run; AUC: the largest over the member kinds (natural, secret, pooled) of "
+                 "each attack; memsinks rows with sinks removed.")
+    return "\n".join(lines) + "\n"
+
+
+def combine(out_dirs: list[str], out: str) -> str:
+    """The report of several seeds' runs (each a ``report.json``), written to ``out``."""
+    reports = [json.loads((Path(d) / "report.json").read_text()) for d in out_dirs]
+    text = markdown(reports)
+    Path(out).write_text(text)
+    means = {}
+    for key in reports[0]["tables"]:
+        means[key] = {name: {k: fmean(r["tables"][key][name][k] for r in reports)
+                             for k in ("val_loss", "benefit_kept", "gap_closure", "old_val_loss", "old_ratio")
+                             if k in reports[0]["tables"][key][name]}
+                      for name in reports[0]["tables"][key]}
+    Path(out).with_suffix(".json").write_text(json.dumps(means, indent=1, default=float))
+    return text
