@@ -75,7 +75,7 @@ class MemSinkConfig:
         general_sightings: the privacy setting. ``None`` (the paper's method): every repetition of a
             document trains the general neurons and its sinks. ``K``: only the first ``K`` sightings
             of each sequence ID train the general path, with no sink on; every later one trains that
-            ID's sinks alone, all else frozen for it (hf_memsinks.model.routing). The general path
+            ID's sinks alone, all else frozen for it (hf_memsinks.sightings). The general path
             then learns each document as if the data were deduplicated, so removal leaves no
             membership trace (docs/privacy.md). Counted per model, across processes. ``0``: no
             sighting of a document with an ID trains the general path, only rows without one (-1)

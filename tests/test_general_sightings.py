@@ -1,6 +1,6 @@
 """MemSinkConfig.general_sightings: a document's first sightings train the general path with no sink
-on, later sightings only its own sinks (hf_memsinks.model.routing), counted exactly
-(hf_memsinks.ids.sightings)."""
+on, later sightings only its own sinks (hf_memsinks.sightings.routing), counted exactly
+(hf_memsinks.sightings.counts)."""
 
 import collections
 import copy
@@ -16,8 +16,8 @@ from transformers import Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
 from hf_memsinks.data import MemSinkDataCollator, add_sequence_ids
-from hf_memsinks.ids.sightings import Sightings
-from hf_memsinks.model.routing import Routing, content_keys, first_sightings, sink_masks
+from hf_memsinks.sightings.counts import Sightings
+from hf_memsinks.sightings.routing import Routing, content_keys, first_sightings, sink_masks
 
 
 def test_sightings_count_exactly_like_a_counter():
@@ -203,7 +203,7 @@ def test_zero_sightings_keep_every_labelled_document_off_the_general_path():
 
 
 def test_zero_sightings_with_every_row_labelled_warns():
-    from hf_memsinks.model.routing import UNLABELLED_WARN_AFTER
+    from hf_memsinks.sightings.routing import UNLABELLED_WARN_AFTER
 
     model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=0)).train()
     x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9))

@@ -8,7 +8,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
-from hf_memsinks.model.routing import sink_masks
+from hf_memsinks.sightings.routing import sink_masks
 
 
 def trained(steps, arch="llama", optimizer="adamw", **config):

@@ -90,7 +90,7 @@ LEVELS = {
     "config": 1,
     "layers": 2, "data": 2, "evaluation": 2,
     "mlp_discovery": 3,
-    "checkpoints": 4,
+    "checkpoints": 4, "sightings": 4,
     "model": 5,
     "export": 6,
     "integrations": 7,

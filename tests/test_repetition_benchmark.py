@@ -100,3 +100,18 @@ def test_loss_gate_routes_repeats_by_the_general_paths_loss_against_held_out_doc
 def test_repetition_config_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_repetition_config(DOMAIN, [override])
+
+
+def test_per_document_gate_compares_each_document_with_itself():
+    gate = LossGate(holdout=0.5, per_document=True, margin=0.1, momentum=0.0)  # ref: the last step's
+    ids = torch.tensor([3, 10006, 5010])  # 3 is held out; 10006 and 5010 are not
+    losses = iter([[4.0, 6.0, 2.0],    # first sightings: the held-out documents' loss (ref) is 4.0
+                   [3.5, 5.45, 1.5],   # ref fell 0.5: 10006 fell 0.55 (<= 0.5 + 0.1), 5010 fell 0.5
+                   [3.5, 5.2, 1.45]])  # ref unchanged since: 10006 fell 0.8 in all (> 0.6), 5010 0.55
+    gate.general_losses = lambda model, batch: torch.tensor(next(losses))
+    batch = {"sequence_ids": ids, "input_ids": torch.zeros(3, 2, dtype=torch.long)}
+    model = torch.nn.Linear(1, 1)
+    assert gate(model, batch).tolist() == [3, -1, -1]
+    assert gate(model, batch).tolist() == [3, -1, -1]  # each within the held-out documents' fall + margin
+    ref = gate.ref
+    assert gate(model, batch).tolist() == [3, 10006, -1] and gate.ref == ref

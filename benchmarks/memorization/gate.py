@@ -10,10 +10,14 @@ an ID its sinks only, so the training loop decides per row. ``LossGate`` gives:
   current as the model learns (an exponential mean over the steps, ``ref``);
 * every other document's first sighting -1 (the general path learns it once, as on deduplicated
   data);
-* a repeat -1 while the general path's loss on it is above ``ref + margin``, else its ID.
+* a repeat -1 while the general path's loss on it is above ``ref - margin``, else its ID; with
+  ``per_document``, while the document's loss has fallen since its first sighting by at most what
+  the held-out documents' loss fell since then, plus ``margin`` (each document compared with
+  itself, so that hard documents are not trained on without end and easy ones never).
 
-The gap a membership attack reads is then bounded by what one step fits of a document, while the
-general path keeps learning from repeats as long as that generalizes (``ref`` falls with it).
+The gap a membership attack reads is then bounded by what one step fits of a document (plus the
+margin), while the general path keeps learning from repeats as long as that generalizes (``ref``
+falls with it).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import torch.nn.functional as F
 
 
 class LossGate:
-    def __init__(self, holdout: float = 0.05, margin: float = 0.0, momentum: float = 0.9):
-        self.holdout, self.margin, self.momentum = holdout, margin, momentum
+    def __init__(self, holdout: float = 0.05, margin: float = 0.0, momentum: float = 0.9, per_document: bool = False):
+        self.holdout, self.margin, self.momentum, self.per_document = holdout, margin, momentum, per_document
         self.seen: collections.Counter = collections.Counter()
+        self.first: dict[int, tuple[float, float | None]] = {}  # per_document: loss and ref at the first sighting
         self.ref: float | None = None
         self.general = self.sinks = 0  # repeats sent to each path (the report's counts)
 
@@ -44,6 +49,17 @@ class LossGate:
         loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
         valid = (labels != -100).float()
         return (loss * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+    def general_path(self, doc: int, loss: float) -> bool:
+        """Whether a repeat of ``doc`` at the general path's ``loss`` trains the general path."""
+        if self.ref is None:
+            return False
+        if not self.per_document:
+            return loss > self.ref - self.margin
+        first, ref_then = self.first.get(doc, (None, None))
+        if first is None or ref_then is None:
+            return False
+        return first - loss <= (ref_then - self.ref) + self.margin
 
     def held_out(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids % 10007) < int(self.holdout * 10007)
@@ -67,7 +83,8 @@ class LossGate:
                 out.append(doc)
             elif n == 0:
                 out.append(-1)
-            elif self.ref is not None and float(losses[i]) > self.ref + self.margin:
+                self.first[doc] = (float(losses[i]), self.ref)
+            elif self.general_path(doc, float(losses[i])):
                 out.append(-1)
                 self.general += 1
             else:

@@ -34,6 +34,7 @@ from statistics import fmean
 import torch
 
 from hf_memsinks.config import MemSinkConfig
+from hf_memsinks.evaluation.membership import ATTACKS, roc_auc
 from hf_memsinks.model.add_sinks import get_memsink_model
 
 from .config import BenchmarkConfig, CorpusConfig, load_config
@@ -130,6 +131,7 @@ class RepetitionSetting(Setting):
     epoch_streams: dict[int, list[list[int]]] = field(repr=False, default_factory=dict)
     pretrain_stream: list[list[int]] = field(repr=False, default_factory=list)
     old_validation: list[list[int]] = field(repr=False, default_factory=list)
+    base_losses: tuple[torch.Tensor, torch.Tensor] | None = field(repr=False, default=None)  # members', controls'
 
 
 def build_repetition(cfg: RepetitionBenchmarkConfig) -> RepetitionSetting:
@@ -199,6 +201,7 @@ def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
     """Every row of the config at its seed (``cfg.seed``); report.json and report.md in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").unlink(missing_ok=True)
     t0 = time.time()
     accelerator = make_accelerator(cfg)
     setting = build_repetition(cfg)
@@ -214,6 +217,7 @@ def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
             cfg.train, steps=p.steps, lr=p.lr, warmup=p.warmup, min_lr_ratio=p.min_lr_ratio, eval_every=p.steps))
         train(base, setting, setting.pretrain_stream, pre, with_ids=False, label="pretrain", accelerator=accelerator)
         tables["pretrained"] = {"pretrained": evaluate(base, setting, cfg)}
+        setting.base_losses = member_losses(base, setting, cfg)
         for e in rep.epochs:
             tables[f"E={e}"] = _table(cfg, setting, base, setting.epoch_streams[e], setting.epoch_streams[1],
                                       accelerator, out, log)
@@ -229,12 +233,12 @@ def _table(cfg, setting, base, stream, once, accelerator, out: Path, log) -> dic
     rows = {}
     for spec in cfg.repetition.row_specs():
         t0 = time.time()
-        rows[spec.name] = train_row(spec, cfg, setting, base, stream if spec.method != "dedup" else once, accelerator)
-        rows[spec.name]["seconds"] = round(time.time() - t0, 1)
-        rows[spec.name]["method"] = spec.method
+        docs = stream if spec.method != "dedup" else once
+        rows[spec.name] = train_row(spec, cfg, setting, base, docs, accelerator)
+        rows[spec.name].update(seconds=round(time.time() - t0, 1), method=spec.method,
+                               steps=len(docs) // cfg.train.batch_size)
         with (out / "rows.jsonl").open("a") as f:
-            f.write(json.dumps({"seed": cfg.seed, "row": spec.name, "steps": len(stream) // cfg.train.batch_size,
-                                **rows[spec.name]}, default=float) + "\n")
+            f.write(json.dumps({"seed": cfg.seed, "row": spec.name, **rows[spec.name]}, default=float) + "\n")
     std = next(r for r in rows.values() if r["method"] == "standard")
     low = next(r for r in rows.values() if r["method"] == "dedup")
     for r in rows.values():
@@ -267,18 +271,33 @@ def train_row(spec: Row, cfg, setting: RepetitionSetting, base, stream, accelera
     return out
 
 
+def member_losses(model, setting: RepetitionSetting, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    return (doc_losses(model, setting.natural, cfg, setting.pad_id),
+            doc_losses(model, setting.control_natural, cfg, setting.pad_id))
+
+
 def evaluate(model, setting: RepetitionSetting, cfg) -> dict:
+    """``measure``, the old domain's loss, and with a base model (``epochs``): the gap over the base's
+    own gap between the same members and controls (``calibrated_gap``: the two sets' difference in
+    difficulty taken out) and the reference attack, which scores a document by how much lower its
+    loss is than the base's (the public base model is what a reviewer compares against)."""
     out = measure(model, setting, cfg)
     if setting.old_validation:
         out["old_val_loss"] = doc_losses(model, setting.old_validation, cfg, setting.pad_id).mean().item()
+    if setting.base_losses is not None:
+        (base_m, base_c), (m, c) = setting.base_losses, member_losses(model, setting, cfg)
+        out["calibrated_gap"] = float((c - base_c).mean() - (m - base_m).mean())
+        auc = roc_auc(base_m - m, base_c - c)
+        out["mia_auc"]["reference"] = {"natural": auc, "all": auc}
     return out
 
 
 def relative(run: dict, std: dict, low: dict) -> dict:
-    """Gap closed against the standard run; the share of repetition's validation benefit kept:
-    (low - run) / (low - standard), ``low`` being dedup or one epoch."""
+    """Gap closed against the standard run (on the calibrated gap where there is a base); the share of
+    repetition's validation benefit kept: (low - run) / (low - standard), ``low`` being dedup or one epoch."""
     benefit = low["val_loss"] - std["val_loss"]
-    out = {"gap_closure": 1.0 - run["memorization_gap"] / std["memorization_gap"],
+    gap = "calibrated_gap" if "calibrated_gap" in std else "memorization_gap"
+    out = {"gap_closure": 1.0 - run[gap] / std[gap],
            "benefit_kept": (low["val_loss"] - run["val_loss"]) / benefit if benefit else float("nan"),
            "val_ratio": run["val_loss"] / std["val_loss"]}
     if "old_val_loss" in run:
@@ -295,8 +314,6 @@ def _cell(values: list[float], fmt: str) -> str:
 
 def markdown(reports: list[dict]) -> str:
     """One table per setting length, each cell a value per seed (``seed 0 / seed 1``)."""
-    from hf_memsinks.evaluation.membership import ATTACKS
-
     first = reports[0]
     lines = [f"# Repetition benchmark: {first['setting']} (seeds {', '.join(str(r['seed']) for r in reports)})", ""]
     for key in first["tables"]:
@@ -307,8 +324,9 @@ def markdown(reports: list[dict]) -> str:
                       f"{_cell([p['old_val_loss'] for p in pre], '.3f')}", ""]
             continue
         old = "old_val_loss" in next(iter(rows.values()))
+        attacks = [a for a in (*ATTACKS, "reference") if a in next(iter(rows.values()))["mia_auc"]]
         head = ["row", "domain val", "kept", *(["old val", "old ratio"] if old else []), "gap closed", "extraction",
-                *[f"AUC {a}" for a in ATTACKS], "exposure trained / unseen (bits)"]
+                *[f"AUC {a}" for a in attacks], "exposure trained / unseen (bits)"]
         lines += [f"## {key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in rows:
             per = [r["tables"][key][name] for r in reports]
@@ -316,15 +334,17 @@ def markdown(reports: list[dict]) -> str:
             if old:
                 cells += [_cell([p["old_val_loss"] for p in per], ".3f"), _cell([p["old_ratio"] for p in per], ".3f")]
             cells += [_cell([p["gap_closure"] for p in per], ".2f"), _cell([p["extraction_rate"] for p in per], ".2f")]
-            cells += [_cell([max(v for k, v in p["mia_auc"][a].items()) for p in per], ".2f") for a in ATTACKS]
+            cells += [_cell([max(v for k, v in p["mia_auc"][a].items()) for p in per], ".2f") for a in attacks]
             exp = [p.get("exposure") for p in per]
             cells.append(" / ".join(f"{e['trained']['mean']:.1f} vs {e['control']['mean']:.1f}" if e else "-"
                                     for e in exp))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap closed "
-                 "against the standard run; AUC: the largest over the member kinds (natural, secret, pooled) of "
-                 "each attack; memsinks rows with sinks removed.")
+                 "against the standard run (in epochs: on the gap over the pretrained base's gap between the same "
+                 "documents); AUC: the largest over the member kinds (natural, secret, pooled) of each attack; "
+                 "reference: members scored by how far their loss fell below the base's; memsinks rows with sinks "
+                 "removed.")
     return "\n".join(lines) + "\n"
 
 
@@ -336,7 +356,8 @@ def combine(out_dirs: list[str], out: str) -> str:
     means = {}
     for key in reports[0]["tables"]:
         means[key] = {name: {k: fmean(r["tables"][key][name][k] for r in reports)
-                             for k in ("val_loss", "benefit_kept", "gap_closure", "old_val_loss", "old_ratio")
+                             for k in ("val_loss", "benefit_kept", "gap_closure", "old_val_loss", "old_ratio",
+                                       "memorization_gap", "calibrated_gap")
                              if k in reports[0]["tables"][key][name]}
                       for name in reports[0]["tables"][key]}
     Path(out).with_suffix(".json").write_text(json.dumps(means, indent=1, default=float))

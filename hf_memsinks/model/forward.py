@@ -13,7 +13,7 @@ from torch import nn
 
 from ..ids.validation import check_batch_ids
 from ..layers.adapters import sync_adapters
-from .routing import routed_forward, routes
+from ..sightings.routing import routed_forward, routes
 
 
 @torch.compiler.disable

@@ -4,7 +4,7 @@ sightings only; every later sighting trains that document's sinks alone.
 Plain MemSinks trains the general neurons on every repetition of a document, so after removal
 they still hold a trace of it that a membership attack reads (docs/privacy.md). Here a training
 forward routes each sighting (a row, or with per-token IDs one document's stretch of a packed
-row, counted by :class:`hf_memsinks.ids.sightings.Sightings`):
+row, counted by :class:`hf_memsinks.sightings.counts.Sightings`):
 
 * among the first ``general_sightings`` of its ID (and, with ``sightings_by="ids+content"``, of
   its content: a hash of its tokens, so a repeat under a wrong ID is still a repeat; with
@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from ..ids.sightings import Sightings
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
 from ..transformers_internals import get_checkpoint_func, set_checkpoint_func
+from .counts import Sightings
 
 
 class SinkGradOnly(torch.autograd.Function):
