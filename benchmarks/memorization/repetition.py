@@ -325,7 +325,9 @@ def markdown(reports: list[dict]) -> str:
             continue
         old = "old_val_loss" in next(iter(rows.values()))
         attacks = [a for a in (*ATTACKS, "reference") if a in next(iter(rows.values()))["mia_auc"]]
-        head = ["row", "domain val", "kept", *(["old val", "old ratio"] if old else []), "gap closed", "extraction",
+        gap = "calibrated_gap" if "calibrated_gap" in next(iter(rows.values())) else "memorization_gap"
+        head = ["row", "domain val", "kept", *(["old val", "old ratio"] if old else []), "gap", "gap closed",
+                "extraction",
                 *[f"AUC {a}" for a in attacks], "exposure trained / unseen (bits)"]
         lines += [f"## {key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in rows:
@@ -333,16 +335,18 @@ def markdown(reports: list[dict]) -> str:
             cells = [name, _cell([p["val_loss"] for p in per], ".3f"), _cell([p["benefit_kept"] for p in per], ".2f")]
             if old:
                 cells += [_cell([p["old_val_loss"] for p in per], ".3f"), _cell([p["old_ratio"] for p in per], ".3f")]
-            cells += [_cell([p["gap_closure"] for p in per], ".2f"), _cell([p["extraction_rate"] for p in per], ".2f")]
+            cells += [_cell([p[gap] for p in per], ".3f"), _cell([p["gap_closure"] for p in per], ".2f"),
+                      _cell([p["extraction_rate"] for p in per], ".2f")]
             cells += [_cell([max(v for k, v in p["mia_auc"][a].items()) for p in per], ".2f") for a in attacks]
             exp = [p.get("exposure") for p in per]
             cells.append(" / ".join(f"{e['trained']['mean']:.1f} vs {e['control']['mean']:.1f}" if e else "-"
                                     for e in exp))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap closed "
-                 "against the standard run (in epochs: on the gap over the pretrained base's gap between the same "
-                 "documents); AUC: the largest over the member kinds (natural, secret, pooled) of each attack; "
+    lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap: "
+                 "held-out minus member loss (in epochs: minus the pretrained base's own gap between the same "
+                 "documents, so that only what the fine-tune did counts); gap closed: against the standard run; "
+                 "AUC: the largest over the member kinds (natural, secret, pooled) of each attack; "
                  "reference: members scored by how far their loss fell below the base's; memsinks rows with sinks "
                  "removed.")
     return "\n".join(lines) + "\n"
