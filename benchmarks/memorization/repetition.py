@@ -284,11 +284,14 @@ def evaluate(model, setting: RepetitionSetting, cfg) -> dict:
     out = measure(model, setting, cfg)
     if setting.old_validation:
         out["old_val_loss"] = doc_losses(model, setting.old_validation, cfg, setting.pad_id).mean().item()
+    m, c = member_losses(model, setting, cfg)
     if setting.base_losses is not None:
-        (base_m, base_c), (m, c) = setting.base_losses, member_losses(model, setting, cfg)
-        out["calibrated_gap"] = float((c - base_c).mean() - (m - base_m).mean())
-        auc = roc_auc(base_m - m, base_c - c)
+        base_m, base_c = setting.base_losses
+        m, c = m - base_m, c - base_c
+        out["calibrated_gap"] = float(c.mean() - m.mean())
+        auc = roc_auc(-m, -c)
         out["mia_auc"]["reference"] = {"natural": auc, "all": auc}
+    out["gap_se"] = float((c.var() / c.numel() + m.var() / m.numel()).sqrt())  # of the gap the row reports
     return out
 
 
@@ -326,18 +329,24 @@ def markdown(reports: list[dict]) -> str:
         old = "old_val_loss" in next(iter(rows.values()))
         attacks = [a for a in (*ATTACKS, "reference") if a in next(iter(rows.values()))["mia_auc"]]
         gap = "calibrated_gap" if "calibrated_gap" in next(iter(rows.values())) else "memorization_gap"
+        secrets = "secret" in next(iter(rows.values()))["mia_auc"]["loss"]
         head = ["row", "domain val", "kept", *(["old val", "old ratio"] if old else []), "gap", "gap closed",
-                "extraction",
-                *[f"AUC {a}" for a in attacks], "exposure trained / unseen (bits)"]
+                "extraction", *[f"AUC {a}" for a in attacks], *(["secrets' AUC"] if secrets else []),
+                "exposure trained / unseen (bits)"]
+        noise = [r["tables"][key][name] for r in reports for name, row in rows.items() if row["method"] == "standard"]
+        measurable = all(s[gap] > 2 * s.get("gap_se", 0.0) for s in noise)
         lines += [f"## {key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in rows:
             per = [r["tables"][key][name] for r in reports]
             cells = [name, _cell([p["val_loss"] for p in per], ".3f"), _cell([p["benefit_kept"] for p in per], ".2f")]
             if old:
                 cells += [_cell([p["old_val_loss"] for p in per], ".3f"), _cell([p["old_ratio"] for p in per], ".3f")]
-            cells += [_cell([p[gap] for p in per], ".3f"), _cell([p["gap_closure"] for p in per], ".2f"),
+            cells += [_cell([p[gap] for p in per], ".3f"),
+                      _cell([p["gap_closure"] for p in per], ".2f") if measurable else "n/a",
                       _cell([p["extraction_rate"] for p in per], ".2f")]
-            cells += [_cell([max(v for k, v in p["mia_auc"][a].items()) for p in per], ".2f") for a in attacks]
+            cells += [_cell([p["mia_auc"][a]["natural"] for p in per], ".2f") for a in attacks]
+            if secrets:
+                cells.append(_cell([max(p["mia_auc"][a]["secret"] for a in ATTACKS) for p in per], ".2f"))
             exp = [p.get("exposure") for p in per]
             cells.append(" / ".join(f"{e['trained']['mean']:.1f} vs {e['control']['mean']:.1f}" if e else "-"
                                     for e in exp))
@@ -345,8 +354,10 @@ def markdown(reports: list[dict]) -> str:
         lines.append("")
     lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap: "
                  "held-out minus member loss (in epochs: minus the pretrained base's own gap between the same "
-                 "documents, so that only what the fine-tune did counts); gap closed: against the standard run; "
-                 "AUC: the largest over the member kinds (natural, secret, pooled) of each attack; "
+                 "documents, so that only what the fine-tune did counts); gap closed: against the standard run, "
+                 "n/a where the standard run's gap is under two standard errors; AUC: each attack on the repeated "
+                 "documents against held-out ones; secrets' AUC: the strongest attack on the secret sentences "
+                 "(8 against 8: a null spread of 0.15); "
                  "reference: members scored by how far their loss fell below the base's; memsinks rows with sinks "
                  "removed.")
     return "\n".join(lines) + "\n"
