@@ -95,3 +95,15 @@ def test_training_without_the_hook_warns_that_the_general_path_moves():
     x, ids = batch(1, [1, 2])
     with pytest.warns(UserWarning, match="general_sightings"):
         model(input_ids=x, labels=x, sequence_ids=ids)
+
+
+def test_a_forward_without_ids_trains_the_general_path_and_is_not_held():
+    first = batch(1, [11, 12, 13, 14])
+    model, opt = trained([first], require_sequence_ids=False)
+    x = batch(3, [1, 2, 3, 4])[0]
+    model(input_ids=x, labels=x).loss.backward()  # no sequence_ids at all: not routed, general neurons only
+    opt.step()
+    assert opt._memsink_hold_general.held_steps == 0
+    model(input_ids=first[0], labels=first[0], sequence_ids=first[1]).loss.backward()  # repeats only
+    opt.step()
+    assert opt._memsink_hold_general.held_steps == 1

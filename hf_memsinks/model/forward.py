@@ -19,8 +19,11 @@ from ..sightings.routing import routed_forward, routes
 @torch.compiler.disable
 def _start_call(patch, ids: torch.Tensor | None, training: bool):
     """The eager start of every forward (under torch.compile, the one graph break of ours): a
-    warning, once, if training runs but no optimizer applies the config's ``sink_lr_scale``; then
-    the call's masks (``SinkState.enter``)."""
+    warning, once, if training runs but no optimizer has the hooks the config needs; a training
+    call's note that it trains the general path (a routed call's own calls say so in
+    ``routed_forward``); then the call's masks (``SinkState.enter``)."""
+    if training and not (patch.routing is not None and patch.routing.inside):
+        patch.general_trained = True
     if training and not patch.sink_lr_warned and (
             (patch.config.sink_lr_scale != 1.0 and not patch.sink_lr_attached)
             or (patch.config.general_sightings is not None and not patch.general_held)):
@@ -71,8 +74,6 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
     ids = check_batch_ids(sequence_ids, inputs, cached)
     if ids is not None and routes(model, backbone):
         return routed_forward(model, args, kwargs, ids)
-    if model.training and not (patch.routing is not None and patch.routing.inside):
-        patch.general_trained = True  # (a routed call's own calls say for themselves, in routed_forward)
     sync_adapters(patch.slots)
     if model.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
         # Packed rows (position_ids restarting per document) need Transformers' packed-sequence
