@@ -14,8 +14,8 @@ from transformers.utils import cached_file
 
 __all__ = ["Conv1D", "TESTED_VERSIONS", "causal_lm_class", "check_transformers_version", "class_ignoring_unexpected",
            "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func", "ExpertsGateHook",
-           "CheckpointingHook", "add_default_trainer_callback", "remove_default_trainer_callback",
-           "loaded_from_checkpoint"]
+           "CheckpointingHook", "NoHubKernel", "drop_hub_kernel", "load_kwargs", "add_default_trainer_callback",
+           "remove_default_trainer_callback", "loaded_from_checkpoint"]
 
 # major.minor releases the internals below were checked against (the whole test suite passed).
 TESTED_VERSIONS = ("5.24",)
@@ -59,6 +59,39 @@ def class_ignoring_unexpected(base: type, patterns: list[str]) -> type:
         "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or []) + patterns,
         "__module__": base.__module__,
     })
+
+
+def load_kwargs(kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments for a load: Transformers 5.25 kernelizes every model it
+    loads unless told not to (``use_kernels``), and raises when the ``kernels`` package is missing
+    or of a version it does not take; unless the caller chose, such an environment loads without."""
+    from transformers.utils import is_kernels_available
+
+    if "use_kernels" in kwargs or is_kernels_available():
+        return kwargs
+    return {**kwargs, "use_kernels": False}
+
+
+# ---- hub kernels ------------------------------------------------------------------------------------
+# With use_kernels (from_pretrained's default from 5.25; model.set_use_kernels(True) before), the
+# kernels package replaces the forward of each module whose class names a hub layer
+# (use_kernel_forward_from_hub: "RMSNorm", "SiLU", ...) by a kernel's where its mapping has one for
+# the device (Transformers' default mapping: CUDA, ROCm, XPU), and again on each train()/eval().
+
+
+class NoHubKernel:
+    """Mixed in ahead of a patched module's class: ``kernelize`` leaves the module alone (the per-class
+    condition of ``use_kernel_forward_from_hub`` says no), so the forward that applies its sinks keeps
+    running; a kernel would compute the plain layer (BitNet's ``ffn_sub_norm`` is an ``"RMSNorm"``)."""
+
+    kernel_condition = staticmethod(lambda module: False)
+
+
+def drop_hub_kernel(module) -> None:
+    """Give ``module`` its class's forward back where ``kernelize`` set a kernel's on the instance
+    (a model loaded with ``use_kernels``, then patched)."""
+    if module.__dict__.pop("_kernel_repo", None) is not None:
+        module.__dict__.pop("forward", None)
 
 
 # ---- mixture-of-experts modules ---------------------------------------------------------------------
