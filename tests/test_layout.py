@@ -186,3 +186,24 @@ def test_a_newer_minor_release_warns_and_an_older_one_is_refused():
     for older in (f"{major}.{minor - 1}.2", "4.57.6"):
         with pytest.raises(RuntimeError, match=f"transformers>={oldest}"):
             transformers_internals.check_transformers_version(older)
+
+
+def test_the_readme_support_table_is_what_make_test_compat_installs():
+    """Each row of README's "Supported versions": oldest and newest as pinned in the Makefile's
+    COMPAT_oldest / COMPAT_newest (torch: TORCH_PIN), transformers' at OLDEST_TESTED / NEWEST_TESTED."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    pins = {end: dict(re.findall(r"([\w-]+)==([\d.]+)", re.search(rf"^COMPAT_{end} := (.*)$", makefile, re.M)[1]))
+            for end in ("oldest", "newest")}
+    torch_pin = re.search(r"^TORCH_PIN := torch==([\d.]+)$", makefile, re.M)[1]
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Supported versions"):].split("\n\n")[1]
+    rows = {cells[0]: cells[1:3] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
+    assert rows.keys() == {"transformers", "huggingface_hub", "torch", "trl", "peft", "accelerate", "datasets"}
+    for package, (oldest, newest) in rows.items():
+        if package == "torch":
+            assert oldest.split()[0] == newest.split()[0] == torch_pin
+        else:
+            assert (oldest, newest) == (pins["oldest"][package], pins["newest"][package]), package
+    assert rows["transformers"][0].startswith(transformers_internals.OLDEST_TESTED + ".")
+    assert rows["transformers"][1].startswith(transformers_internals.NEWEST_TESTED + ".")
