@@ -8,21 +8,44 @@ STAMP := $(VENV)/.installed
 # the memorization benchmark (benchmarks/memorization/, outside the package), run from the repository root
 BENCH := $(PY) -m benchmarks.memorization
 
-.PHONY: install test coverage demo demo-full demo-wide quick-demo manpages docstrings realtext repetition epochs finetune scale noisy-ids noisy-ids-privacy attribution bench bench-gpu bench-compile clean
+.PHONY: install test test-compat coverage demo demo-full demo-wide quick-demo manpages docstrings realtext repetition epochs finetune scale noisy-ids noisy-ids-privacy attribution bench bench-gpu bench-compile clean
+
+# The supported range (README, "Supported versions"): the oldest and the newest release of each dependency
+# tested together. `make install` puts the newest Transformers in .venv; `make test-compat` runs the core of
+# the suite on both ends, each in its own venv (.venv-compat-oldest, .venv-compat-newest).
+COMPAT_oldest := transformers==5.20.0 huggingface_hub==2.0.0 accelerate==1.10.1 datasets==5.1.0 peft==0.18.0 \
+	trl==1.16.0
+COMPAT_newest := transformers==5.25.0 huggingface_hub==2.4.0 accelerate==1.16.0 datasets==5.2.0 peft==0.21.2 \
+	trl==1.16.0 kernels==0.19.1
+COMPAT_TESTS := tests/test_removal.py tests/test_trainer.py tests/test_sft.py tests/test_checkpoints.py \
+	tests/test_architectures.py tests/test_peft.py tests/test_modes.py tests/test_general_sightings.py \
+	tests/test_publishing.py tests/test_hub_kernels.py tests/test_layout.py
 
 install: $(STAMP)
 
 # torch is pinned here (a CPU wheel on this machine) before anything can pull a CUDA build.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(filter transformers==%,$(COMPAT_newest))
 	touch $(STAMP)
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# Same order as .venv: torch first, then the package (its trl and peft extras) with the pins of that end.
+.venv-compat-%/.installed: setup.cfg pyproject.toml Makefile
+	test -x .venv-compat-$*/bin/python || $(PYTHON) -m venv .venv-compat-$*
+	.venv-compat-$*/bin/python -m pip install -q --upgrade pip
+	.venv-compat-$*/bin/python -m pip install -q $(TORCH_PIN)
+	.venv-compat-$*/bin/python -m pip install -q -e ".[trl,peft]" pytest $(COMPAT_$*)
+	touch $@
+
+test-compat: .venv-compat-oldest/.installed .venv-compat-newest/.installed
+	.venv-compat-oldest/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+	.venv-compat-newest/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 # Every causal-LM type of the installed Transformers, tiny and random (83 s measured on 2 CPU cores):
 # docs/coverage.json and docs/supported_models.md. `make test` runs a subset.
@@ -130,4 +153,4 @@ bench-compile: install
 	$(PY) benchmarks/bench.py --compile --reps 12 --out benchmarks/compile.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-compat-oldest .venv-compat-newest build *.egg-info

@@ -1,34 +1,52 @@
 """Every private name of Transformers that hf_memsinks uses, in one place.
 
 Transformers changes its internals between releases without notice; keeping them here means an
-upgrade breaks in this module alone, and :func:`check_transformers_version` (run by the tests)
-names the releases these names were checked against. The supported range is in ``setup.cfg``.
+upgrade breaks in this module alone. :func:`check_transformers_version` (run on import) refuses a
+release older than the oldest one these names were tested with and warns on a minor release newer
+than the newest; ``setup.cfg`` declares the same floor.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import transformers
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
 from transformers.utils import cached_file
 
-__all__ = ["Conv1D", "TESTED_VERSIONS", "causal_lm_class", "check_transformers_version", "class_ignoring_unexpected",
-           "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func", "ExpertsGateHook",
-           "CheckpointingHook", "add_default_trainer_callback", "remove_default_trainer_callback",
-           "loaded_from_checkpoint"]
+__all__ = ["Conv1D", "NEWEST_TESTED", "OLDEST_TESTED", "causal_lm_class", "check_transformers_version",
+           "class_ignoring_unexpected", "experts_forward", "get_checkpoint_func", "hub_file", "set_checkpoint_func",
+           "ExpertsGateHook", "CheckpointingHook", "NoHubKernel", "drop_hub_kernel", "load_kwargs",
+           "add_default_trainer_callback", "remove_default_trainer_callback", "loaded_from_checkpoint"]
 
-# major.minor releases the internals below were checked against (the whole test suite passed).
-TESTED_VERSIONS = ("5.24",)
+# The oldest and the newest major.minor release of Transformers the core of the test suite passed
+# with (`make test-compat` runs it on both; the minors between were checked once, README).
+OLDEST_TESTED = "5.20"
+NEWEST_TESTED = "5.25"
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def check_transformers_version(version: str = transformers.__version__) -> None:
-    """Raise if ``version`` is not a release these internals were tested with."""
-    minor = ".".join(version.split(".")[:2])
-    if minor not in TESTED_VERSIONS:
+    """Raise for a release older than :data:`OLDEST_TESTED`; warn for a minor release newer than
+    :data:`NEWEST_TESTED` (it usually works: the names below change rarely, and the tests say which)."""
+    if _minor(version) < _minor(OLDEST_TESTED):
         raise RuntimeError(
-            f"hf_memsinks was tested with transformers {', '.join(TESTED_VERSIONS)}, not {version}: check every "
-            "name in hf_memsinks/transformers_internals.py against it, then add it to TESTED_VERSIONS"
+            f"hf_memsinks needs transformers>={OLDEST_TESTED} (the oldest release tested), not {version}"
         )
+    if _minor(version) > _minor(NEWEST_TESTED):
+        warnings.warn(
+            f"hf_memsinks was tested with transformers {OLDEST_TESTED} to {NEWEST_TESTED}, not {version}: it may "
+            "work, but the Transformers internals it uses (hf_memsinks/transformers_internals.py) were not "
+            "checked against this release", UserWarning, stacklevel=2,
+        )
+
+
+check_transformers_version()
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -59,6 +77,39 @@ def class_ignoring_unexpected(base: type, patterns: list[str]) -> type:
         "_keys_to_ignore_on_load_unexpected": list(base._keys_to_ignore_on_load_unexpected or []) + patterns,
         "__module__": base.__module__,
     })
+
+
+def load_kwargs(kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments for a load: Transformers 5.25 kernelizes every model it
+    loads unless told not to (``use_kernels``), and raises when the ``kernels`` package is missing
+    or of a version it does not take; unless the caller chose, such an environment loads without."""
+    from transformers.utils import is_kernels_available
+
+    if "use_kernels" in kwargs or is_kernels_available():
+        return kwargs
+    return {**kwargs, "use_kernels": False}
+
+
+# ---- hub kernels ------------------------------------------------------------------------------------
+# With use_kernels (from_pretrained's default from 5.25; model.set_use_kernels(True) before), the
+# kernels package replaces the forward of each module whose class names a hub layer
+# (use_kernel_forward_from_hub: "RMSNorm", "SiLU", ...) by a kernel's where its mapping has one for
+# the device (Transformers' default mapping: CUDA, ROCm, XPU), and again on each train()/eval().
+
+
+class NoHubKernel:
+    """Mixed in ahead of a patched module's class: ``kernelize`` leaves the module alone (the per-class
+    condition of ``use_kernel_forward_from_hub`` says no), so the forward that applies its sinks keeps
+    running; a kernel would compute the plain layer (BitNet's ``ffn_sub_norm`` is an ``"RMSNorm"``)."""
+
+    kernel_condition = staticmethod(lambda module: False)
+
+
+def drop_hub_kernel(module) -> None:
+    """Give ``module`` its class's forward back where ``kernelize`` set a kernel's on the instance
+    (a model loaded with ``use_kernels``, then patched)."""
+    if module.__dict__.pop("_kernel_repo", None) is not None:
+        module.__dict__.pop("forward", None)
 
 
 # ---- mixture-of-experts modules ---------------------------------------------------------------------

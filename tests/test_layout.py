@@ -5,7 +5,9 @@ import ast
 import configparser
 import pathlib
 import re
+import warnings
 
+import pytest
 import transformers
 from packaging.specifiers import SpecifierSet
 
@@ -153,22 +155,55 @@ def test_transformers_internals_are_touched_in_one_module():
 
 
 def test_installed_transformers_is_tested_and_in_the_declared_range():
-    """Fails loudly on a Transformers release nobody checked the internals against."""
-    transformers_internals.check_transformers_version()
+    """The floor of setup.cfg is the oldest tested release; the installed one is in the tested range."""
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
     requirement = next(line.strip() for line in config["options"]["install_requires"].splitlines()
                        if line.strip().startswith("transformers"))
     declared = SpecifierSet(requirement[len("transformers"):])
     assert transformers.__version__ in declared, (transformers.__version__, requirement)
-    for version in transformers_internals.TESTED_VERSIONS:
-        assert f"{version}.0" in declared, f"tested {version} is outside setup.cfg's {requirement}"
+    oldest, newest = transformers_internals.OLDEST_TESTED, transformers_internals.NEWEST_TESTED
+    major, minor = map(int, oldest.split("."))
+    assert f"{oldest}.0" in declared and f"{major}.{minor - 1}.99" not in declared, requirement
+    assert f"{newest}.0" in declared and f"{newest}.99" in declared, requirement
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transformers_internals.check_transformers_version()  # neither raises nor warns
 
 
-def test_an_untested_release_is_refused():
-    try:
-        transformers_internals.check_transformers_version("99.1.0")
-    except RuntimeError as err:
-        assert "TESTED_VERSIONS" in str(err)
-    else:
-        raise AssertionError("an untested release passed")
+def test_a_newer_minor_release_warns_and_an_older_one_is_refused():
+    newest = transformers_internals.NEWEST_TESTED
+    major, minor = map(int, newest.split("."))
+    with pytest.warns(UserWarning, match=f"tested with transformers .* to {newest}, not {major}.{minor + 1}.0"):
+        transformers_internals.check_transformers_version(f"{major}.{minor + 1}.0")
+    with pytest.warns(UserWarning, match="not 6.0.0.dev0"):
+        transformers_internals.check_transformers_version("6.0.0.dev0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transformers_internals.check_transformers_version(f"{newest}.3")
+    oldest = transformers_internals.OLDEST_TESTED
+    major, minor = map(int, oldest.split("."))
+    for older in (f"{major}.{minor - 1}.2", "4.57.6"):
+        with pytest.raises(RuntimeError, match=f"transformers>={oldest}"):
+            transformers_internals.check_transformers_version(older)
+
+
+def test_the_readme_support_table_is_what_make_test_compat_installs():
+    """Each row of README's "Supported versions": oldest and newest as pinned in the Makefile's
+    COMPAT_oldest / COMPAT_newest (torch: TORCH_PIN), transformers' at OLDEST_TESTED / NEWEST_TESTED."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    pins = {end: dict(re.findall(r"([\w-]+)==([\d.]+)", re.search(rf"^COMPAT_{end} := (.*)$", makefile, re.M)[1]))
+            for end in ("oldest", "newest")}
+    torch_pin = re.search(r"^TORCH_PIN := torch==([\d.]+)$", makefile, re.M)[1]
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Supported versions"):].split("\n\n")[1]
+    rows = {cells[0]: cells[1:3] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
+    assert rows.keys() == {"transformers", "huggingface_hub", "torch", "trl", "peft", "accelerate", "datasets"}
+    for package, (oldest, newest) in rows.items():
+        if package == "torch":
+            assert oldest.split()[0] == newest.split()[0] == torch_pin
+        else:
+            assert (oldest, newest) == (pins["oldest"][package], pins["newest"][package]), package
+    assert rows["transformers"][0].startswith(transformers_internals.OLDEST_TESTED + ".")
+    assert rows["transformers"][1].startswith(transformers_internals.NEWEST_TESTED + ".")

@@ -4,7 +4,7 @@ plain models, generate in every mode, activation checkpointing."""
 
 import pytest
 import torch
-from tiny_models import batch, tiny_model
+from tiny_models import batch, checkpointing_enable, tiny_model
 
 from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
 from hf_memsinks.layers.neurons import neuron_dim
@@ -166,7 +166,7 @@ def test_gradients_equal_with_activation_checkpointing(model_type, reentrant):
     for checkpointing in (False, True):
         model = patched(model_type).train()
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+            checkpointing_enable(model, {"use_reentrant": reentrant})
         model(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -180,7 +180,7 @@ def test_checkpointing_enabled_before_patching_and_with_interleaved_forwards():
     reference = patched("llama").train()
     reference(input_ids=x, labels=x, sequence_ids=ids_a).loss.backward()
     model = tiny_model("llama")
-    model.activation_checkpointing_enable()
+    checkpointing_enable(model)
     model = get_memsink_model(model, CFG).train()
     loss_a = model(input_ids=x, labels=x, sequence_ids=ids_a).loss
     model(input_ids=x, labels=x, sequence_ids=ids_b)  # another forward before A's backward

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import tiny_config, tiny_model
+from tiny_models import CHECKPOINTING_ARG, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask
@@ -66,7 +66,7 @@ def test_trainer_one_id_moves_only_its_sinks(tmp_path, checkpointing):
     model = get_memsink_model(tiny_model("llama"), CFG)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     Trainer(model=model, args=args(tmp_path, max_steps=2, optim="sgd", learning_rate=0.1,
-                                   activation_checkpointing=checkpointing),
+                                   **{CHECKPOINTING_ARG: checkpointing}),
             train_dataset=token_dataset(ids=42), data_collator=MemSinkDataCollator(pad_token_id=0)).train()
     expected = sink_mask(torch.tensor([42]), 32, 0.3)[0]
     names = [name for name, moved in moved_sinks(model, before) if torch.equal(moved, expected)]

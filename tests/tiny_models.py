@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
 VOCAB = 97
 HIDDEN = 32
@@ -53,3 +53,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 def batch(size: int = 3, length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (size, length), generator=g)
+
+
+# Transformers 5.23 renamed gradient checkpointing to activation checkpointing (the old names stay as
+# deprecated aliases); the compat tests run on releases before it too.
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
+
+
+def checkpointing_enable(model, kwargs: dict | None = None) -> None:
+    """``model.activation_checkpointing_enable(kwargs)``, by its name in the installed Transformers."""
+    getattr(model, f"{CHECKPOINTING_ARG}_enable")(kwargs)

@@ -19,7 +19,13 @@ from typing import Callable
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..config import MemSinkConfig
-from ..transformers_internals import causal_lm_class, class_ignoring_unexpected, hub_file, hub_file_or_raise
+from ..transformers_internals import (
+    causal_lm_class,
+    class_ignoring_unexpected,
+    hub_file,
+    hub_file_or_raise,
+    load_kwargs,
+)
 from .atomic import atomic_save
 
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.layers.experts):
@@ -95,6 +101,7 @@ def sink_tensor_keys(path: str) -> list[str]:
 def load_ignoring_sinks(path, *model_args, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` without the unused-weights report for sink tensors
     (they are loaded next)."""
+    kwargs = load_kwargs(kwargs)
     config = kwargs.get("config")
     if config is None:
         hub = {k: kwargs[k] for k in HUB_KWARGS + ("trust_remote_code",) if k in kwargs}

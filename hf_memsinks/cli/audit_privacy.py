@@ -43,6 +43,8 @@ def load_model(model_dir: str):
     ``(model, tokenizer, description)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..transformers_internals import load_kwargs
+
     if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"{model_dir}: not a model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -51,7 +53,7 @@ def load_model(model_dir: str):
 
         return AutoMemSinkModelForCausalLM.from_pretrained(model_dir).remove_sinks(), tokenizer, \
             "memsink checkpoint, sinks removed"
-    return AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, "plain model"
+    return AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs({})), tokenizer, "plain model"
 
 
 def _encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..transformers_internals import ExpertsGateHook, experts_forward
+from ..transformers_internals import ExpertsGateHook, NoHubKernel, drop_hub_kernel, experts_forward
 from .mask_multiply import general_only
 from .neurons import (
     ProjectionPatch,
@@ -72,7 +72,7 @@ def _set_width(module: nn.Module, width: int) -> None:
 # ---- the patched experts class ---------------------------------------------------------------------
 
 
-class SinkExperts(ExpertsGateHook):
+class SinkExperts(ExpertsGateHook, NoHubKernel):
     """Mixed in ahead of the experts module's own class; its state is ``self.memsink`` (a
     :class:`~hf_memsinks.layers.neurons.ProjectionPatch` of role ``"experts"``)."""
 
@@ -226,6 +226,7 @@ def patch_experts(module: nn.Module, *, general: int, sinks: int, layer: int, st
     already, or only the general ones until :meth:`SinkExperts.grow`)."""
     module.memsink = ProjectionPatch("experts", general, sinks, 1, layer, external_width, state, type(module))
     module.__class__ = _experts_class(type(module))
+    drop_hub_kernel(module)  # the sinks are in this class's forward
     _set_width(module, general + sinks)
     state.masked_sites.add((layer, sinks))
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transformers_internals import NoHubKernel, drop_hub_kernel
 from .mask_multiply import MaskSinks, general_only, maskable_in_place
 from .neurons import (
     ProjectionPatch,
@@ -45,7 +46,7 @@ from .state import ForwardSinks, SinkState
 # ---- the projection subclasses ---------------------------------------------------------------------
 
 
-class SinkProjection:
+class SinkProjection(NoHubKernel):
     """Mixed into a copy of the projection's own class; its state is ``self.memsink``."""
 
     memsink: ProjectionPatch
@@ -326,6 +327,7 @@ def patch_projection(module: nn.Module, role: str, *, general: int, sinks: int, 
     module.memsink = ProjectionPatch(role, general, sinks, chunks, layer, external_width, state, type(module),
                                      behind_norm=behind_norm)
     module.__class__ = _subclass(type(module), role)
+    drop_hub_kernel(module)  # the sinks are in this class's forward
     if role in ("out", "norm"):
         state.masked_sites.add((layer, sinks))
     _set_width_attrs(module, role, (general + sinks) * module.memsink.neuron_chunks)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..checkpoints.format import HUB_KWARGS, load_ignoring_sinks, load_sink_tensors, sink_tensor_keys
 from ..config import MemSinkConfig, find_config_file
+from ..transformers_internals import load_kwargs
 from .add_sinks import get_memsink_model
 
 
@@ -96,7 +97,8 @@ def _patch_plain(path, local: str | None, sink_keys: list[str], memsink_config: 
             "memsink_config=MemSinkConfig(...) to patch it with sinks"
         )
     if not sink_keys:
-        return get_memsink_model(AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs), memsink_config)
+        model = AutoModelForCausalLM.from_pretrained(path, *model_args, **load_kwargs(kwargs))
+        return get_memsink_model(model, memsink_config)
     model = get_memsink_model(load_ignoring_sinks(path, *model_args, **kwargs), memsink_config)
     load_sink_tensors(model, local, hub_kwargs, described_by="the memsink_config passed")
     return model
