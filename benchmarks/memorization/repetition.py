@@ -197,7 +197,7 @@ def build_repetition(cfg: RepetitionBenchmarkConfig) -> RepetitionSetting:
 # ---- runs ---------------------------------------------------------------------------------------------
 
 
-def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
+def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir) -> dict:
     """Every row of the config at its seed (``cfg.seed``); report.json and report.md in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
     tables = {}
     if rep.setting == "domain":
         tables[f"R={cfg.data.repetitions}"] = _table(cfg, setting, None, setting.stream, setting.dedup_stream,
-                                                     accelerator, out, log)
+                                                     accelerator, out)
     else:
         base = build_model(cfg, len(setting.tokenizer), setting.max_length).to(accelerator.device)
         p = rep.pretrain
@@ -220,7 +220,7 @@ def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
         setting.base_losses = member_losses(base, setting, cfg)
         for e in rep.epochs:
             tables[f"E={e}"] = _table(cfg, setting, base, setting.epoch_streams[e], setting.epoch_streams[1],
-                                      accelerator, out, log)
+                                      accelerator, out)
     report = {"seed": cfg.seed, "setting": rep.setting, "tables": tables, "config": cfg.to_dict(),
               "describe": setting.describe(), "seconds": round(time.time() - t0, 1),
               "versions": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
@@ -229,7 +229,9 @@ def run_repetition(cfg: RepetitionBenchmarkConfig, out_dir, log=print) -> dict:
     return report
 
 
-def _table(cfg, setting, base, stream, once, accelerator, out: Path, log) -> dict:
+def _table(cfg, setting, base, stream, once, accelerator, out: Path) -> dict:
+    """Every row trained on ``stream`` (dedup's on ``once``), each appended to rows.jsonl as it ends, then
+    measured against the standard and dedup rows."""
     rows = {}
     for spec in cfg.repetition.row_specs():
         t0 = time.time()
