@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.projections import is_patched_projection
+from ..layers.projections import trainable_neuron_tensors
 from ..sightings.hold import HoldGeneral
 from ..unwrap import unwrap
 
@@ -33,9 +33,8 @@ class SinkLR:
         self.scale = float(scale)
         # every sink span of every trainable patched weight (viewed anew at each step: a wrapper such
         # as FSDP may swap a parameter's storage)
-        self.targets = [(getattr(m, name), dim, start, n) for m in model.modules() if is_patched_projection(m)
-                        for name, dim in m.neuron_dims().items() if getattr(m, name).requires_grad
-                        for start, n in m.memsink.sink_spans]
+        self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
+                        for start, n in spans]
         self._saved: list[torch.Tensor] = []
 
     def _views(self) -> list[torch.Tensor]:

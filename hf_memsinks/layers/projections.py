@@ -310,6 +310,13 @@ def is_patched_projection(module: nn.Module) -> bool:
     return isinstance(module, SinkProjection)
 
 
+def trainable_neuron_tensors(model: nn.Module, part: str):
+    """``(parameter, neuron dim, spans)`` of every trainable neuron-indexed tensor of the patched
+    projections, ``part`` "sink" or "general" choosing whose spans."""
+    return [(getattr(m, name), dim, getattr(m.memsink, f"{part}_spans")) for m in model.modules()
+            if is_patched_projection(m) for name, dim in m.neuron_dims().items() if getattr(m, name).requires_grad]
+
+
 def _set_width_attrs(module: nn.Module, role: str, features: int) -> None:
     """Keep nn.Linear's in/out_features and Conv1D's nf in step with the weight."""
     if isinstance(module, nn.Linear):

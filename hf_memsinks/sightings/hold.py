@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..layers.projections import is_patched_projection
+from ..layers.projections import trainable_neuron_tensors
 
 
 class HoldGeneral:
@@ -32,9 +32,7 @@ class HoldGeneral:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.patch, self.optimizer = model.memsink, optimizer
-        self.mixed = [(getattr(m, name), dim, m.memsink.general_spans) for m in model.modules()
-                      if is_patched_projection(m) for name, dim in m.neuron_dims().items()
-                      if getattr(m, name).requires_grad]
+        self.mixed = trainable_neuron_tensors(model, "general")
         mixed = {id(p) for p, _, _ in self.mixed}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in mixed]
         self._saved: list | None = None
