@@ -12,6 +12,7 @@ from hf_memsinks.cli import audit
 from hf_memsinks.integrations.peft import train_sinks
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
+from hf_memsinks.layers.sink_deltas import effective
 
 TARGETS = {
     "gpt2": ["c_attn", "c_fc", "c_proj"],
@@ -30,6 +31,11 @@ def test_lora_with_sinks_then_merge_and_remove(model_type, tmp_path):
                                                   lora_dropout=0.0, init_lora_weights=True))
     enabled = train_sinks(peft_model)
     assert len(enabled) >= len(projections)
+    # the sinks' trainable tensors are the sinks' size: no gradient or optimizer state for the MLP
+    sink_sizes = sum(sinks.numel() for m in projections.values() for _, sinks in m.general_and_sink_parts().values())
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for n, p in trainable.items() if "lora_" not in n) == sink_sizes
+    assert not any(m.weight.requires_grad for m in projections.values())
     lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
 
     x = batch(4, 10)
@@ -43,7 +49,8 @@ def test_lora_with_sinks_then_merge_and_remove(model_type, tmp_path):
     active = sink_mask(torch.tensor([ID]), 32, 0.3)[0]
     for name, module in projections.items():
         dim = neuron_dim(module, module.memsink.role)
-        delta = module.weight.detach() - before[name]
+        assert torch.equal(module.weight, before[name])  # frozen: the sinks move through their deltas
+        delta = effective(module, "weight") - before[name]
         general, sinks = module.split(delta, dim)
         assert general.abs().max() == 0, f"{name}: general neurons moved outside LoRA"
         moved = sinks.abs().amax(dim=1 - dim) > 0

@@ -2,9 +2,9 @@
 through the adapter. (How sinks stay exact under an adapter wrapper: :mod:`hf_memsinks.layers.adapters`.)
 
 ``get_memsink_model`` -> ``peft.get_peft_model`` -> :func:`train_sinks` -> train ->
-``merge_and_unload()`` -> ``remove_sinks()``. Each patched projection holds general and sink
-neurons in one weight, so "train the sinks" means: that weight requires grad, and a gradient hook
-zeroes its general part (general neurons change only through LoRA).
+``merge_and_unload()`` -> ``remove_sinks()``. The patched projections' weights stay frozen; each
+gets a trainable delta over its sink part only (:mod:`hf_memsinks.layers.sink_deltas`), so the
+sinks cost a gradient and optimizer state of their own size, never the MLP's.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..layers.projections import is_patched_projection
+from ..layers.sink_deltas import add_deltas
 
 
 def _general_grad_hook(general_spans: list[tuple[int, int]], dim: int):
@@ -28,11 +29,13 @@ def _general_grad_hook(general_spans: list[tuple[int, int]], dim: int):
 def train_sinks(model: nn.Module) -> list[str]:
     """Make every sink neuron trainable and keep every general neuron frozen.
 
-    Use after ``peft.get_peft_model`` (which freezes the base). The general part gets an exactly
-    zero gradient, so optimizers without weight decay leave it bit-identical. AdamW's decoupled
-    weight decay would still shrink it: give these parameters ``weight_decay=0`` (``Trainer`` does
-    for names listed in its no-decay groups only, so pass ``TrainingArguments(weight_decay=0.0)``,
-    the default).
+    Use after ``peft.get_peft_model`` (which freezes the base). Each patched input and output
+    projection gets ``sink_delta_weight`` (and ``sink_delta_bias``): a trainable parameter over its
+    sink part only, added to the frozen weight's sinks, so the gradient and the optimizer's state
+    are the sinks' size and the general neurons cannot move (weight decay included). A norm over
+    the hidden neurons (BitNet's) is small: its weight becomes trainable with the general part's
+    gradient zeroed. Checkpoints, ``merge_and_unload()`` and ``remove_sinks()`` see the sinks with
+    their deltas added.
 
     Args:
         model: a patched model, typically wrapped by ``peft.get_peft_model``.
@@ -40,9 +43,13 @@ def train_sinks(model: nn.Module) -> list[str]:
     Returns:
         The names of the parameters it made trainable.
     """
-    enabled = []
+    enabled, patched = [], False
     for name, module in model.named_modules():
         if not is_patched_projection(module):
+            continue
+        patched = True
+        if module.memsink.role != "norm":
+            enabled += [f"{name}.{n}" for n in add_deltas(module)]
             continue
         for param_name, dim in module.neuron_dims().items():
             param = getattr(module, param_name)
@@ -52,6 +59,6 @@ def train_sinks(model: nn.Module) -> list[str]:
             param.register_hook(_general_grad_hook(module.memsink.general_spans, dim))
             param._memsink_sink_hook = True
             enabled.append(f"{name}.{param_name}")
-    if not enabled:
+    if not patched:
         raise ValueError("no sink-patched projection found: call get_memsink_model(...) first")
     return enabled

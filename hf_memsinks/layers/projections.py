@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transformers_internals import NoHubKernel, drop_hub_kernel
+from . import sink_deltas
 from .mask_multiply import MaskSinks, general_only, maskable_in_place
 from .neurons import (
     ProjectionPatch,
+    checked_part,
     copy_into_spans,
     interleave,
     load_other_keys,
@@ -66,8 +68,9 @@ class SinkProjection(NoHubKernel):
         return pick(tensor, dim, self.memsink.general_spans), pick(tensor, dim, self.memsink.sink_spans)
 
     def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export)."""
-        return {name: self.split(getattr(self, name), dim) for name, dim in self.neuron_dims().items()}
+        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export);
+        the sinks include their delta (:mod:`hf_memsinks.layers.sink_deltas`)."""
+        return {name: self.split(sink_deltas.effective(self, name), dim) for name, dim in self.neuron_dims().items()}
 
     # -- patch-time growth and removal --
 
@@ -96,6 +99,7 @@ class SinkProjection(NoHubKernel):
             width: neurons per chunk of the result (zero-padded up to it).
         """
         m = self.memsink
+        sink_deltas.fold_deltas(self)
         for name, dim in self.neuron_dims().items():
             general, sinks = self.split(getattr(self, name), dim)
             if m.role == "out":
@@ -132,12 +136,14 @@ class SinkProjection(NoHubKernel):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in sink_deltas.deltas(self):  # (saved as part of the sinks below)
+            destination.pop(prefix + sink_deltas.PREFIX + name, None)
         metadata = getattr(destination, "_metadata", None)
         if metadata is not None and isinstance(metadata.get(prefix[:-1]), dict):
             metadata[prefix[:-1]]["memsink"] = self.memsink_layout()
         m = self.memsink
         for name, dim in self.neuron_dims().items():
-            tensor = getattr(self, name).detach()
+            tensor = sink_deltas.effective(self, name).detach()
             if hasattr(tensor, "full_tensor"):
                 # Sharded (FSDP2 DTensor): general and sink rows interleave across shards, so the
                 # split needs the whole tensor. Full-state-dict export is what this is for.
@@ -169,44 +175,14 @@ class SinkProjection(NoHubKernel):
                 if key not in state_dict:
                     missing_keys.append(key)
                     continue
-                value = self._checked_value(key, state_dict.pop(key), name, dim, general=part == name,
-                                            errors=error_msgs)
+                value = checked_part(self, key, state_dict.pop(key), name, dim, general=part == name,
+                                     errors=error_msgs)
                 if value is not None:
                     copy_into_spans(getattr(self, name), dim, spans, value)
+        sink_deltas.zero_deltas(self)  # the loaded sink parts are the sinks
         # Anything else this module owns (the output projection's bias) loads as usual.
         load_other_keys(super()._load_from_state_dict, state_dict, prefix, dims, local_metadata, strict,
                         missing_keys, unexpected_keys, error_msgs)
-
-    def _checked_value(self, key: str, value: torch.Tensor, name: str, dim: int, general: bool,
-                       errors: list[str]) -> torch.Tensor | None:
-        """The saved general or sink part ``value`` of parameter ``name``, in this model's layout,
-        or None with the reason appended to ``errors``."""
-        m, param = self.memsink, getattr(self, name)
-        spans = m.general_spans if general else m.sink_spans
-        expected, full = sum(n for _, n in spans), param.shape[dim]
-        layout = f"general={m.general}, sinks={m.sinks}"
-        others = lambda t: [d for i, d in enumerate(t.shape) if i != dim]  # noqa: E731
-        if value.dim() != param.dim() or others(value) != others(param):
-            errors.append(f"size mismatch for {key}: the state dict has shape {tuple(value.shape)}, this "
-                          f"model ({layout}) expects {tuple(param.shape)} up to the neuron dim {dim}")
-            return None
-        if general and value.shape[dim] == full != expected:
-            # Zero-padded general part (config cannot describe a narrower MLP): take the general
-            # positions; the sink positions must hold the padding zeros.
-            if any(bool(value.narrow(dim, a, n).any()) for a, n in m.sink_spans):
-                errors.append(f"{key}: the state dict's tensor has nonzero values where this model ({layout}) "
-                              "keeps its sinks, so it was not saved with this sink layout")
-                return None
-            value = self.split(value, dim)[0]
-        if value.shape[dim] != expected:
-            errors.append(
-                f"size mismatch for {key}: the state dict has {value.shape[dim]} {'general' if general else 'sink'} "
-                f"neurons along dim {dim} (shape {tuple(value.shape)}), this model ({layout}) expects {expected}"
-                + (f" (or {full} zero-padded)" if general and full != expected else "")
-                + ": it was saved with another sink layout"
-            )
-            return None
-        return value
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, general={self.memsink.general}, sinks={self.memsink.sinks}"
@@ -221,7 +197,8 @@ class SinkInProjection(SinkProjection):
         m = self.memsink
         call = m.state.call_for_projection(self.training)
         if not call.skip_sinks or m.wrapped:
-            return super().forward(x)  # every neuron: exactly the plain module's computation
+            out = super().forward(x)  # every neuron: exactly the plain module's computation
+            return out if call.skip_sinks or not m.deltas else sink_deltas.input_delta(self, x, out)
         weight, bias = self._linear_weight(), self.bias
         outs = [F.linear(x, weight[a : a + n], None if bias is None else bias[a : a + n]) for a, n in m.general_spans]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -230,14 +207,17 @@ class SinkInProjection(SinkProjection):
 class SinkOutProjection(SinkProjection):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.memsink
-        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.integrations.peft)
-            return super().forward(h)
         call = m.state.call_for_projection(self.training)
+        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.integrations.peft)
+            out = super().forward(h)
+            return out if call.skip_sinks or not m.deltas else sink_deltas.output_delta(self, h, out)
         if call.skip_sinks:
             h = h[..., : m.general] if h.shape[-1] != m.general else h
             scale = m.state.general_scale(call)
             return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, : m.general], self.bias)
-        return super().forward(self.sink_input(h, call))
+        h = self.sink_input(h, call)
+        out = super().forward(h)
+        return sink_deltas.output_delta(self, h, out) if m.deltas else out
 
     def sink_input(self, h: torch.Tensor, call: ForwardSinks | None = None) -> torch.Tensor:
         """The full-width input the current call's sinks allow: sink part masked (training,
@@ -312,9 +292,19 @@ def is_patched_projection(module: nn.Module) -> bool:
 
 def trainable_neuron_tensors(model: nn.Module, part: str):
     """``(parameter, neuron dim, spans)`` of every trainable neuron-indexed tensor of the patched
-    projections, ``part`` "sink" or "general" choosing whose spans."""
-    return [(getattr(m, name), dim, getattr(m.memsink, f"{part}_spans")) for m in model.modules()
-            if is_patched_projection(m) for name, dim in m.neuron_dims().items() if getattr(m, name).requires_grad]
+    projections, ``part`` "sink" or "general" choosing whose spans; the sink deltas
+    (:mod:`~hf_memsinks.layers.sink_deltas`) are sinks whole."""
+    out = []
+    for m in model.modules():
+        if not is_patched_projection(m):
+            continue
+        for name, dim in m.neuron_dims().items():
+            if getattr(m, name).requires_grad:
+                out.append((getattr(m, name), dim, getattr(m.memsink, f"{part}_spans")))
+        if part == "sink":
+            out += [(d, dim, [(0, d.shape[dim])]) for name, d in sink_deltas.deltas(m).items()
+                    if d.requires_grad for dim in [m.neuron_dims()[name]]]
+    return out
 
 
 def _set_width_attrs(module: nn.Module, role: str, features: int) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
+from ..layers.sink_deltas import deltas
 from ..transformers_internals import get_checkpoint_func, set_checkpoint_func
 from .counts import Sightings
 
@@ -67,6 +68,8 @@ def sink_masks(model) -> dict[int, torch.Tensor]:
             for start, n in module.memsink.sink_spans:
                 mask[start:start + n] = True
             out[id(param)] = mask.reshape(shape)
+        for delta in deltas(module).values():  # sinks whole
+            out[id(delta)] = torch.ones([1] * delta.dim(), dtype=torch.bool, device=delta.device)
     return out
 
 
