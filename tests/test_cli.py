@@ -41,7 +41,7 @@ def test_export_writes_a_clean_model_and_audit_flags_checkpoints(tmp_path, capsy
 
 def test_an_export_that_fails_its_audit_replaces_nothing(tmp_path, monkeypatch, capsys):
     """The audit runs in the staging directory: a dirty export never reaches the target."""
-    from hf_memsinks import export
+    from hf_memsinks.publishing import audit as audit_module
 
     trained("gpt2").save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "out"
@@ -53,7 +53,7 @@ def test_an_export_that_fails_its_audit_replaces_nothing(tmp_path, monkeypatch, 
         audited.append(directory)
         return ["model.safetensors: sink tensor x.sink_weight"]
 
-    monkeypatch.setattr(export, "audit", dirty)
+    monkeypatch.setattr(audit_module, "audit", dirty)
     assert main(["export", str(tmp_path / "ckpt"), str(out), "--overwrite"]) == 1
     assert "left as it was" in capsys.readouterr().err
     assert audited and ".memsink-tmp-" in audited[0]  # audited in staging, not in place

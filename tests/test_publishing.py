@@ -12,9 +12,9 @@ from tiny_models import tiny_model
 from transformers import Trainer, TrainingArguments
 
 from hf_memsinks import SINKS_UPLOAD_CONSENT, MemSinkConfig, SinkUploadError, allow_sinks_upload, get_memsink_model
-from hf_memsinks.checkpoints.content import inspect
 from hf_memsinks.data import MemSinkDataCollator, add_sequence_ids
 from hf_memsinks.integrations.trainer import MemSinkCallback
+from hf_memsinks.publishing.content import inspect
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3)
 
@@ -221,7 +221,7 @@ def test_upload_file_of_sink_weights_under_another_name_is_refused(folders, monk
     import huggingface_hub
     from huggingface_hub import HfApi
 
-    from hf_memsinks.checkpoints import upload_gate
+    from hf_memsinks.publishing import upload_gate
 
     ckpt, clean = folders
     hub = intercept_hub(monkeypatch, existing={"me/w": False})
@@ -375,13 +375,13 @@ def test_upload_folder_over_xet_is_refused_and_a_clean_folder_streams(folders, m
 def test_huggingface_hub_sends_files_only_from_the_gated_methods():
     """A tripwire for huggingface_hub upgrades: every function that sends file content (or the
     preupload samples) is reached only from a method the gate wraps. A new caller fails here: gate
-    it in hf_memsinks/hub_internals.py (gate_uploads) and add it below."""
+    it in hf_memsinks/publishing/hub_internals.py (gate_uploads) and add it below."""
     import ast
     import pathlib
 
     import huggingface_hub
 
-    from hf_memsinks.hub_internals import _GATED
+    from hf_memsinks.publishing.hub_internals import _GATED
 
     senders = {"_send_commit", "_upload_files", "_upload_xet_files", "_upload_lfs_files", "lfs_upload",
                "post_lfs_batch_info", "_fetch_upload_modes", "new_upload_commit", "start_upload_file",
