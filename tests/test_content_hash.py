@@ -36,9 +36,11 @@ def test_sequence_ids_keep_their_values():
 
 def test_data_ids_and_routing_use_the_one_function():
     assert sequence_ids.content_id is content_hash.content_id
-    assert routing.token_content_id is content_hash.token_content_id
+    assert routing.token_content_ids is content_hash.token_content_ids
     assert not hasattr(routing, "_MIX")  # the mixing constants live in hf_memsinks.ids.masks only
     assert content_hash.token_content_id([4, 5, 6]) == stable_id([4, 5, 6])
+    lists = [[4, 5, 6], [], [7], [8, 9]]
+    assert content_hash.token_content_ids(np.array(sum(lists, [])), [3, 0, 1, 2]) == [stable_id(t) for t in lists]
 
 
 def test_a_rows_content_key_is_the_content_id_of_its_tokens():

@@ -36,3 +36,11 @@ def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 def token_content_id(tokens: Sequence[int] | np.ndarray, key: bytes = b"") -> int:
     """The ID of a token list: what ``stable_id(tokens)`` gives it."""
     return content_id(token_bytes(tokens), key)
+
+
+def token_content_ids(tokens: np.ndarray, lengths: Sequence[int], key: bytes = b"") -> list[int]:
+    """:func:`token_content_id` of each of the token lists laid end to end in ``tokens`` (1-D),
+    ``lengths[i]`` tokens each: the bytes are made once and sliced, not one array per list."""
+    data = np.ascontiguousarray(tokens, dtype=np.int64).tobytes()
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64)) * 8
+    return [content_id(b"t" + data[start:end], key) for start, end in zip([0, *ends[:-1].tolist()], ends.tolist())]

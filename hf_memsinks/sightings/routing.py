@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..ids.content_hash import token_content_id
+from ..ids.content_hash import token_content_ids
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
 from ..transformers_internals import get_checkpoint_func, set_checkpoint_func
@@ -139,7 +139,7 @@ def first_sightings(routing: Routing, ids: torch.Tensor, limit: int, tokens: tor
 def content_keys(tokens: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  inverse: torch.Tensor | None, units: int) -> torch.Tensor:
     """The content ID of each sighting's tokens in order (a row's attended tokens, or a packed row's
-    stretch of one ID): :func:`hf_memsinks.ids.content_hash.token_content_id`, the one content hash,
+    stretch of one ID): :func:`hf_memsinks.ids.content_hash.token_content_ids`, the one content hash,
     so a sighting's key is the ID ``add_sequence_ids(by="content")`` gives its token list; equal in
     every process and run. Hashed on the host (one copy of the step's tokens), one sighting at a time."""
     tokens = tokens.to(torch.long)
@@ -151,8 +151,9 @@ def content_keys(tokens: torch.Tensor, ids: torch.Tensor, attention_mask: torch.
         unit[ids >= 0] = inverse
         valid = valid & (ids >= 0)
     unit, kept = unit[valid].cpu(), tokens[valid].cpu()  # row-major: each sighting's tokens in order
-    parts = torch.split(kept[torch.argsort(unit, stable=True)], torch.bincount(unit, minlength=units).tolist())
-    return torch.tensor([token_content_id(p.numpy()) for p in parts], dtype=torch.long, device=tokens.device)
+    lengths = torch.bincount(unit, minlength=units).tolist()
+    keys = token_content_ids(kept[torch.argsort(unit, stable=True)].numpy(), lengths)
+    return torch.tensor(keys, dtype=torch.long, device=tokens.device)
 
 
 def _all_processes(units: torch.Tensor) -> tuple[torch.Tensor | None, int]:
