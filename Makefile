@@ -19,7 +19,7 @@ COMPAT_newest := transformers==5.25.0 huggingface_hub==2.4.0 accelerate==1.16.0 
 	trl==1.16.0 kernels==0.19.1
 COMPAT_TESTS := tests/test_removal.py tests/test_trainer.py tests/test_sft.py tests/test_checkpoints.py \
 	tests/test_architectures.py tests/test_peft.py tests/test_modes.py tests/test_general_sightings.py \
-	tests/test_publishing.py tests/test_hub_kernels.py tests/test_layout.py
+	tests/publishing tests/test_hub_kernels.py tests/test_layout.py
 
 install: $(STAMP)
 

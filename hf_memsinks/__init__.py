@@ -1,7 +1,6 @@
 """hf_memsinks: MemSinks (memorization sinks) for Hugging Face Transformers causal LMs."""
 
 from . import global_patches
-from .checkpoints.upload_gate import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .config import MemSinkConfig
 from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, check_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
@@ -11,6 +10,7 @@ from .integrations.trainer import MemSinkCallback
 from .model.add_sinks import get_memsink_model
 from .model.loading import AutoMemSinkModelForCausalLM
 from .model.memsink_model import is_memsink_model, remove_sinks
+from .publishing.upload_gate import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .version import __version__
 
 # The upload gate on huggingface_hub and the default Trainer callbacks: the only global changes

@@ -2,11 +2,11 @@
 
 1. huggingface_hub's upload methods (``HfApi.create_commit``, ``preupload_lfs_files``,
    ``upload_folder``, ``batch_bucket_files`` and their module-level aliases) pass every file through
-   the sink check of :mod:`hf_memsinks.checkpoints.upload_gate` first
-   (:mod:`hf_memsinks.hub_internals`): no upload path publishes sinks by accident.
+   the sink check of :mod:`hf_memsinks.publishing.upload_gate` first
+   (:mod:`hf_memsinks.publishing.hub_internals`): no upload path publishes sinks by accident.
 2. Transformers' default ``Trainer`` callbacks (``transformers.trainer.DEFAULT_CALLBACKS``) gain
-   :class:`~hf_memsinks.integrations.trainer.PushGuard` and
-   :class:`~hf_memsinks.integrations.trainer.SinkLRCallback`: every ``Trainer`` refuses to push a
+   :class:`~hf_memsinks.publishing.pushes.PushGuard` and
+   :class:`~hf_memsinks.integrations.optimizer.SinkLRCallback`: every ``Trainer`` refuses to push a
    model with sinks before its first step, and applies ``MemSinkConfig.sink_lr_scale``.
 
 ``hf_memsinks/__init__.py`` calls :func:`install` unless the environment has
@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 
-from .checkpoints.upload_gate import check_upload
-from .hub_internals import gate_uploads, ungate_uploads, uploads_gated
-from .integrations.trainer import PushGuard, SinkLRCallback
+from .integrations.optimizer import SinkLRCallback
+from .publishing.hub_internals import gate_uploads, ungate_uploads, uploads_gated
+from .publishing.pushes import PushGuard
+from .publishing.upload_gate import check_upload
 from .transformers_internals import add_default_trainer_callback, remove_default_trainer_callback
 
 ENV = "HF_MEMSINKS_GLOBAL_PATCHES"

@@ -179,6 +179,8 @@ def test_trainer_counts_each_document_and_trains(tmp_path):
     table = model.memsink.routing.sightings
     assert sorted(table.ids.tolist()) == sorted(set(ds["sequence_ids"])) and table.counts.sum() == 24
     assert all(c == 4 for c in table.counts.tolist())
+    # content IDs and the content counts are one hash (hf_memsinks.ids.content_hash): one identity per document
+    assert sorted(model.memsink.routing.contents.ids.tolist()) == sorted(set(ds["sequence_ids"]))
     plain = model.eval().remove_sinks()
     assert not hasattr(plain, "memsink")
 

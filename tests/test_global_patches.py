@@ -51,7 +51,7 @@ def test_install_and_uninstall_are_exact_inverses():
         "g.uninstall()\nprint(snapshot() == before, g.installed())\n"
         "g.install(); again = snapshot(); g.install()\n"
         "print(snapshot() == again, [getattr(HfApi, n).__wrapped__ for n in names] == before[:4])\n"
-        "from hf_memsinks.integrations.trainer import PushGuard\n"
+        "from hf_memsinks.publishing.pushes import PushGuard\n"
         "print(trainer.DEFAULT_CALLBACKS.count(PushGuard))\n")
     assert _in_child(code).split("\n") == ["True True", "True False", "True True", "1"]
 

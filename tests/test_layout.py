@@ -88,15 +88,16 @@ def test_the_cycle_check_sees_cycles(tmp_path, monkeypatch):
 # Each part of the package and its level: a module imports only modules of a lower level, or of its
 # own part (package or module). Unlisted modules fail the test, so a new one must be placed here.
 LEVELS = {
-    "version": 0, "unwrap": 0, "transformers_internals": 0, "hub_internals": 0, "ids": 0,
+    "version": 0, "unwrap": 0, "transformers_internals": 0, "ids": 0,
     "config": 1,
     "layers": 2, "data": 2, "evaluation": 2,
     "mlp_discovery": 3,
     "checkpoints": 4, "sightings": 4,
-    "model": 5,
-    "export": 6,
-    "integrations": 7,
-    "global_patches": 8, "cli": 8, "__init__": 9,
+    "publishing": 5,  # below the model, whose push_to_hub refuses through it; reads checkpoints' key names
+    "model": 6,
+    "export": 7,
+    "integrations": 8,
+    "global_patches": 9, "cli": 9, "__init__": 10,
 }
 
 
@@ -123,8 +124,9 @@ def test_dependencies_point_down():
 
 def test_the_direction_check_sees_lazy_and_relative_imports():
     graph = _graph()
-    assert "hf_memsinks.checkpoints.git_hook" in graph["hf_memsinks.cli.main"]  # imported inside a function
+    assert "hf_memsinks.publishing.git_hook" in graph["hf_memsinks.cli.main"]  # imported inside a function
     assert "hf_memsinks.export" in graph["hf_memsinks.cli.main"]  # relative, two levels up
+    assert "hf_memsinks.publishing.pushes" in graph["hf_memsinks.model.memsink_model"]
     assert "hf_memsinks.global_patches" in graph["hf_memsinks"]
 
 
@@ -140,8 +142,8 @@ def test_the_library_never_imports_the_benchmark():
 
 def test_modules_live_in_pipeline_subpackages_and_stay_small():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "config.py", "export.py", "global_patches.py", "hub_internals.py",
-                   "transformers_internals.py", "unwrap.py", "version.py"], top
+    assert top == ["__init__.py", "config.py", "export.py", "global_patches.py", "transformers_internals.py",
+                   "unwrap.py", "version.py"], top
     for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text().splitlines())
         assert lines <= 350, f"{path.relative_to(ROOT)} has {lines} lines"

@@ -102,7 +102,7 @@ def test_training_without_ids_fails_clearly(tmp_path):
 
 def test_push_to_hub_uploads_only_a_folder_that_passes_the_audit(tmp_path, monkeypatch):
     """Intercepted at huggingface_hub's commit step: the sink-free model's push passes the audit;
-    the same call on a model that still has sinks uploads nothing (tests/test_publishing.py has
+    the same call on a model that still has sinks uploads nothing (tests/publishing/test_pushes.py has
     every other path)."""
     from fake_hub import intercept_hub
 

@@ -1,7 +1,8 @@
-"""``hf-memsinks``: the command line. Each command is one call into the library: ``export`` and
-``audit`` (:mod:`hf_memsinks.export`), ``audit --git-push`` and ``install-hook``
-(:mod:`hf_memsinks.checkpoints.git_hook`), ``check-ids`` (:mod:`hf_memsinks.data.id_check`), ``audit-privacy``
-(:mod:`.audit_privacy`). The memorization benchmark has its own: ``python -m benchmarks.memorization``."""
+"""``hf-memsinks``: the command line. Each command is one call into the library: ``export``
+(:mod:`hf_memsinks.export`), ``audit`` (:mod:`hf_memsinks.publishing.audit`), ``audit --git-push`` and
+``install-hook`` (:mod:`hf_memsinks.publishing.git_hook`), ``check-ids`` (:mod:`hf_memsinks.data.id_check`),
+``audit-privacy`` (:mod:`.audit_privacy`). The memorization benchmark has its own:
+``python -m benchmarks.memorization``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import os
 import sys
 
-from ..export import AuditFailed, audit, export
+from ..export import export
+from ..publishing.audit import AuditFailed, audit
 
 USER_ERRORS: tuple[type, ...] = (ValueError, TypeError, OSError, KeyError, NotImplementedError)
 
@@ -103,7 +105,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"exported a sink-free model to {args.out}")
         return 0
     if args.command == "install-hook":
-        from ..checkpoints.git_hook import install_hook
+        from ..publishing.git_hook import install_hook
 
         print(f"installed {install_hook(args.repo)}: a push that would carry sinks is refused")
         return 0
@@ -118,8 +120,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _audit_push(args) -> int:
-    from ..checkpoints.git_hook import pushed_traces
-    from ..checkpoints.upload_gate import SINKS_UPLOAD_CONSENT
+    from ..publishing.git_hook import pushed_traces
+    from ..publishing.upload_gate import SINKS_UPLOAD_CONSENT
 
     traces = pushed_traces(args.directory, sys.stdin.read().splitlines(), args.git_push or None)
     if not traces:

@@ -1,7 +1,8 @@
 """Sequence IDs for datasets: every repetition of a document gets the same ID.
 
-The same ID on every rank and in every Python run, so IDs are hashes (blake2b) of a metadata
-value or of the content, never Python's salted ``hash``. IDs are non-negative int63;
+The same ID on every rank and in every Python run, so IDs are hashes (blake2b,
+:func:`hf_memsinks.ids.content_hash.content_id`, the hash ``general_sightings`` counts contents by)
+of a metadata value or of the content, never Python's salted ``hash``. IDs are non-negative int63;
 ``NO_SEQUENCE`` (-1) is reserved for padding (no sink active).
 
 An unkeyed ID is a public function of the document: whoever can guess a text or a URL can hash
@@ -13,13 +14,13 @@ them to documents. Unkeyed IDs are unchanged by the option.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ..ids.content_hash import content_id, token_bytes
 from ..ids.validation import check_sequence_ids
 from .near_duplicates import add_near_duplicate_ids
 
@@ -44,11 +45,6 @@ def check_key(key: Key) -> bytes:
     return bytes(raw)
 
 
-def _digest_to_id(data: bytes, key: bytes = b"") -> int:
-    digest = hashlib.blake2b(data, digest_size=8, person=b"hf_memsinks", key=key).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: non-negative int64, never -1
-
-
 def _value_bytes(value: Any) -> bytes:
     """A canonical byte form: the type is part of it, so ``1`` and ``"1"`` differ."""
     if isinstance(value, str):
@@ -64,7 +60,7 @@ def _value_bytes(value: Any) -> bytes:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)) and all(isinstance(v, (int, np.integer)) for v in value):
-        return b"t" + np.asarray(value, dtype=np.int64).tobytes()  # token lists: fast path
+        return token_bytes(value)  # token lists: fast path
     try:
         return b"j" + json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
     except TypeError as err:
@@ -78,7 +74,7 @@ def stable_id(value: Any, key: Key = None) -> int:
     against guessed documents; use the same key for the whole run (and for forgetting later)."""
     if value is None:
         raise ValueError("cannot derive a sequence ID from None (null)")
-    return _digest_to_id(_value_bytes(value), check_key(key))
+    return content_id(_value_bytes(value), check_key(key))
 
 
 def _ids_for(values: Sequence[Any], column: str, indices: Sequence[int], key: Key = None) -> list[int]:

@@ -6,8 +6,8 @@ step a multiple of the optimizer's; every other parameter takes the optimizer's 
 On a pretrained model the general neurons fit a repeated document within a few passes, before
 other data can overwrite it, so sinks added beside them get little of it; a faster step (with
 ``sink_init="copy"``, :mod:`hf_memsinks.layers.sink_init`) makes each document's sinks the faster path.
-Every ``Trainer`` applies it (:class:`hf_memsinks.integrations.trainer.SinkLRCallback`); a training
-loop of one's own calls :func:`attach_sink_lr` once.
+Every ``Trainer`` applies it (:class:`SinkLRCallback`, which :mod:`hf_memsinks.global_patches` adds to
+Transformers' default callbacks); a training loop of one's own calls :func:`attach_sink_lr` once.
 
 ``general_sightings``: :class:`hf_memsinks.sightings.hold.HoldGeneral` keeps the general path and
 its optimizer state as they were on a step that trained only sinks.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from ..layers.projections import trainable_neuron_tensors
 from ..sightings.hold import HoldGeneral
@@ -78,3 +79,12 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
     optimizer._memsink_sink_lr = hook
     patch.sink_lr_attached = True
     return hook
+
+
+class SinkLRCallback(TrainerCallback):
+    """In every ``Trainer``: the model's ``MemSinkConfig.sink_lr_scale`` applied to the Trainer's
+    optimizer (:func:`attach_sink_lr`) when training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None:
+            attach_sink_lr(model, optimizer)

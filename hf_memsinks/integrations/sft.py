@@ -31,11 +31,11 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, pack_dataset
 
-from ..checkpoints.upload_gate import holds_sinks, refusal
 from ..data.collators import example_ids
 from ..data.sequence_ids import ID_COLUMN
 from ..ids.masks import NO_SEQUENCE
 from ..model.memsink_model import is_memsink_model
+from ..publishing.pushes import refuse_trainer_push
 from ..unwrap import unwrap
 from .peft import train_sinks
 from .trainer import MemSinkCallback
@@ -116,10 +116,8 @@ class MemSinkSFTTrainer(SFTTrainer):
         """``push_to_hub=True`` would upload the sinks at every push: refused here, when the trainer
         is built (before the repository is created), unless a :class:`MemSinkCallback` takes the
         pushes over (it pushes the sink-free export, or sinks to a private repo when opted in)."""
-        if self.args.push_to_hub and holds_sinks(self.model) and not any(
-                isinstance(cb, MemSinkCallback) for cb in self.callback_handler.callbacks):
-            raise refusal("MemSinkSFTTrainer(args=SFTConfig(push_to_hub=True)) of a model that still has sinks",
-                          ["the model weights with their sink tensors at every push"])
+        if not any(isinstance(cb, MemSinkCallback) for cb in self.callback_handler.callbacks):
+            refuse_trainer_push(self.args, self.model, "MemSinkSFTTrainer(args=SFTConfig(push_to_hub=True))")
         return super().init_hf_repo(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

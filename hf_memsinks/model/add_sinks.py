@@ -14,7 +14,6 @@ import warnings
 
 from transformers import PreTrainedModel
 
-from ..checkpoints.upload_gate import register
 from ..config import MemSinkConfig
 from ..layers.adapters import projection_slots
 from ..layers.experts import aligned_split
@@ -24,6 +23,7 @@ from ..layers.state import SinkState
 from ..mlp_discovery.resolve import found_record, mlp_sites
 from ..mlp_discovery.spec import MLPSite, select_layers
 from ..mlp_discovery.widths import check_width_field, plan_widths
+from ..publishing.upload_gate import register
 from ..transformers_internals import loaded_from_checkpoint
 from .gradient_checkpointing import wrap_checkpointing
 from .memsink_model import ModelPatch, is_memsink_model, memsink_class

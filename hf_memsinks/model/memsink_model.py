@@ -21,8 +21,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..checkpoints.format import save_checkpoint
-from ..checkpoints.upload_gate import allow_sinks_upload as sinks_upload_allowed
-from ..checkpoints.upload_gate import check_consent, refusal, register
 from ..config import MemSinkConfig
 from ..ids.validation import check_id_list, check_sequence_ids
 from ..layers.adapters import check_unwrapped
@@ -31,6 +29,9 @@ from ..layers.mlp import PatchedMLP
 from ..layers.projections import is_patched_projection
 from ..layers.state import EVAL_MODES, PAPER_MODE_NAMES, SinkState
 from ..mlp_discovery.widths import plan_widths
+from ..publishing.pushes import check_model_push
+from ..publishing.upload_gate import allow_sinks_upload as sinks_upload_allowed
+from ..publishing.upload_gate import register
 from .forgetting import coverage_warning, forget_sinks, forgotten_sinks
 from .forward import patched_forward
 from .gradient_checkpointing import CheckpointingMixin, unwrap_checkpointing
@@ -196,7 +197,7 @@ class MemSinkModelMixin(_PatchedClass):
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
         push = {k: kwargs.pop(k) for k in ("commit_message", "commit_description", "private", "create_pr",
                                            "revision", "tags") if k in kwargs}
-        _check_push(allow_sinks_upload, f"save_pretrained(push_to_hub=True, repo_id={repo_id!r})", push)
+        check_model_push(allow_sinks_upload, f"save_pretrained(push_to_hub=True, repo_id={repo_id!r})", push)
         save_checkpoint(self, save_directory, super().save_pretrained, *args, **kwargs)
         for k in ("token", "max_shard_size"):
             if k in kwargs:
@@ -208,18 +209,9 @@ class MemSinkModelMixin(_PatchedClass):
         ``remove_sinks()`` (or ``hf-memsinks export``) instead. ``allow_sinks_upload=
         hf_memsinks.SINKS_UPLOAD_CONSENT`` uploads it, memsink config included, to a private
         repository only (to resume training elsewhere)."""
-        _check_push(allow_sinks_upload, f"push_to_hub({repo_id!r})", kwargs)
+        check_model_push(allow_sinks_upload, f"push_to_hub({repo_id!r})", kwargs)
         with sinks_upload_allowed(repo_id, allow_sinks_upload):
             return super().push_to_hub(repo_id, *args, **{**kwargs, "private": True})
-
-
-def _check_push(consent: str | None, what: str, kwargs: dict) -> None:
-    """Before anything is created or written: refuse without consent, and a public repo with it."""
-    if consent is None:
-        raise refusal(f"{what} of a model that still has sinks", ["every sink tensor and memsink_config.json"])
-    check_consent(consent, what)
-    if kwargs.get("private") is False:
-        raise ValueError(f"{what}: allow_sinks_upload uploads to private repositories only; drop private=False")
 
 
 def _check_foldable(model: PreTrainedModel, patch: ModelPatch) -> None:

@@ -7,8 +7,9 @@ forward routes each sighting (a row, or with per-token IDs one document's stretc
 row, counted by :class:`hf_memsinks.sightings.counts.Sightings`):
 
 * among the first ``general_sightings`` of its ID (and, with ``sightings_by="ids+content"``, of
-  its content: a hash of its tokens, so a repeat under a wrong ID is still a repeat; with
-  ``"content"``, of its content alone, for IDs shared by several documents): trains every
+  its content: the content ID of its tokens, :mod:`hf_memsinks.ids.content_hash`, so a repeat under
+  a wrong ID is still a repeat; with ``"content"``, of its content alone, for IDs shared by several
+  documents): trains every
   parameter with **no sink on** (its ID is treated as -1), as on deduplicated data;
 * any later sighting: trains **only its own sinks**; every other parameter takes no gradient from
   it (a forward in which they are detached, :func:`frozen_general`).
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..ids.content_hash import token_content_ids
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
 from ..layers.sink_deltas import deltas
@@ -136,14 +138,13 @@ def first_sightings(routing: Routing, ids: torch.Tensor, limit: int, tokens: tor
     return out
 
 
-_MIX = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)  # splitmix64
-
-
+@torch.compiler.disable
 def content_keys(tokens: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  inverse: torch.Tensor | None, units: int) -> torch.Tensor:
-    """A non-negative 63-bit hash of each sighting's tokens in order (a row's attended tokens, or
-    a packed row's stretch of one ID), equal in every process and run: a sum over the tokens of a
-    splitmix64 mix of (token, its rank in the sighting), in wrapping int64 arithmetic."""
+    """The content ID of each sighting's tokens in order (a row's attended tokens, or a packed row's
+    stretch of one ID): :func:`hf_memsinks.ids.content_hash.token_content_ids`, the one content hash,
+    so a sighting's key is the ID ``add_sequence_ids(by="content")`` gives its token list; equal in
+    every process and run. Hashed on the host (one copy of the step's tokens), one sighting at a time."""
     tokens = tokens.to(torch.long)
     valid = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if inverse is None:
@@ -152,17 +153,10 @@ def content_keys(tokens: torch.Tensor, ids: torch.Tensor, attention_mask: torch.
         unit = torch.full_like(tokens, -1)
         unit[ids >= 0] = inverse
         valid = valid & (ids >= 0)
-    rank = valid.long().cumsum(1) - 1  # within its row; a stretch of a packed row counts from its start
-    if inverse is not None:
-        start = torch.full((units,), tokens.shape[1], dtype=torch.long, device=tokens.device)
-        start = start.scatter_reduce(0, unit[valid], rank[valid], reduce="amin")
-        rank = rank - start[unit.clamp(min=0)]
-    x = tokens * _MIX[0] + (rank + 1) * _MIX[1]
-    x = (x ^ (x >> 31)) * _MIX[2]
-    x = x ^ (x >> 29)
-    keys = torch.zeros(units, dtype=torch.long, device=tokens.device)
-    keys.index_add_(0, unit[valid], x[valid])
-    return keys & (2**63 - 1)
+    unit, kept = unit[valid].cpu(), tokens[valid].cpu()  # row-major: each sighting's tokens in order
+    lengths = torch.bincount(unit, minlength=units).tolist()
+    keys = token_content_ids(kept[torch.argsort(unit, stable=True)].numpy(), lengths)
+    return torch.tensor(keys, dtype=torch.long, device=tokens.device)
 
 
 def _all_processes(units: torch.Tensor) -> tuple[torch.Tensor | None, int]:

@@ -4,14 +4,14 @@ The sinks hold the memorized training data, so a model that still has them, its 
 a LoRA adapter over its sink neurons are private artifacts. One gate sits on huggingface_hub's
 upload methods (``HfApi.create_commit``, ``preupload_lfs_files``, ``upload_folder``, whose streamed
 xet path skips the other two, and ``batch_bucket_files``, which every bucket upload goes through;
-installed by :mod:`hf_memsinks.global_patches`), so every Transformers, ``Trainer``, PEFT,
-``upload_file`` and ``sync_bucket`` upload meets it before any byte is sent. It judges each
-file by what it holds (:mod:`.content`), not by its name: a memsink file, a sink tensor (in
-safetensors, a torch checkpoint, a pickle, or an archive of them), or adapter weights on the sink
-neurons of a patched model of this process is refused with :class:`SinkUploadError`, unless its
+wrapped by :mod:`.hub_internals`, installed by :mod:`hf_memsinks.global_patches`), so every
+Transformers, ``Trainer``, PEFT, ``upload_file`` and ``sync_bucket`` upload meets it before any byte
+is sent. It judges each file by what it holds (:mod:`.content`), not by its name: a memsink file, a
+sink tensor (in safetensors, a torch checkpoint, a pickle, or an archive of them), or adapter weights
+on the sink neurons of a patched model of this process is refused with :class:`SinkUploadError`, unless its
 repository was named in :func:`allow_sinks_upload`, and then only if that repository is private.
-The earlier checks (the patched model's ``push_to_hub``, ``MemSinkCallback``, ``MemSinkSFTTrainer``)
-refuse the same uploads before anything is written.
+The earlier checks of :mod:`.pushes` (the patched model's ``push_to_hub``, ``PushGuard``,
+``MemSinkCallback``, ``MemSinkSFTTrainer``) refuse the same uploads before anything is written.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Iterable, Iterator
 
 from torch import nn
 
+from ..checkpoints.format import SINK_KEY_MARKERS
 from ..layers.projections import is_patched_projection
 from ..unwrap import unwrap
 from .content import inspect
-from .format import SINK_KEY_MARKERS
 
 SINKS_UPLOAD_CONSENT = "I understand this uploads memorized training data"
 FIX = ("Publish the sink-free model instead: model.remove_sinks() (on a copy.deepcopy to keep training), "

@@ -1,6 +1,7 @@
 """Every method of huggingface_hub that hf_memsinks wraps, in one place (as
 :mod:`hf_memsinks.transformers_internals` for Transformers): the upload entry points, so that a
-check sees every file before a byte is sent. :mod:`hf_memsinks.global_patches` installs it."""
+check sees every file before a byte is sent: the upload gate (:mod:`.upload_gate`).
+:mod:`hf_memsinks.global_patches` installs it."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The upload gate lives in a Python process that imported hf_memsinks; ``git push`
 repository or any remote) never is one. The hook runs ``hf-memsinks audit --git-push`` on what the
 push would send: every file (blob) of the pushed commits that the remote does not have yet, in
 history too (a sink file added and deleted again is still pushed), a Git LFS pointer read through
-to its local object. Each is judged as the gate judges an upload (:func:`.publish.sink_traces`).
+to its local object. Each is judged as the gate judges an upload (:func:`.upload_gate.sink_traces`).
 A pre-push hook already there (Git LFS's) is kept and runs after the check.
 """
 
@@ -64,7 +64,7 @@ def install_hook(repo: str = ".") -> str:
 
 def pushed_traces(repo: str, lines: Iterable[str], remote: str | None = None) -> list[str]:
     """What the push described by ``lines`` (git's pre-push input: ``<local ref> <local oid> <remote
-    ref> <remote oid>``) would publish of the sinks, as :func:`.publish.sink_traces` says it."""
+    ref> <remote oid>``) would publish of the sinks, as :func:`.upload_gate.sink_traces` says it."""
     traces = []
     for path, source in _pushed_files(repo, lines, remote):
         traces += sink_traces([(path, source)])

@@ -1,7 +1,8 @@
 """What a file holds, whatever its name: safetensors tables, the key names in torch checkpoints and
 pickles, and the members of archives (tar, zip, gzip, bz2, xz).
 
-The upload gate (:mod:`.publish`) and the git pre-push hook (:mod:`.git_hook`) decide from this, so
+The upload gate (:mod:`.upload_gate`), the git pre-push hook (:mod:`.git_hook`) and the audit
+(:mod:`.audit`) decide from this, so
 that a sink checkpoint renamed ``weights.st`` or packed in ``ckpt.tar.gz`` is still seen. Nothing is
 unpickled (a pickle is read opcode by opcode with :mod:`pickletools`) and nothing is decompressed
 into memory whole: archives are streamed member by member, a safetensors file is read up to the end
@@ -28,7 +29,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
-from .format import SINK_KEY_MARKERS
+from ..checkpoints.format import SINK_KEY_MARKERS
 
 MAX_DEPTH = 8  # layers of archives and compression (a .tar.gz is 2); deeper is refused as unreadable
 MAX_HEADER = 100_000_000  # the safetensors format's own bound on its header

@@ -12,8 +12,8 @@ import torch
 from tiny_models import tiny_model
 
 from hf_memsinks import MemSinkConfig, get_memsink_model
-from hf_memsinks.checkpoints.git_hook import CHAINED
 from hf_memsinks.cli import main
+from hf_memsinks.publishing.git_hook import CHAINED
 
 ROOT = Path(__file__).resolve().parents[1]
 
