@@ -140,13 +140,18 @@ noisy-ids-privacy: install
 quick-demo: install
 	$(PY) examples/quick_demo.py
 
-# Side-by-side cost of sinks (under 10 min here): a table and benchmarks/bench.json.
+# Side-by-side cost of sinks: the MLP's own cost (bench.py, benchmarks/bench.json), then what the fine-tuning
+# recipes cost on GPT-2 small and a 160M Llama against the full fine-tune and LoRA r16, with 1B and 7B computed
+# (finetune_cost.py, benchmarks/finetune_cost.json). docs/performance.md has both tables and their times.
 bench: install
 	$(PY) benchmarks/bench.py --out benchmarks/bench.json
+	$(PY) benchmarks/finetune_cost.py --out benchmarks/finetune_cost.json
 
-# The same table on a GPU in bf16, shapes up to a 1B-parameter Llama (needs a CUDA build of torch).
+# The same tables on a GPU in bf16, shapes up to a 1B-parameter Llama (needs a CUDA build of torch).
 bench-gpu: install
 	$(PY) benchmarks/bench.py --device cuda --dtype bf16 --out benchmarks/bench_gpu.json
+	$(PY) benchmarks/finetune_cost.py --device cuda --dtype bf16 --shapes gpt2-124m,llama-1b --steps 5 \
+		--out benchmarks/finetune_cost_gpu.json
 
 # torch.compile of the patched model against eager and against the compiled plain model.
 bench-compile: install

@@ -1,0 +1,62 @@
+"""benchmarks/finetune_cost.py's mechanics: parameter counts of each variant (exact), the 7B
+arithmetic against Llama-2-7B's published size, and one end-to-end run at a tiny shape (its
+timings are not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import finetune_cost  # noqa: E402
+import torch  # noqa: E402
+
+from hf_memsinks import MemSinkConfig  # noqa: E402
+
+
+def test_arithmetic_matches_published_sizes_and_sink_counts():
+    p = finetune_cost.shape_params(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"])
+    assert p["total"] == 6_738_415_616  # Llama-2-7B
+    assert finetune_cost.shape_params(finetune_cost.ARITHMETIC_SHAPES["llama-3.2-1b"])["total"] == 1_235_814_400
+    rows = finetune_cost.arithmetic(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"], 11008)
+    assert rows["sinks"]["parameters"] - rows["full"]["parameters"] == 32 * 3 * 4096 * 11008
+    first = finetune_cost.arithmetic(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"], 2 * 11008, layers=1)
+    assert first["sinks"]["parameters"] - first["full"]["parameters"] == 3 * 4096 * 2 * 11008
+
+
+def test_variants_count_what_they_train():
+    shape = finetune_cost.SHAPES["tiny"]
+    counts = {}
+    for variant in finetune_cost.VARIANTS:
+        model, _ = finetune_cost.prepare(variant, shape, torch.float32, {})
+        counts[variant] = (sum(p.numel() for p in model.parameters()),
+                           sum(p.numel() for p in model.parameters() if p.requires_grad))
+    full, lora = counts["full"][0], counts["lora_r16"][1]
+    general, sinks = MemSinkConfig.for_finetuning().num_sinks_for(shape["mlp"])
+    assert general == sinks == shape["mlp"]
+    sink_params = shape["layers"] * 3 * shape["hidden"] * sinks
+    assert counts["for_finetuning"] == (full + sink_params, full + sink_params)
+    # under LoRA the sinks train through their deltas: the sinks' size, not the MLP's (the adapters
+    # on the widened MLP projections grow by r per sink neuron)
+    wider_lora = lora + shape["layers"] * 3 * finetune_cost.LORA_R * sinks
+    assert counts["for_finetuning+lora_r16"][1] == wider_lora + sink_params
+    # first_layer: the first layer only, twice its width
+    first = 3 * shape["hidden"] * 2 * shape["mlp"]
+    assert counts["first_layer"] == (full + first, full + first)
+    wider_lora = lora + 3 * finetune_cost.LORA_R * 2 * shape["mlp"]
+    assert counts["first_layer+lora_r16"][1] == wider_lora + first
+
+
+def test_script_runs_end_to_end(tmp_path):
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_cost.py"), "--shapes", "tiny", "--steps", "1",
+                    "--rounds", "1", "--batch", "2", "--seq", "16", "--variants", "full,lora_r16",
+                    "--recipe", 'narrow={"num_sink_neurons": 8}', "--out", str(out)], check=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == ["full", "lora_r16", "narrow", "narrow+lora_r16"]
+    narrow = next(r for r in result["rows"] if r["variant"] == "narrow")
+    assert narrow["parameters"] == result["rows"][0]["parameters"] + 2 * 3 * 64 * 8
+    assert {"step_vs_full", "memory_vs_lora_r16"} <= set(narrow)
+    assert {"llama-2-7b/for_finetuning", "llama-2-7b/first_layer"} <= set(result["arithmetic"])
