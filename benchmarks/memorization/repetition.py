@@ -39,6 +39,7 @@ from hf_memsinks.model.add_sinks import get_memsink_model
 
 from .config import BenchmarkConfig, CorpusConfig, load_config
 from .corpus import load_documents, load_or_train_tokenizer
+from .decay import GeneralShare
 from .finetune_config import PretrainConfig
 from .gate import LossGate
 from .metrics import doc_losses, measure
@@ -61,12 +62,21 @@ class Row:
     memsinks: dict = field(default_factory=dict)
     recipe: bool = False
     gate: dict | None = None  # memsinks: LossGate's settings (gate.py), over general_sightings=0
+    decay: dict | None = None  # memsinks: GeneralShare's settings (decay.py): the general path's share of repeats
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"repetition row {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
-        if self.gate is not None and self.method != "memsinks":
-            raise ValueError(f"repetition row {self.name!r}: gate needs method memsinks")
+        for option in ("gate", "decay"):
+            if getattr(self, option) is not None and self.method != "memsinks":
+                raise ValueError(f"repetition row {self.name!r}: {option} needs method memsinks")
+        if self.gate is not None and self.decay is not None:
+            raise ValueError(f"repetition row {self.name!r}: gate or decay, not both")
+        if self.decay is not None:
+            GeneralShare(**self.decay)
+            if self.memsinks.get("general_sightings") is not None:
+                raise ValueError(f"repetition row {self.name!r}: decay runs on the default forward "
+                                 "(general_sightings unset)")
         if self.method == "memsinks":
             self.memsink_config()
 
@@ -263,13 +273,20 @@ def train_row(spec: Row, cfg, setting: RepetitionSetting, base, stream, accelera
     train_cfg = dataclasses.replace(cfg.train, steps=steps, eval_every=steps)
     goldfish = cfg.goldfish if spec.method == "goldfish" else None
     gate = LossGate(**spec.gate) if spec.gate is not None else None
+    share = GeneralShare(**spec.decay) if spec.decay is not None else None
+    if share is not None and accelerator.num_processes > 1:
+        raise ValueError(f"repetition row {spec.name!r}: decay counts sightings in one process only")
     train(model, setting, stream, dataclasses.replace(cfg, train=train_cfg), with_ids=sinks, label=spec.name,
-          goldfish=goldfish, accelerator=accelerator, route=gate)
+          goldfish=goldfish, accelerator=accelerator, route=gate,
+          loss=share.loss if share is not None else None,
+          on_optimizer=(lambda opt: share.attach(model, opt)) if share is not None else None)
     if sinks:
         model = model.remove_sinks()
     out = evaluate(model.eval(), setting, cfg)
     if gate is not None:
         out["gate"] = {"repeats_to_general": gate.general, "repeats_to_sinks": gate.sinks, "ref": gate.ref}
+    if share is not None:
+        out["decay"] = share.report()
     return out
 
 
