@@ -75,6 +75,14 @@ def test_repetition_end_to_end(tmp_path, config, overrides, capsys):
     assert "| m |" in (out / "report.md").read_text()
     assert main(["repetition-table", str(out), str(out), "--out", str(tmp_path / "t.md")]) == 0
     assert " / " in (tmp_path / "t.md").read_text()
+    fewer = tmp_path / "fewer"  # a seed run with fewer rows: "-" in its place
+    fewer.mkdir()
+    key = next(k for k in report["tables"] if k != "pretrained")
+    del report["tables"][key]["m"]
+    (fewer / "report.json").write_text(json.dumps(report))
+    assert main(["repetition-table", str(out), str(fewer), "--out", str(tmp_path / "f.md")]) == 0
+    line = next(t for t in (tmp_path / "f.md").read_text().splitlines() if t.startswith("| m |"))
+    assert line.split(" | ")[1].endswith(" / -")
 
 
 def test_loss_gate_routes_repeats_by_the_general_paths_loss_against_held_out_documents():
@@ -259,7 +267,7 @@ def test_decay_row_errors(row, message):
 
 
 @pytest.mark.parametrize("name", ["repetition_domain", "repetition_domain_docstrings", "repetition_epochs",
-                                  "repetition_epochs_decay"])
+                                  "repetition_epochs_decay", "repetition_domain_decay"])
 def test_shipped_repetition_configs_load(name):
     cfg = load_repetition_config(str(ROOT / "configs" / f"{name}.yaml"))
     assert cfg.repetition.row_specs()
