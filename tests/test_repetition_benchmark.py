@@ -207,6 +207,32 @@ def test_general_share_scales_each_rows_general_gradient_and_leaves_its_sinks_wh
     assert share.step_weight == pytest.approx(float((w * torch.tensor([9, 6, 9, 9])).sum() / 33))
 
 
+def test_general_share_alone_trains_the_general_share_with_no_sink_on():
+    from benchmarks.memorization.decay import GeneralShare, row_losses
+    from hf_memsinks.sightings.routing import sink_masks
+
+    model, batch, deepcopy = _share_setup()
+    w = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    alone, default = [], []
+    for i in range(4):  # each row's gradient with no sink on, and with its sinks
+        for ids, out in ((-1, alone), (None, default)):
+            one, row = deepcopy(model), {k: v[i:i + 1] for k, v in batch.items()}
+            if ids is not None:
+                row["sequence_ids"] = torch.tensor([ids])
+            row_losses(one, row).sum().backward()
+            out.append({n: p.grad.clone() for n, p in one.named_parameters() if p.grad is not None})
+    share = GeneralShare(schedule="inverse", alone=True)
+    share.weights = lambda m, b: w
+    share.loss(model, batch).backward()
+    masks = {n: sink_masks(model).get(id(p)) for n, p in model.named_parameters()}
+    for n, g in _grads(model).items():
+        expected = sum(w[i] * alone[i].get(n, 0) for i in range(4))
+        if masks[n] is not None:
+            expected = expected + torch.where(masks[n], sum((1 - w[i]) * default[i][n] for i in range(4)), 0.0)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    assert all(m is None or not torch.where(m, alone[0][n], 0.0).any() for n, m in masks.items() if n in alone[0])
+
+
 def test_general_share_weights_by_sighting_and_clips_repeats_by_their_general_gradient_norm():
     from benchmarks.memorization.decay import GeneralShare, row_losses
     from hf_memsinks.sightings.routing import sink_masks

@@ -21,6 +21,10 @@ routing state). ``w_i``:
   backward per repeat: the 4 x 128 model makes that cheap); with ``schedule`` too, the smaller
   weight. First sightings are not clipped.
 
+``alone``: the general path's share runs with no sink on (the row's ID -1), as ``general_sightings``
+trains a first sighting, so that the general path learns to do without the sinks it will lose: ``w_i
+= 1`` is then standard training of that row, ``w_i = 0`` its sinks alone.
+
 AdamW divides each parameter's step by the root of its mean squared gradient, so a weight shared
 by a whole batch (every row of an epoch is the same sighting in the epochs setting) is divided out
 again within a few dozen steps: the weights then only reweight rows against each other. ``lr``
@@ -71,7 +75,8 @@ def frozen_params(model, masks: dict[int, torch.Tensor]) -> dict[str, torch.Tens
 
 
 class GeneralShare:
-    def __init__(self, schedule: str | None = None, clip: float | None = None, lr: bool = False):
+    def __init__(self, schedule: str | None = None, clip: float | None = None, lr: bool = False,
+                 alone: bool = False):
         if schedule is not None and schedule not in SCHEDULES:
             raise ValueError(f"decay.schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
         if clip is not None and not float(clip) > 0:
@@ -79,6 +84,7 @@ class GeneralShare:
         if schedule is None and clip is None:
             raise ValueError("decay needs a schedule or a clip")
         self.schedule, self.clip, self.lr = schedule, None if clip is None else float(clip), lr
+        self.alone = alone
         self.seen: collections.Counter = collections.Counter()
         self.masks: dict[int, torch.Tensor] | None = None
         self.step_weight = 1.0  # the last batch's mean weight per target token (the lr hook's factor)
@@ -106,7 +112,7 @@ class GeneralShare:
         params = [p for p in model.parameters() if p.requires_grad]
         out = {}
         for i in rows:
-            one = {k: v[i:i + 1] for k, v in batch.items()}
+            one = self._general({k: v[i:i + 1] for k, v in batch.items()})
             targets = (one["labels"][:, 1:] != -100).sum().clamp(min=1)
             grads = torch.autograd.grad(row_losses(model, one).sum() / targets, params, allow_unused=True)
             total = 0.0
@@ -139,6 +145,12 @@ class GeneralShare:
 
     # ---- the loss -------------------------------------------------------------------------------------
 
+    def _general(self, batch: dict) -> dict:
+        """The batch of the general path's forward: as given, or with ``alone`` without IDs (no sink on)."""
+        if not self.alone:
+            return batch
+        return {**batch, "sequence_ids": torch.full_like(batch["sequence_ids"], -1)}
+
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The batch's training loss, summed over its target tokens (the training loop's ``loss_sum``):
         each row's loss at weight ``w_i`` through the default forward, and at ``1 - w_i`` with the
@@ -149,11 +161,11 @@ class GeneralShare:
         targets = (batch["labels"][:, 1:] != -100).sum(1).float()
         self.step_weight = float((w * targets).sum() / targets.sum().clamp(min=1))
         if bool((w == 1).all()):
-            return loss_sum(model, batch)  # the default row's loss itself
+            return loss_sum(model, self._general(batch))  # the default row's loss itself
         total = batch["input_ids"].new_zeros((), dtype=torch.float32)
         a, b = (w > 0).nonzero().squeeze(1), (w < 1).nonzero().squeeze(1)
         if a.numel():
-            total = total + (w[a] * row_losses(model, {k: v[a] for k, v in batch.items()})).sum()
+            total = total + (w[a] * row_losses(model, self._general({k: v[a] for k, v in batch.items()}))).sum()
         if b.numel():
             with _reparametrize_module(model, frozen_params(model, self.masks), tie_weights=True):
                 frozen = row_losses(model, {k: v[b] for k, v in batch.items()})
