@@ -26,8 +26,8 @@ trains a first sighting, so that the general path learns to do without the sinks
 = 1`` is then standard training of that row, ``w_i = 0`` its sinks alone.
 
 AdamW divides each parameter's step by the root of its mean squared gradient, so a weight shared
-by a whole batch (every row of an epoch is the same sighting in the epochs setting) is divided out
-again within a few dozen steps: the weights then only reweight rows against each other. ``lr``
+by a whole batch (every row of an epoch is the same sighting in the epochs setting) is largely
+divided out again within a few dozen steps, leaving mostly a reweighting of rows. ``lr``
 makes the weight a learning rate: the general path's step (its parameter change, weight decay
 included) is also multiplied by the batch's mean weight (per target token), by an optimizer hook
 like the library's ``SinkLR``. Counts are per row of the global batch: one process only.
@@ -108,7 +108,7 @@ class GeneralShare:
 
     def general_norms(self, model, batch: dict, rows: list[int]) -> dict[int, float]:
         """The norm of the gradient of each of ``rows``' mean token loss over the general parameters,
-        one row at a time (the default forward: general path and the row's sinks)."""
+        one row at a time (the general path's forward: with the row's sinks, or none with ``alone``)."""
         params = [p for p in model.parameters() if p.requires_grad]
         out = {}
         for i in rows:
