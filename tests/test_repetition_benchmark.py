@@ -75,6 +75,14 @@ def test_repetition_end_to_end(tmp_path, config, overrides, capsys):
     assert "| m |" in (out / "report.md").read_text()
     assert main(["repetition-table", str(out), str(out), "--out", str(tmp_path / "t.md")]) == 0
     assert " / " in (tmp_path / "t.md").read_text()
+    fewer = tmp_path / "fewer"  # a seed run with fewer rows: "-" in its place
+    fewer.mkdir()
+    key = next(k for k in report["tables"] if k != "pretrained")
+    del report["tables"][key]["m"]
+    (fewer / "report.json").write_text(json.dumps(report))
+    assert main(["repetition-table", str(out), str(fewer), "--out", str(tmp_path / "f.md")]) == 0
+    line = next(t for t in (tmp_path / "f.md").read_text().splitlines() if t.startswith("| m |"))
+    assert line.split(" | ")[1].endswith(" / -")
 
 
 def test_loss_gate_routes_repeats_by_the_general_paths_loss_against_held_out_documents():
@@ -115,3 +123,177 @@ def test_per_document_gate_compares_each_document_with_itself():
     assert gate(model, batch).tolist() == [3, -1, -1]  # each within the held-out documents' fall + margin
     ref = gate.ref
     assert gate(model, batch).tolist() == [3, 10006, -1] and gate.ref == ref
+
+
+# ---- decay.py: the general path's weight on repeats ----------------------------------------------------
+
+
+def _share_setup(config_fields=None):
+    import copy as _copy
+
+    from tiny_models import tiny_model
+
+    from hf_memsinks import MemSinkConfig, get_memsink_model
+
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig.for_finetuning(**(config_fields or {}))).train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(3, 97, (4, 10), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, 7:] = 0  # a shorter row: padding is not a target
+    batch = {"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100),
+             "sequence_ids": torch.tensor([11, 12, 13, 14])}
+    return model, batch, _copy.deepcopy
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_general_share_of_1_is_the_default_forward_and_of_0_the_routed_repeat():
+    import dataclasses as _dc
+
+    from benchmarks.memorization.decay import GeneralShare
+    from benchmarks.memorization.training import loss_sum
+
+    model, batch, deepcopy = _share_setup()
+    default = deepcopy(model)
+    share = GeneralShare(schedule="inverse")
+    share.loss(model, batch).backward()  # first sightings: w = 1, only the default forward
+    loss_sum(default, batch).backward()
+    ref = _grads(default)
+    assert all(torch.equal(g, ref[n]) for n, g in _grads(model).items()) and len(ref) == len(_grads(model))
+    # w = 0 on every row: the gradient of general_sightings=1 on a repeat (the library's frozen forward)
+    routed = deepcopy(default)
+    routed.memsink.config = _dc.replace(routed.memsink.config, general_sightings=1, sightings_by="ids")
+    from hf_memsinks import attach_sink_lr  # (its hooks on an optimizer; the forward only checks they exist)
+
+    attach_sink_lr(routed, torch.optim.SGD(routed.parameters(), lr=0.1))
+    routed.zero_grad()
+    with torch.no_grad():
+        routed(**{k: v for k, v in batch.items() if k != "labels"})  # the first sightings, counted
+    out = routed(**batch)
+    model.zero_grad()
+    share.weights = lambda m, b: torch.zeros(4)
+    targets = (batch["labels"][:, 1:] != -100).sum()
+    (share.loss(model, batch) / targets).backward()
+    out.loss.backward()
+    mine, lib = _grads(model), _grads(routed)
+    assert set(mine) == set(lib) and any(g.abs().sum() > 0 for g in lib.values())
+    for n in lib:
+        torch.testing.assert_close(mine[n], lib[n], rtol=1e-5, atol=1e-7)
+
+
+def test_general_share_scales_each_rows_general_gradient_and_leaves_its_sinks_whole():
+    from benchmarks.memorization.decay import GeneralShare, row_losses
+    from hf_memsinks.sightings.routing import sink_masks
+
+    model, batch, deepcopy = _share_setup()
+    w = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    per_row = []
+    for i in range(4):  # each row's default gradient alone
+        one = deepcopy(model)
+        row_losses(one, {k: v[i:i + 1] for k, v in batch.items()}).sum().backward()
+        per_row.append(_grads(one))
+    share = GeneralShare(schedule="inverse")
+    share.weights = lambda m, b: w
+    share.loss(model, batch).backward()
+    masks = {n: sink_masks(model).get(id(p)) for n, p in model.named_parameters()}
+    assert any(m is not None and m.any() for m in masks.values())
+    for n, g in _grads(model).items():
+        general = sum(w[i] * per_row[i][n] for i in range(4))
+        whole = sum(per_row[i][n] for i in range(4))
+        expected = general if masks[n] is None else torch.where(masks[n], whole, general)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    assert share.step_weight == pytest.approx(float((w * torch.tensor([9, 6, 9, 9])).sum() / 33))
+
+
+def test_general_share_alone_trains_the_general_share_with_no_sink_on():
+    from benchmarks.memorization.decay import GeneralShare, row_losses
+    from hf_memsinks.sightings.routing import sink_masks
+
+    model, batch, deepcopy = _share_setup()
+    w = torch.tensor([1.0, 0.5, 0.0, 0.25])
+    alone, default = [], []
+    for i in range(4):  # each row's gradient with no sink on, and with its sinks
+        for ids, out in ((-1, alone), (None, default)):
+            one, row = deepcopy(model), {k: v[i:i + 1] for k, v in batch.items()}
+            if ids is not None:
+                row["sequence_ids"] = torch.tensor([ids])
+            row_losses(one, row).sum().backward()
+            out.append({n: p.grad.clone() for n, p in one.named_parameters() if p.grad is not None})
+    share = GeneralShare(schedule="inverse", alone=True)
+    share.weights = lambda m, b: w
+    share.loss(model, batch).backward()
+    masks = {n: sink_masks(model).get(id(p)) for n, p in model.named_parameters()}
+    for n, g in _grads(model).items():
+        expected = sum(w[i] * alone[i].get(n, 0) for i in range(4))
+        if masks[n] is not None:
+            expected = expected + torch.where(masks[n], sum((1 - w[i]) * default[i][n] for i in range(4)), 0.0)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+    assert all(m is None or not torch.where(m, alone[0][n], 0.0).any() for n, m in masks.items() if n in alone[0])
+
+
+def test_general_share_weights_by_sighting_and_clips_repeats_by_their_general_gradient_norm():
+    from benchmarks.memorization.decay import GeneralShare, row_losses
+    from hf_memsinks.sightings.routing import sink_masks
+
+    model, batch, deepcopy = _share_setup()
+    share = GeneralShare(schedule="halving")
+    share.masks = sink_masks(model)
+    ids = {"sequence_ids": torch.tensor([5, 5, -1, 6])}
+    assert share.weights(model, {**batch, **ids}).tolist() == [1.0, 0.5, 1.0, 1.0]
+    assert share.weights(model, {**batch, **ids}).tolist() == [0.25, 0.125, 1.0, 0.5]
+    # clip: row 1's exact general gradient norm (its mean token loss; sink slices left out)
+    one = deepcopy(model)
+    (row_losses(one, {k: v[1:2] for k, v in batch.items()}).sum() / 6).backward()
+    masks = sink_masks(one)
+    norm = sum(float(p.grad.masked_fill(masks[id(p)], 0).pow(2).sum() if id(p) in masks else p.grad.pow(2).sum())
+               for p in one.parameters() if p.grad is not None) ** 0.5
+    share = GeneralShare(clip=norm / 4)
+    share.masks = sink_masks(model)
+    first = share.weights(model, batch)
+    assert first.tolist() == [1.0] * 4 and share.repeats == 0  # first sightings are not clipped
+    again = share.weights(model, batch)
+    assert again[1].item() == pytest.approx(0.25, rel=1e-4) and share.repeats == 4
+    assert GeneralShare(clip=1e9, schedule="inverse").weights(model, batch).tolist() == [1.0] * 4
+
+
+def test_general_share_lr_scales_the_general_paths_step_only():
+    from benchmarks.memorization.decay import GeneralShare
+    from hf_memsinks.sightings.routing import sink_masks
+
+    model, batch, deepcopy = _share_setup({"sink_lr_scale": 1.0})
+    steps = {}
+    for lr_hook in (False, True):
+        m = deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        share = GeneralShare(schedule="inverse", lr=lr_hook)
+        share.attach(m, opt)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        share.loss(m, batch).backward()
+        share.step_weight = 0.3  # (first sightings: the loss gave 1)
+        opt.step()
+        steps[lr_hook] = {n: p.detach() - before[n] for n, p in m.named_parameters()}
+    masks = {n: sink_masks(model).get(id(p)) for n, p in model.named_parameters()}
+    for n, plain in steps[False].items():
+        scaled = 0.3 * plain if masks[n] is None else torch.where(masks[n], plain, 0.3 * plain)
+        torch.testing.assert_close(steps[True][n], scaled, rtol=1e-4, atol=1e-7)
+    assert any((s.abs() > 0).any() for s in steps[False].values())
+
+
+@pytest.mark.parametrize("row, message", [
+    ("{name: a, decay: {schedule: inverse}}", "decay needs method memsinks"),
+    ("{name: a, method: memsinks, decay: {schedule: cube}}", "schedule must be one of"),
+    ("{name: a, method: memsinks, decay: {}}", "a schedule or a clip"),
+    ("{name: a, method: memsinks, decay: {clip: 1}, memsinks: {general_sightings: 2}}", "general_sightings unset"),
+])
+def test_decay_row_errors(row, message):
+    with pytest.raises(ValueError, match=message):
+        load_repetition_config(DOMAIN, [f"repetition.rows=[{{name: s}}, {{name: d, method: dedup}}, {row}]"])
+
+
+@pytest.mark.parametrize("name", ["repetition_domain", "repetition_domain_docstrings", "repetition_epochs",
+                                  "repetition_epochs_decay", "repetition_domain_decay"])
+def test_shipped_repetition_configs_load(name):
+    cfg = load_repetition_config(str(ROOT / "configs" / f"{name}.yaml"))
+    assert cfg.repetition.row_specs()

@@ -39,6 +39,7 @@ from hf_memsinks.model.add_sinks import get_memsink_model
 
 from .config import BenchmarkConfig, CorpusConfig, load_config
 from .corpus import load_documents, load_or_train_tokenizer
+from .decay import GeneralShare
 from .finetune_config import PretrainConfig
 from .gate import LossGate
 from .metrics import doc_losses, measure
@@ -61,12 +62,21 @@ class Row:
     memsinks: dict = field(default_factory=dict)
     recipe: bool = False
     gate: dict | None = None  # memsinks: LossGate's settings (gate.py), over general_sightings=0
+    decay: dict | None = None  # memsinks: GeneralShare's settings (decay.py): the general path's share of repeats
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"repetition row {self.name!r}: method must be one of {METHODS}, got {self.method!r}")
-        if self.gate is not None and self.method != "memsinks":
-            raise ValueError(f"repetition row {self.name!r}: gate needs method memsinks")
+        for option in ("gate", "decay"):
+            if getattr(self, option) is not None and self.method != "memsinks":
+                raise ValueError(f"repetition row {self.name!r}: {option} needs method memsinks")
+        if self.gate is not None and self.decay is not None:
+            raise ValueError(f"repetition row {self.name!r}: gate or decay, not both")
+        if self.decay is not None:
+            GeneralShare(**self.decay)
+            if self.memsinks.get("general_sightings") is not None:
+                raise ValueError(f"repetition row {self.name!r}: decay runs on the default forward "
+                                 "(general_sightings unset)")
         if self.method == "memsinks":
             self.memsink_config()
 
@@ -263,13 +273,20 @@ def train_row(spec: Row, cfg, setting: RepetitionSetting, base, stream, accelera
     train_cfg = dataclasses.replace(cfg.train, steps=steps, eval_every=steps)
     goldfish = cfg.goldfish if spec.method == "goldfish" else None
     gate = LossGate(**spec.gate) if spec.gate is not None else None
+    share = GeneralShare(**spec.decay) if spec.decay is not None else None
+    if share is not None and accelerator.num_processes > 1:
+        raise ValueError(f"repetition row {spec.name!r}: decay counts sightings in one process only")
     train(model, setting, stream, dataclasses.replace(cfg, train=train_cfg), with_ids=sinks, label=spec.name,
-          goldfish=goldfish, accelerator=accelerator, route=gate)
+          goldfish=goldfish, accelerator=accelerator, route=gate,
+          loss=share.loss if share is not None else None,
+          on_optimizer=(lambda opt: share.attach(model, opt)) if share is not None else None)
     if sinks:
         model = model.remove_sinks()
     out = evaluate(model.eval(), setting, cfg)
     if gate is not None:
         out["gate"] = {"repeats_to_general": gate.general, "repeats_to_sinks": gate.sinks, "ref": gate.ref}
+    if share is not None:
+        out["decay"] = share.report()
     return out
 
 
@@ -318,7 +335,8 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def markdown(reports: list[dict]) -> str:
-    """One table per setting length, each cell a value per seed (``seed 0 / seed 1``)."""
+    """One table per setting length, each cell a value per seed (``seed 0 / seed 1``; ``-`` where a seed's
+    run lacks the row: the first report's rows are the table's)."""
     first = reports[0]
     lines = [f"# Repetition benchmark: {first['setting']} (seeds {', '.join(str(r['seed']) for r in reports)})", ""]
     for key in first["tables"]:
@@ -339,19 +357,22 @@ def markdown(reports: list[dict]) -> str:
         measurable = all(s[gap] > 2 * s.get("gap_se", 0.0) for s in noise)
         lines += [f"## {key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in rows:
-            per = [r["tables"][key][name] for r in reports]
-            cells = [name, _cell([p["val_loss"] for p in per], ".3f"), _cell([p["benefit_kept"] for p in per], ".2f")]
+            per = [r["tables"][key].get(name) for r in reports]  # None: a row this seed's run did not have
+
+            def col(value, fmt: str) -> str:
+                return " / ".join("-" if p is None else format(value(p), fmt) for p in per)
+
+            cells = [name, col(lambda p: p["val_loss"], ".3f"), col(lambda p: p["benefit_kept"], ".2f")]
             if old:
-                cells += [_cell([p["old_val_loss"] for p in per], ".3f"), _cell([p["old_ratio"] for p in per], ".3f")]
-            cells += [_cell([p[gap] for p in per], ".3f"),
-                      _cell([p["gap_closure"] for p in per], ".2f") if measurable else "n/a",
-                      _cell([p["extraction_rate"] for p in per], ".2f")]
-            cells += [_cell([p["mia_auc"][a]["natural"] for p in per], ".2f") for a in attacks]
+                cells += [col(lambda p: p["old_val_loss"], ".3f"), col(lambda p: p["old_ratio"], ".3f")]
+            cells += [col(lambda p: p[gap], ".3f"),
+                      col(lambda p: p["gap_closure"], ".2f") if measurable else "n/a",
+                      col(lambda p: p["extraction_rate"], ".2f")]
+            cells += [col(lambda p, a=a: p["mia_auc"][a]["natural"], ".2f") for a in attacks]
             if secrets:
-                cells.append(_cell([max(p["mia_auc"][a]["secret"] for a in ATTACKS) for p in per], ".2f"))
-            exp = [p.get("exposure") for p in per]
-            cells.append(" / ".join(f"{e['trained']['mean']:.1f} vs {e['control']['mean']:.1f}" if e else "-"
-                                    for e in exp))
+                cells.append(col(lambda p: max(p["mia_auc"][a]["secret"] for a in ATTACKS), ".2f"))
+            cells.append(" / ".join(f"{p['exposure']['trained']['mean']:.1f} vs {p['exposure']['control']['mean']:.1f}"
+                                    if p is not None and p.get("exposure") else "-" for p in per))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("kept: share of repetition's domain-val benefit (dedup or one epoch -> standard) kept; gap: "
@@ -372,7 +393,7 @@ def combine(out_dirs: list[str], out: str) -> str:
     Path(out).write_text(text)
     means = {}
     for key in reports[0]["tables"]:
-        means[key] = {name: {k: fmean(r["tables"][key][name][k] for r in reports)
+        means[key] = {name: {k: fmean(r["tables"][key][name][k] for r in reports if name in r["tables"][key])
                              for k in ("val_loss", "benefit_kept", "gap_closure", "old_val_loss", "old_ratio",
                                        "memorization_gap", "calibrated_gap")
                              if k in reports[0]["tables"][key][name]}

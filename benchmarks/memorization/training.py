@@ -149,8 +149,8 @@ def curve_point(model, setting, step: int, n: int) -> dict:
 
 def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with_ids: bool | Sequence[int], label: str,
           goldfish: GoldfishConfig | None = None, accelerator=None,
-          on_optimizer: Callable | None = None, progress=None, route: Callable | None = None
-          ) -> tuple[list[dict], dict]:
+          on_optimizer: Callable | None = None, progress=None, route: Callable | None = None,
+          loss: Callable | None = None) -> tuple[list[dict], dict]:
     """AdamW with warmup and cosine decay (``warmup_cosine``), on this process's share of every
     global batch; ``model`` is trained in place. Returns the loss curve (eval mode: sinks dropped)
     and the shares: documents and target tokens each process trained on.
@@ -167,9 +167,11 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         progress: report the steps to this (progress.py: the benchmark's one display)
             instead of drawing a bar of its own.
         route: ``route(model, global_batch)`` gives the batch's sequence IDs at each step (gate.py).
+        loss: ``loss(model, batch)`` replaces ``loss_sum`` (the same sum over target tokens; decay.py).
     """
     accelerator = accelerator or make_accelerator(cfg)
     rank, processes = accelerator.process_index, accelerator.num_processes
+    loss_of = loss or loss_sum
     bf16 = precision(cfg, accelerator.device) == "bf16"
     t = cfg.train
     steps, every = t.steps, t.eval_every
@@ -204,7 +206,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         counts += torch.tensor([part["input_ids"].shape[0], int((part["labels"][:, 1:] != -100).sum())])
         mine = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_sum(wrapped, mine) * (processes / targets)
+            loss = loss_of(wrapped, mine) * (processes / targets)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
         prepared_opt.step()
