@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
 from hf_memsinks.layers.projections import trainable_neuron_tensors
-from hf_memsinks.sightings.routing import SinkGradOnly, sink_masks
+from hf_memsinks.sightings.routing import sink_gradient_only, sink_masks
 
 from .training import loss_sum
 
@@ -61,17 +61,6 @@ def row_losses(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return loss.sum(1)
-
-
-def frozen_params(model, masks: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every trainable parameter detached but the sink slices of the patched projections (as
-    ``frozen_general``)."""
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            mask = masks.get(id(param))
-            out[name] = param.detach() if mask is None else SinkGradOnly.apply(param, mask)
-    return out
 
 
 class GeneralShare:
@@ -167,7 +156,7 @@ class GeneralShare:
         if a.numel():
             total = total + (w[a] * row_losses(model, self._general({k: v[a] for k, v in batch.items()}))).sum()
         if b.numel():
-            with _reparametrize_module(model, frozen_params(model, self.masks), tie_weights=True):
+            with _reparametrize_module(model, sink_gradient_only(model, self.masks), tie_weights=True):
                 frozen = row_losses(model, {k: v[b] for k, v in batch.items()})
             total = total + ((1 - w[b]) * frozen).sum()
         return total

@@ -98,7 +98,12 @@ def frozen_general(model) -> dict[str, torch.Tensor]:
     routing = model.memsink.routing
     if routing.masks is None:
         routing.masks = sink_masks(model)
-    masks = routing.masks
+    return sink_gradient_only(model, routing.masks)
+
+
+def sink_gradient_only(model, masks: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of ``model`` detached, except those in ``masks`` (:func:`sink_masks`),
+    whose gradient is kept on their sink slices only."""
     params = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
