@@ -98,3 +98,19 @@ def test_peft_model_in_trainer_keeps_sequence_ids(tmp_path):
     Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0)).train()
     after = model.sink_parameters()
     assert any(not torch.equal(after[k], sinks_before[k]) for k in after)
+
+
+def test_lora_on_one_of_two_input_projections_runs_in_eval_and_removes_exactly():
+    """The guide's targets (up_proj, not gate_proj): with sinks dropped, the adapter's output has
+    every neuron, so the MLP's other input projection must compute every neuron too."""
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig.for_finetuning(sink_active_prob=0.3))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    train_sinks(peft_model)
+    x = batch(4, 10)
+    peft_model.train()(input_ids=x, labels=x, sequence_ids=torch.full((4,), ID)).loss.backward()
+    peft_model.eval()
+    probe = batch(2, 9, seed=5)
+    with torch.no_grad():
+        expected = peft_model(input_ids=probe).logits
+        plain = peft_model.merge_and_unload().remove_sinks()
+        torch.testing.assert_close(plain(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)

@@ -32,11 +32,13 @@ def projection_slots(model: nn.Module) -> list[Slot]:
 def sync_adapters(slots: list[Slot]) -> None:
     """The hook: record which patched projections an adapter wraps now (a few attribute reads per
     forward, so wrapping and ``merge_and_unload`` need no call from the user)."""
+    changed = False
     for parent, attr, proj in slots:
         current = parent._modules.get(attr)
         wrapped = current is not proj
         if wrapped == proj.memsink.wrapped:
             continue
+        changed = True
         if wrapped:
             get_base = getattr(current, "get_base_layer", None)
             base = get_base() if get_base is not None else getattr(current, "base_layer", None)
@@ -48,6 +50,10 @@ def sync_adapters(slots: list[Slot]) -> None:
             if proj.memsink.role == "out":
                 current.register_forward_pre_hook(_sinks_applied_input(proj))
         proj.memsink.wrapped = wrapped
+    if changed:  # an adapter's output has every neuron: its MLP's other input projections must match it
+        wide = {id(parent) for parent, _, proj in slots if proj.memsink.role == "in" and proj.memsink.wrapped}
+        for parent, _, proj in slots:
+            proj.memsink.inputs_wrapped = id(parent) in wide
 
 
 def check_unwrapped(slots: list[Slot]) -> None:

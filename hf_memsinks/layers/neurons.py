@@ -41,6 +41,7 @@ class ProjectionPatch:
     behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
     wrapped: bool = False  # an adapter wrapper applies its sinks (set by hf_memsinks.integrations.peft)
     deltas: bool = False  # the sinks train through separate delta parameters (hf_memsinks.layers.sink_deltas)
+    inputs_wrapped: bool = False  # an adapter wraps one of this MLP's input projections: all compute every neuron
 
     @property
     def neuron_chunks(self) -> int:

@@ -196,7 +196,7 @@ class SinkInProjection(SinkProjection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.memsink
         call = m.state.call_for_projection(self.training)
-        if not call.skip_sinks or m.wrapped:
+        if not call.skip_sinks or m.inputs_wrapped:
             out = super().forward(x)  # every neuron: exactly the plain module's computation
             return out if call.skip_sinks or not m.deltas else sink_deltas.input_delta(self, x, out)
         weight, bias = self._linear_weight(), self.bias
