@@ -116,7 +116,8 @@ class SinkExperts(ExpertsGateHook, NoHubKernel):
         return torch.cat([h[..., :g], h[..., g:] * keep.to(h.dtype)], -1)
 
     def __reduce_ex__(self, protocol):
-        """Pickle by the original class: the subclass is made at patch time."""
+        """Pickle by the original class: the subclass is made at patch time (the state, hooks
+        included, is ``__dict__``)."""
         return _new_patched_experts, (self.memsink.base_class,), self.__dict__
 
     def neuron_spans(self, name: str, sinks: bool, width: int | None = None) -> list[tuple[int, int]]:

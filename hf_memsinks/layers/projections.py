@@ -119,7 +119,8 @@ class SinkProjection(NoHubKernel):
         return f"{super().extra_repr()}, general={self.memsink.general}, sinks={self.memsink.sinks}"
 
     def __reduce_ex__(self, protocol):
-        """Pickle by the original class and role: the subclass is made at patch time."""
+        """Pickle by the original class and role: the subclass is made at patch time. The state is
+        ``__dict__``, hook tables (the checkpoint format's hooks) included."""
         return _new_patched_projection, (self.memsink.base_class, self.memsink.role), self.__dict__
 
 
