@@ -91,9 +91,7 @@ def _load_projection(module: nn.Module, state_dict: dict, prefix: str, local_met
             f"sink layout mismatch for {prefix[:-1]}: the state dict was saved with another sink layout than "
             f"this model's (state dict vs this model: {differ}); its tensors would land on the wrong neurons"
         )
-        for key in [prefix + n for n in dims] + [prefix + SINK + n for n in dims]:
-            state_dict.pop(key, None)
-        _leave_as_they_are(module, state_dict, prefix, [n for n, _ in module.named_parameters(recurse=False)])
+        _load_nothing(module, state_dict, prefix)
         return
     m = module.memsink
     for name, dim in dims.items():
@@ -143,6 +141,17 @@ def _leave_as_they_are(module: nn.Module, state_dict: dict, prefix: str, names: 
         state_dict.pop(prefix + name, None)
         tensor = getattr(module, name, None)
         if isinstance(tensor, torch.Tensor):
+            state_dict[prefix + name] = tensor
+
+
+def _load_nothing(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Leave every tensor of the module as it is, and let torch's loader report none of its keys."""
+    given = [k[len(prefix):] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]
+    for name in given:  # (its children's keys have a dot after the prefix)
+        del state_dict[prefix + name]
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    for name, tensor in tensors:
+        if name in given or isinstance(tensor, nn.Parameter):  # (a buffer may not be persistent)
             state_dict[prefix + name] = tensor
 
 
