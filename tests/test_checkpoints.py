@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -114,6 +115,26 @@ def test_checkpoint_restores_exactly_in_every_mode_and_training_resumes(tmp_path
         opt.step()
     for (n, p), (_, q) in zip(model.named_parameters(), restored.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_restored_unpickled_and_copied_models_keep_the_checkpoint_format(tmp_path):
+    """The format is state-dict hooks on the patched modules (hf_memsinks.checkpoints.sink_tensors): a
+    model restored by from_pretrained, then unpickled or deep-copied, has them too. Its state dict is
+    the saved one (sinks apart, layout in the metadata), and it loads sink tensors back."""
+    model = trained("gpt2")
+    model.save_pretrained(tmp_path)
+    state = model.state_dict()
+    assert any(k.endswith(".sink_weight") for k in state)
+    restored = AutoMemSinkModelForCausalLM.from_pretrained(tmp_path)
+    for other in (restored, pickle.loads(pickle.dumps(restored)), copy.deepcopy(restored)):
+        got = other.state_dict()
+        assert list(got) == list(state) and all(torch.equal(got[k], state[k]) for k in state)
+        assert got._metadata["transformer.h.0.mlp.c_fc"]["memsink"] == state._metadata["transformer.h.0.mlp.c_fc"][
+            "memsink"]
+        zeros = {k: torch.zeros_like(v) for k, v in state.items() if ".sink_" in k}
+        result = other.load_state_dict(zeros, strict=False)
+        assert result.unexpected_keys == [] and set(other.sink_parameters()) == set(zeros)
+        assert all(not p.any() for p in other.sink_parameters().values())
 
 
 @pytest.mark.parametrize("model_type, cfg", [

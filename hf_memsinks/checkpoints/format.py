@@ -3,7 +3,8 @@
 A memsink checkpoint is a Transformers checkpoint plus ``memsink_config.json`` (the config and the
 sink layout: general and sink neurons per MLP). Its weights hold each MLP's general neurons under
 the usual names, so plain Transformers loads the sink-free model, and the sinks under ``sink_*``
-names that plain Transformers ignores. Restoring (:mod:`hf_memsinks.model.loading`) loads the plain model
+names that plain Transformers ignores: the patched modules' state dicts, as
+:mod:`.sink_tensors` writes and reads them. Restoring (:mod:`hf_memsinks.model.loading`) loads the plain model
 without the unused-weights report for the sinks, patches it with the saved layout, then loads
 exactly the sink tensors that layout describes.
 """

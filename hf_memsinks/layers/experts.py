@@ -22,16 +22,7 @@ from torch import nn
 
 from ..transformers_internals import ExpertsGateHook, NoHubKernel, drop_hub_kernel, experts_forward
 from .mask_multiply import general_only
-from .neurons import (
-    ProjectionPatch,
-    chunk_spans,
-    copy_into_spans,
-    interleave,
-    load_other_keys,
-    pad_chunks,
-    pick,
-    replace_parameter,
-)
+from .neurons import ProjectionPatch, chunk_spans, interleave, pad_chunks, pick, replace_parameter
 
 
 def experts_width(module: nn.Module) -> int | None:
@@ -125,10 +116,11 @@ class SinkExperts(ExpertsGateHook, NoHubKernel):
         return torch.cat([h[..., :g], h[..., g:] * keep.to(h.dtype)], -1)
 
     def __reduce_ex__(self, protocol):
-        """Pickle by the original class: the subclass is made at patch time."""
+        """Pickle by the original class: the subclass is made at patch time (the state, hooks
+        included, is ``__dict__``)."""
         return _new_patched_experts, (self.memsink.base_class,), self.__dict__
 
-    def _spans(self, name: str, sinks: bool, width: int | None = None) -> list[tuple[int, int]]:
+    def neuron_spans(self, name: str, sinks: bool, width: int | None = None) -> list[tuple[int, int]]:
         """General (or sink) spans of tensor ``name``, whose experts have ``width`` neurons (G + S)."""
         m = self.memsink
         _, chunks, rows = experts_layout(self)[name]
@@ -165,41 +157,13 @@ class SinkExperts(ExpertsGateHook, NoHubKernel):
         unpatch_experts(self)
         _set_width(self, width)
 
-    # -- checkpoint format: general part under the original names, sinks under sink_* --
-
     def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{parameter: (general, sinks)}`` as new tensors, every expert's parts together."""
         out = {}
         for name, (dim, _, _) in experts_layout(self).items():
             t = getattr(self, name)
-            out[name] = (pick(t, dim, self._spans(name, sinks=False)), pick(t, dim, self._spans(name, sinks=True)))
+            out[name] = tuple(pick(t, dim, self.neuron_spans(name, sinks)) for sinks in (False, True))
         return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, (general, sinks) in self.general_and_sink_parts().items():
-            dim, chunks, rows = experts_layout(self)[name]
-            general = pad_chunks(general.detach(), dim, chunks, self.memsink.external_width, rows)
-            destination[prefix + name] = general.contiguous()
-            destination[prefix + "sink_" + name] = sinks.detach().contiguous()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        g, s = self.memsink.general, self.memsink.sinks
-        layout = experts_layout(self)
-        for name, (dim, chunks, rows) in layout.items():
-            for key, sinks, count in ((prefix + name, False, g), (prefix + "sink_" + name, True, s)):
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    continue
-                value = state_dict.pop(key)
-                if not sinks and value.shape[dim] != g * rows * chunks:  # zero-padded general part
-                    value = pick(value, dim, self._spans(name, sinks=False, width=value.shape[dim] // (rows * chunks)))
-                if value.shape[dim] != count * rows * chunks:
-                    error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(value.shape)}")
-                    continue
-                copy_into_spans(getattr(self, name), dim, self._spans(name, sinks), value)
-        load_other_keys(super()._load_from_state_dict, state_dict, prefix, layout, local_metadata, strict,
-                        missing_keys, unexpected_keys, error_msgs)
 
 
 _CLASSES: dict[type, type] = {}
@@ -232,6 +196,7 @@ def patch_experts(module: nn.Module, *, general: int, sinks: int, layer: int, st
 
 
 def unpatch_experts(module: nn.Module) -> None:
+    module.memsink.remove_hooks()
     module.__class__ = module.memsink.base_class
     del module.memsink
 

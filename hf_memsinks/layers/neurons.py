@@ -9,7 +9,7 @@ the patch, in one :class:`ProjectionPatch`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ class ProjectionPatch:
     wrapped: bool = False  # an adapter wrapper applies its sinks (set by hf_memsinks.integrations.peft)
     deltas: bool = False  # the sinks train through separate delta parameters (hf_memsinks.layers.sink_deltas)
     inputs_wrapped: bool = False  # an adapter wraps one of this MLP's input projections: all compute every neuron
+    hooks: list = field(default_factory=list)  # handles of hooks added with the patch (the checkpoint format's)
 
     @property
     def neuron_chunks(self) -> int:
@@ -56,6 +57,11 @@ class ProjectionPatch:
     def sink_spans(self) -> list[Span]:
         return chunk_spans(self.general + self.sinks, self.general, self.sinks, self.neuron_chunks)
 
+    def remove_hooks(self) -> None:
+        """Take the hooks in :attr:`hooks` off the module (when it is unpatched)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
 
 
 def chunk_spans(width: int, first: int, count: int, chunks: int, rows: int = 1) -> list[Span]:
@@ -103,18 +109,6 @@ def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-def load_other_keys(base_load, state_dict, prefix, names, local_metadata, strict, missing_keys,
-                    unexpected_keys, error_msgs) -> None:
-    """Load the keys of a sink-patched module other than its split tensors (``names`` and their
-    ``sink_`` parts, and the sink deltas that the latter include) through the base class's loader,
-    which must not report those as missing."""
-    handled = {prefix + part + n for n in names for part in ("", "sink_", "sink_delta_")}
-    rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in handled}
-    before = len(missing_keys)
-    base_load(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-    missing_keys[before:] = [k for k in missing_keys[before:] if k not in handled]
-
-
 def neuron_dim(module: nn.Module, role: str) -> int:
     """Which weight dimension indexes hidden neurons: Conv1D stores weights (in, out); a norm
     over the hidden neurons has 1-D parameters."""
@@ -124,35 +118,3 @@ def neuron_dim(module: nn.Module, role: str) -> int:
     if role == "in":
         return 1 if transposed else 0
     return 0 if transposed else 1
-
-
-def checked_part(module: nn.Module, key: str, value: torch.Tensor, name: str, dim: int, general: bool,
-                 errors: list[str]) -> torch.Tensor | None:
-    """The saved general or sink part ``value`` of a patched module's parameter ``name``, in the
-    module's layout, or None with the reason appended to ``errors``."""
-    m, param = module.memsink, getattr(module, name)
-    spans = m.general_spans if general else m.sink_spans
-    expected, full = sum(n for _, n in spans), param.shape[dim]
-    layout = f"general={m.general}, sinks={m.sinks}"
-    others = lambda t: [d for i, d in enumerate(t.shape) if i != dim]  # noqa: E731
-    if value.dim() != param.dim() or others(value) != others(param):
-        errors.append(f"size mismatch for {key}: the state dict has shape {tuple(value.shape)}, this "
-                      f"model ({layout}) expects {tuple(param.shape)} up to the neuron dim {dim}")
-        return None
-    if general and value.shape[dim] == full != expected:
-        # Zero-padded general part (config cannot describe a narrower MLP): take the general
-        # positions; the sink positions must hold the padding zeros.
-        if any(bool(value.narrow(dim, a, n).any()) for a, n in m.sink_spans):
-            errors.append(f"{key}: the state dict's tensor has nonzero values where this model ({layout}) "
-                          "keeps its sinks, so it was not saved with this sink layout")
-            return None
-        value = module.split(value, dim)[0]
-    if value.shape[dim] != expected:
-        errors.append(
-            f"size mismatch for {key}: the state dict has {value.shape[dim]} {'general' if general else 'sink'} "
-            f"neurons along dim {dim} (shape {tuple(value.shape)}), this model ({layout}) expects {expected}"
-            + (f" (or {full} zero-padded)" if general and full != expected else "")
-            + ": it was saved with another sink layout"
-        )
-        return None
-    return value

@@ -18,9 +18,9 @@ projection), so training runs one matmul per projection, exactly as before patch
 Patching adds one attribute, ``module.memsink`` (a :class:`ProjectionPatch`: what was patched and
 how to undo it), and swaps the class; :func:`unpatch_projection` takes both away again.
 
-In a checkpoint the two parts are separate tensors: ``weight`` holds the general neurons (with
-zeros where sinks were, when the model config cannot express a narrower MLP) and
-``sink_weight`` / ``sink_bias`` the sinks, so a plain Transformers load gets a sink-free model.
+This module only computes. In a checkpoint the general and sink parts are separate tensors
+(``weight``, ``sink_weight``, ...): that format, state-dict hooks included, is
+:mod:`hf_memsinks.checkpoints.sink_tensors`.
 """
 
 from __future__ import annotations
@@ -32,17 +32,7 @@ from torch import nn
 from ..transformers_internals import NoHubKernel, drop_hub_kernel
 from . import sink_deltas
 from .mask_multiply import MaskSinks, general_only, maskable_in_place
-from .neurons import (
-    ProjectionPatch,
-    checked_part,
-    copy_into_spans,
-    interleave,
-    load_other_keys,
-    neuron_dim,
-    pad_chunks,
-    pick,
-    replace_parameter,
-)
+from .neurons import ProjectionPatch, interleave, neuron_dim, pad_chunks, pick, replace_parameter
 from .state import ForwardSinks, SinkState
 
 # ---- the projection subclasses ---------------------------------------------------------------------
@@ -112,7 +102,7 @@ class SinkProjection(NoHubKernel):
             replace_parameter(self, name, pad_chunks(value, dim, m.neuron_chunks, width))
         unpatch_projection(self)
 
-    # -- checkpoint format: general part under the original names, sinks under sink_* --
+    # -- the sink parts under their checkpoint names (the format: hf_memsinks.checkpoints.sink_tensors) --
 
     @property
     def sink_weight(self) -> torch.Tensor:
@@ -125,70 +115,12 @@ class SinkProjection(NoHubKernel):
         parts = self.general_and_sink_parts()
         return parts["bias"][1] if "bias" in parts else None
 
-    def memsink_layout(self) -> dict:
-        """What the checkpoint tensors of this projection mean: its neuron layout and the mask
-        settings that decide which sinks belong to which sequence ID. Saved in the state dict's
-        metadata and compared on load, so weights never land on the wrong neurons."""
-        m, c = self.memsink, self.memsink.state.config
-        return {"role": m.role, "general": m.general, "sinks": m.sinks, "chunks": m.chunks,
-                "sink_active_prob": c.sink_active_prob, "salt": c.salt, "mask_scheme": c.mask_scheme,
-                "per_layer_masks": c.per_layer_masks, "layer": m.layer if c.per_layer_masks else None}
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in sink_deltas.deltas(self):  # (saved as part of the sinks below)
-            destination.pop(prefix + sink_deltas.PREFIX + name, None)
-        metadata = getattr(destination, "_metadata", None)
-        if metadata is not None and isinstance(metadata.get(prefix[:-1]), dict):
-            metadata[prefix[:-1]]["memsink"] = self.memsink_layout()
-        m = self.memsink
-        for name, dim in self.neuron_dims().items():
-            tensor = sink_deltas.effective(self, name).detach()
-            if hasattr(tensor, "full_tensor"):
-                # Sharded (FSDP2 DTensor): general and sink rows interleave across shards, so the
-                # split needs the whole tensor. Full-state-dict export is what this is for.
-                tensor = tensor.full_tensor()
-            general, sinks = self.split(tensor, dim)
-            if m.external_width != m.general:  # zero-padded: the full tensor with its sinks zeroed
-                general = tensor.clone()
-                for start, n in m.sink_spans:
-                    general.narrow(dim, start, n).zero_()
-            destination[prefix + name] = general.contiguous()
-            destination[prefix + "sink_" + name] = sinks.contiguous()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        dims = self.neuron_dims()
-        saved, mine = (local_metadata or {}).get("memsink"), self.memsink_layout()
-        if saved is not None and saved != mine:
-            differ = ", ".join(f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in mine if saved.get(k) != mine[k])
-            error_msgs.append(
-                f"sink layout mismatch for {prefix[:-1]}: the state dict was saved with another sink layout than "
-                f"this model's (state dict vs this model: {differ}); its tensors would land on the wrong neurons"
-            )
-            for key in [prefix + n for n in dims] + [prefix + "sink_" + n for n in dims]:
-                state_dict.pop(key, None)
-            return
-        for name, dim in dims.items():
-            for part, spans in ((name, self.memsink.general_spans), ("sink_" + name, self.memsink.sink_spans)):
-                key = prefix + part
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    continue
-                value = checked_part(self, key, state_dict.pop(key), name, dim, general=part == name,
-                                     errors=error_msgs)
-                if value is not None:
-                    copy_into_spans(getattr(self, name), dim, spans, value)
-        sink_deltas.zero_deltas(self)  # the loaded sink parts are the sinks
-        # Anything else this module owns (the output projection's bias) loads as usual.
-        load_other_keys(super()._load_from_state_dict, state_dict, prefix, dims, local_metadata, strict,
-                        missing_keys, unexpected_keys, error_msgs)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, general={self.memsink.general}, sinks={self.memsink.sinks}"
 
     def __reduce_ex__(self, protocol):
-        """Pickle by the original class and role: the subclass is made at patch time."""
+        """Pickle by the original class and role: the subclass is made at patch time. The state is
+        ``__dict__``, hook tables (the checkpoint format's hooks) included."""
         return _new_patched_projection, (self.memsink.base_class, self.memsink.role), self.__dict__
 
 
@@ -334,6 +266,7 @@ def unpatch_projection(module: nn.Module) -> None:
     """Give ``module`` back its original class and drop its patch state (its weights are the
     caller's business)."""
     m = module.memsink
+    m.remove_hooks()
     del module.memsink
     module.__class__ = m.base_class
     _set_width_attrs(module, m.role, module.weight.shape[neuron_dim(module, m.role)])

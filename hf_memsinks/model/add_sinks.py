@@ -2,7 +2,8 @@
 
 Steps: find the MLPs (:func:`hf_memsinks.mlp_discovery.resolve.mlp_sites`), decide each one's split into
 general and sink neurons, make the model config describe the new widths
-(:func:`hf_memsinks.mlp_discovery.widths.plan_widths`), swap in the sink-aware projection classes and grow the
+(:func:`hf_memsinks.mlp_discovery.widths.plan_widths`), swap in the sink-aware projection classes, give
+them the checkpoint format's state-dict hooks (:mod:`hf_memsinks.checkpoints.sink_tensors`) and grow the
 sinks (``"add"`` mode), then swap the model's class (:mod:`hf_memsinks.model.memsink_model`). What was done is
 recorded in one :class:`~hf_memsinks.model.memsink_model.ModelPatch`, which ``remove_sinks`` consumes.
 """
@@ -14,6 +15,7 @@ import warnings
 
 from transformers import PreTrainedModel
 
+from ..checkpoints.sink_tensors import add_checkpoint_hooks
 from ..config import MemSinkConfig
 from ..layers.adapters import projection_slots
 from ..layers.experts import aligned_split
@@ -75,6 +77,8 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
     state = SinkState(config)
     for site, mlp in zip(sites, patched):
         mlp.patch(state, external[mlp.name])
+        for module in mlp.modules():
+            add_checkpoint_hooks(module)
         if site.width == mlp.general:
             mlp.grow(config.init_seed, random_init=config.sink_layout is None)
     if config.sink_init == "copy" and config.mode == "add" and config.sink_layout is None:
