@@ -156,3 +156,29 @@ def test_paper_scaling_value():
     cfg = MemSinkConfig(sink_fraction=0.3, sink_active_prob=0.3, reference=PaperReference(eval_scaling="paper"))
     assert cfg.general_eval_scale == (0.7 + 0.3) / 0.7
     assert MemSinkConfig().general_eval_scale == 1.0
+
+
+
+# pickle.dumps(MemSinkConfig(sink_fraction=0.25, per_layer_masks=True, sink_layout={"mlp": {"layer": 0, "general": 3,
+# "sinks": 1}}), protocol=4) by the code before the split.
+OLD_PICKLE = bytes.fromhex(
+    "800495b9010000000000008c1268665f6d656d73696e6b732e636f6e666967948c0d4d656d53696e6b436f6e6669679493942981947d"
+    "94288c0d73696e6b5f6672616374696f6e94473fd00000000000008c1073696e6b5f6163746976655f70726f6294473fd33333333333"
+    "338c046d6f6465948c046175746f948c066c6179657273944e8c106e756d5f73696e6b5f6e6575726f6e73944e8c0473616c74944b00"
+    "8c0c6576616c5f7363616c696e67948c046e6f6e65948c0b6d61736b5f736368656d65948c0468617368948c0f7065725f6c61796572"
+    "5f6d61736b7394888c14726571756972655f73657175656e63655f69647394888c09696e69745f73656564944b008c0973696e6b5f69"
+    "6e6974948c0672616e646f6d948c0d73696e6b5f6c725f7363616c65944740100000000000008c1167656e6572616c5f736967687469"
+    "6e6773944e8c0c7369676874696e67735f6279948c0b6964732b636f6e74656e74948c0e7461726765745f6d6f64756c6573944e8c0b"
+    "73696e6b5f6c61796f7574947d948c036d6c70947d94288c056c61796572944b008c0767656e6572616c944b038c0573696e6b73944b"
+    "0175738c0a666f756e645f6d6c7073944e75622e"
+)
+
+
+def test_a_config_pickled_before_the_split_unpickles_to_todays():
+    import copy
+    import pickle
+
+    cfg = MemSinkConfig(sink_fraction=0.25, reference=PaperReference(per_layer_masks=True))
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
+    old = pickle.loads(OLD_PICKLE)
+    assert old == cfg and old.per_layer_masks and not hasattr(old, "sink_layout")

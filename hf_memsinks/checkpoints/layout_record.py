@@ -1,9 +1,8 @@
 """The layout record: what a checkpoint saves about its patched structure, so that restoring rebuilds it
 exactly: per MLP its general and sink widths, and how the MLPs were found (restoring then runs no
 discovery and does not depend on the Transformers version). It is written by ``save_pretrained`` and
-never set by a user, so it is no MemSinkConfig field; it shares ``memsink_config.json`` with the
-config, as top-level keys ``sink_layout`` and ``found_mlps``, the file's form since before the two were
-told apart."""
+never set by a user, so it is no MemSinkConfig field. It shares ``memsink_config.json`` with the
+config, as the top-level keys ``sink_layout`` and ``found_mlps`` where checkpoints have always had them."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ class LayoutRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayoutRecord | None":
         """The record among the keys of a ``memsink_config.json``; None for a config saved on its own."""
-        if "sink_layout" not in data and "found_mlps" not in data:
+        if data.get("sink_layout") is None and data.get("found_mlps") is None:
             return None
         if not isinstance(data.get("sink_layout"), dict):
             raise ValueError(f"the saved sink_layout must map each MLP to its widths, got {data.get('sink_layout')!r}")
@@ -43,7 +42,6 @@ class LayoutRecord:
             return cls.from_dict(data)
         except ValueError as err:
             raise ValueError(f"{file}: {err}") from None
-
 
 
 def save_checkpoint_config(directory: str, config: MemSinkConfig, record: LayoutRecord) -> None:

@@ -119,6 +119,13 @@ class MemSinkConfig:
         if self.mask_scheme == "reference" and self.salt != 0:
             fail(self, "salt", "the reference mask scheme has no salt; leave it at 0")
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (a pickled patched model holds its config): one pickled before the split, with the
+        switches and the layout record as fields, becomes today's."""
+        state = {k: v for k, v in state.items() if k not in RECORD_KEYS}
+        moved = {k: state.pop(k) for k in REFERENCE_SWITCHES if k in state}
+        self.__dict__.update({"reference": reference_or_none(moved or None), **state})
+
     @classmethod
     def for_finetuning(cls, **overrides) -> "MemSinkConfig":
         """The recipe for fine-tuning a pretrained model (measured in docs/finetune.md): sinks

@@ -86,8 +86,8 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
             mlp.grow(config.init_seed, random_init=record is None)
     if config.sink_init == "copy" and config.mode == "add" and record is None:
         copy_init_sinks(patched, config.init_seed)
-    record = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
-    _swap_classes(model, record)
+    patch = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
+    _swap_classes(model, patch)
     wrap_checkpointing(model, state)
     return model
 
