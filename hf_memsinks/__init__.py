@@ -1,7 +1,7 @@
 """hf_memsinks: MemSinks (memorization sinks) for Hugging Face Transformers causal LMs."""
 
 from . import global_patches
-from .config import MemSinkConfig
+from .config import MemSinkConfig, PaperReference
 from .data import GoldfishCollator, MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids, check_ids, stable_id
 from .ids import NO_SEQUENCE, sink_mask
 from .integrations.optimizer import attach_sink_lr
@@ -26,6 +26,7 @@ __all__ = [
     "MemSinkPackingCollator",
     "MemSinkSFTTrainer",
     "NO_SEQUENCE",
+    "PaperReference",
     "SINKS_UPLOAD_CONSENT",
     "SinkUploadError",
     "add_sequence_ids",

@@ -25,7 +25,7 @@ from tiny_models import batch, tiny_model
 
 from benchmarks.memorization.cli import PROG as BENCH_PROG
 from benchmarks.memorization.cli import main as bench_main
-from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
+from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, PaperReference, get_memsink_model
 from hf_memsinks.cli import main
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator, add_sequence_ids
 from hf_memsinks.integrations.trainer import MemSinkCallback
@@ -334,7 +334,7 @@ CASES = [
     Case("load_state_dict across salts", load_sd(CFG, MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, salt=7)),
          RuntimeError, "sink layout mismatch.*salt 0 vs 7"),
     Case("load_state_dict across mask schemes", load_sd(CFG, MemSinkConfig(
-        sink_fraction=0.25, sink_active_prob=0.4, mask_scheme="reference")),
+        sink_fraction=0.25, sink_active_prob=0.4, reference=PaperReference(mask_scheme="reference"))),
          RuntimeError, "mask_scheme 'hash' vs 'reference'"),
     Case("load_state_dict without metadata", load_sd(CFG, MemSinkConfig(sink_fraction=0.5), strip=True), RuntimeError,
          "size mismatch.*another sink layout"),

@@ -191,6 +191,19 @@ def test_config_errors(tmp_path):
     assert load_config(SMOKE, ["train.steps=7"]).train.steps == 7
 
 
+def test_the_published_codes_switches_go_under_memsinks_reference():
+    from hf_memsinks import PaperReference
+
+    cfg = load_config(SMOKE, ["memsinks.reference.eval_scaling=paper"])
+    assert cfg.memsink_config().reference == PaperReference(eval_scaling="paper")
+    assert cfg.forget_memsink_config().eval_scaling == "paper"
+    with pytest.raises(ValueError, match="'memsinks.eval_scaling' is one of the published code's switches: write it "
+                                         "as 'memsinks.reference.eval_scaling'"):
+        load_config(SMOKE, ["memsinks.eval_scaling=paper"])
+    with pytest.raises(ValueError, match=r"PaperReference\.mask_scheme"):
+        load_config(SMOKE, ["memsinks.reference.mask_scheme=md5"])
+
+
 def test_embedded_corpus_has_variety():
     stories = embedded_stories(100_000, seed=3)
     assert len(set(stories)) == 100_000

@@ -1,6 +1,7 @@
 """remove_sinks exports and memsink checkpoints: exact, safe by default, restorable."""
 
 import copy
+import dataclasses
 import json
 import pickle
 import subprocess
@@ -12,9 +13,10 @@ import torch
 from tiny_models import batch, tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model, remove_sinks
+from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, PaperReference, get_memsink_model, remove_sinks
 
-CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper", mode="split")
+CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, reference=PaperReference(eval_scaling="paper"),
+                    mode="split")
 
 
 def logits(model, x, **kw):
@@ -68,7 +70,8 @@ def test_removed_model_saves_and_loads_in_a_process_without_hf_memsinks(tmp_path
 
 
 def test_forget_ids_export_equals_exclude_mode():
-    model = trained("llama", MemSinkConfig(sink_fraction=0.3, sink_active_prob=0.3, per_layer_masks=True))
+    model = trained("llama", MemSinkConfig(sink_fraction=0.3, sink_active_prob=0.3,
+                                           reference=PaperReference(per_layer_masks=True)))
     x = batch()
     with model.sink_mode("exclude", [2, 4]):
         expected = logits(model, x)
@@ -92,7 +95,7 @@ def test_removing_twice_or_from_a_plain_model_is_a_clear_error():
 
 @pytest.mark.parametrize("model_type, cfg", [
     ("gpt2", CFG),
-    ("llama", MemSinkConfig(mode="add", sink_fraction=0.2, per_layer_masks=True)),
+    ("llama", MemSinkConfig(mode="add", sink_fraction=0.2, reference=PaperReference(per_layer_masks=True))),
     ("bloom", MemSinkConfig(sink_fraction=0.25, layers=[1])),
     ("phi3", CFG),
 ])
@@ -143,7 +146,7 @@ def test_restored_unpickled_and_copied_models_keep_the_checkpoint_format(tmp_pat
     ("bloom", MemSinkConfig(sink_fraction=0.25)),  # width hard-coded: zero-padded sinks
 ])
 def test_plain_transformers_loads_a_memsink_checkpoint_as_the_sink_free_model(tmp_path, model_type, cfg):
-    cfg = MemSinkConfig.from_dict({**cfg.to_dict(), "eval_scaling": "none"})
+    cfg = dataclasses.replace(cfg, reference=None)
     model = trained(model_type, cfg)
     model.save_pretrained(tmp_path)
     x = batch()

@@ -47,17 +47,17 @@ CHILD = textwrap.dedent(r"""
     import transformers.modeling_utils as modeling_utils
     from hf_memsinks import MemSinkConfig, get_memsink_model
     from hf_memsinks.checkpoints import atomic as saving
-    from hf_memsinks.config import MemSinkConfig as Config
+    from hf_memsinks.checkpoints import format as checkpoint_format
     from tiny_models import tiny_model
 
     if point == "weights":
         modeling_utils.safe_save_file = half_written_then_die
     elif point == "memsink_config":
-        def config_then_die(self, directory):
+        def config_then_die(directory, config, record):
             with open(os.path.join(directory, "memsink_config.json"), "w") as f:
                 f.write('{{"sink_fraction": ')
             die()
-        Config.save_pretrained = config_then_die
+        checkpoint_format.save_checkpoint_config = config_then_die
     elif point == "before_exchange":
         saving._exchange = die
     elif point == "after_exchange":

@@ -8,7 +8,7 @@ from coverage_models import build_tiny
 from tiny_models import MODEL_TYPES, batch, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_model
+from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, PaperReference, get_memsink_model
 from hf_memsinks.mlp_discovery.resolve import mlp_sites
 from hf_memsinks.mlp_discovery.search import check_site, discover_sites
 from hf_memsinks.mlp_discovery.spec import find_mlp_sites, spec_from_target_modules
@@ -130,7 +130,7 @@ def test_bitnet_sinks_are_masked_before_its_norm_and_removed_exactly(tmp_path, e
     reloads with no missing or unexpected keys and the same logits."""
     from hf_memsinks.ids.masks import sink_mask
 
-    config = MemSinkConfig(eval_scaling=eval_scaling)
+    config = MemSinkConfig(reference=PaperReference(eval_scaling=eval_scaling))
     model = get_memsink_model(build_tiny("bitnet"), config)
     x, ids = batch(2, 10), torch.tensor([5, 9])
     site = model.memsink.sites[0]
@@ -191,7 +191,8 @@ def test_bitnet_eval_modes_equal_hand_folded_models():
     down_proj's columns)."""
     from hf_memsinks.ids.masks import sink_mask
 
-    cfg = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper", per_layer_masks=True)
+    cfg = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4,
+                        reference=PaperReference(eval_scaling="paper", per_layer_masks=True))
     p = cfg.sink_active_prob
     model = get_memsink_model(build_tiny("bitnet"), cfg).eval()
     x = batch(3, 12)

@@ -1,11 +1,13 @@
 """The sink multiply's backward: one bool->float conversion of a call's mask for all its layers,
 nothing held between forward and backward, gradients bit-identical to converting per layer."""
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import batch, tiny_model
 
-from hf_memsinks import MemSinkConfig, get_memsink_model
+from hf_memsinks import MemSinkConfig, PaperReference, get_memsink_model
 from hf_memsinks.layers import mask_multiply
 from hf_memsinks.layers.state import SinkState
 
@@ -14,8 +16,8 @@ PER_TOKEN = torch.tensor([[1] * 6 + [2] * 6, [3] * 12, [4] * 4 + [-1] * 8])
 
 
 def grads(model_type, monkeypatch, shared: bool, per_layer_masks=False):
-    model = get_memsink_model(tiny_model(model_type), MemSinkConfig(**{**CFG.to_dict(), "per_layer_masks":
-                                                                         per_layer_masks})).train()
+    cfg = dataclasses.replace(CFG, reference=PaperReference(per_layer_masks=per_layer_masks))
+    model = get_memsink_model(tiny_model(model_type), cfg).train()
     if not shared:
         monkeypatch.setattr(SinkState, "backward_factors", lambda *a: None)
     made, seen = [], []

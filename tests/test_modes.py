@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import batch, checkpointing_enable, tiny_model
 
-from hf_memsinks import NO_SEQUENCE, MemSinkConfig, get_memsink_model, sink_mask
+from hf_memsinks import NO_SEQUENCE, MemSinkConfig, PaperReference, get_memsink_model, sink_mask
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
 from hf_memsinks.mlp_discovery.resolve import mlp_sites
@@ -41,7 +41,8 @@ def logits(model, x, **kw):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_eval_modes_equal_hand_folded_models(model_type):
-    cfg = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4, eval_scaling="paper", per_layer_masks=True)
+    cfg = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4,
+                        reference=PaperReference(eval_scaling="paper", per_layer_masks=True))
     model = patched(model_type, cfg).eval()
     x = batch()
     p = cfg.sink_active_prob

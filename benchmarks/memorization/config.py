@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from hf_memsinks.config import MemSinkConfig, did_you_mean
+from hf_memsinks.config import REFERENCE_SWITCHES, MemSinkConfig, did_you_mean
 
 RUNS = ("standard", "memsinks", "dedup", "posthoc", "goldfish", "memsinks+goldfish", "forget")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -140,7 +140,7 @@ class BenchmarkConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    memsinks: dict = field(default_factory=dict)  # MemSinkConfig's fields
+    memsinks: dict = field(default_factory=dict)  # MemSinkConfig's fields (reference: a mapping of PaperReference's)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)
@@ -217,8 +217,11 @@ def _check_section(raw: Any, kind: type, prefix: str, where: str) -> None:
 def _check_memsinks_section(value: Any, name: str, where: str) -> None:
     if not isinstance(value, dict):
         raise ValueError(f"{where}: {name!r} must be a mapping of MemSinkConfig fields, got {value!r}")
-    fields = {f.name for f in dataclasses.fields(MemSinkConfig)} - {"sink_layout"}
+    fields = {f.name for f in dataclasses.fields(MemSinkConfig)}
     for k in value:
+        if k in REFERENCE_SWITCHES:
+            raise ValueError(f"{where}: '{name}.{k}' is one of the published code's switches: write it as "
+                             f"'{name}.reference.{k}'")
         if k not in fields:
             raise ValueError(f"{where}: unknown key '{name}.{k}'{_nearest(k, fields, name + '.')}")
 

@@ -1,12 +1,12 @@
 """The memsink checkpoint: what ``save_pretrained`` writes and how its sinks are read back.
 
 A memsink checkpoint is a Transformers checkpoint plus ``memsink_config.json`` (the config and the
-sink layout: general and sink neurons per MLP). Its weights hold each MLP's general neurons under
-the usual names, so plain Transformers loads the sink-free model, and the sinks under ``sink_*``
-names that plain Transformers ignores: the patched modules' state dicts, as
-:mod:`.sink_tensors` writes and reads them. Restoring (:mod:`hf_memsinks.model.loading`) loads the plain model
-without the unused-weights report for the sinks, patches it with the saved layout, then loads
-exactly the sink tensors that layout describes.
+layout record: general and sink neurons per MLP, :mod:`.layout_record`). Its weights hold each MLP's
+general neurons under the usual names, so plain Transformers loads the sink-free model, and the sinks
+under ``sink_*`` names that plain Transformers ignores: the patched modules' state dicts, as
+:mod:`.sink_tensors` writes and reads them. Restoring (:mod:`hf_memsinks.model.loading`) loads the
+plain model without the unused-weights report for the sinks, patches it with the saved layout, then
+loads exactly the sink tensors that layout describes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Callable
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from ..config import MemSinkConfig
 from ..transformers_internals import (
     causal_lm_class,
     class_ignoring_unexpected,
@@ -28,6 +27,7 @@ from ..transformers_internals import (
     load_kwargs,
 )
 from .atomic import atomic_save
+from .layout_record import LayoutRecord, save_checkpoint_config
 
 SINK_KEY_MARKERS = (".sink_weight", ".sink_bias",  # projections; batched experts (hf_memsinks.layers.experts):
                     ".sink_gate_up_proj", ".sink_gate_up_proj_bias", ".sink_up_proj", ".sink_up_proj_bias",
@@ -63,12 +63,11 @@ def save_checkpoint(model: PreTrainedModel, save_directory: str | os.PathLike, b
         return base_save(save_directory, *args, **kwargs)
     patch = model.memsink
     layout = {s.name: {"layer": s.layer, "general": s.general, "sinks": s.sinks} for s in patch.sites}
-    memsink_config = MemSinkConfig.from_dict({**patch.config.to_dict(), "sink_layout": layout,
-                                              "found_mlps": patch.found_mlps})
+    record = LayoutRecord(layout, patch.found_mlps)
     result = []
 
     def write(directory: str) -> None:
-        memsink_config.save_pretrained(directory)
+        save_checkpoint_config(directory, patch.config, record)
         with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(CHECKPOINT_CARD.format(arch=type(model).__name__))
         result.append(base_save(directory, *args, **kwargs))

@@ -15,6 +15,7 @@ import warnings
 
 from transformers import PreTrainedModel
 
+from ..checkpoints.layout_record import LayoutRecord
 from ..checkpoints.sink_tensors import add_checkpoint_hooks
 from ..config import MemSinkConfig
 from ..layers.adapters import projection_slots
@@ -52,16 +53,22 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         ValueError: the model is patched already, or its MLPs do not match ``config``.
         NotImplementedError: no MLP can be found; the message says how to name them.
     """
+    return patch_model(model, config, None)
+
+
+def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRecord | None) -> PreTrainedModel:
+    """:func:`get_memsink_model`, or with a checkpoint's ``record`` the structure it saved (restoring:
+    :mod:`hf_memsinks.model.loading`): its MLPs, found as recorded, with their saved widths."""
     if not isinstance(config, MemSinkConfig):
         raise TypeError(f"config must be a MemSinkConfig, got {type(config).__name__}")
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"get_memsink_model needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_memsink_model(model):
         raise ValueError("this model already has memsinks; patch a model only once")
-    config = _resolve_mode(model, config)
-    all_sites = mlp_sites(model, config.target_modules, config.found_mlps)
+    config = _resolve_mode(model, config, record)
+    all_sites = mlp_sites(model, config.target_modules, record.found_mlps if record else None)
     sites = select_layers(all_sites, config.layers)
-    layout = config.sink_layout
+    layout = record.sink_layout if record else None
     if layout is not None and set(layout) != {s.name for s in sites}:
         raise ValueError(
             f"the saved sink layout names MLPs {sorted(layout)} but this model's selected MLPs are "
@@ -69,8 +76,8 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         )
     if config.target_modules is not None:
         check_width_field(model, config.target_modules.get("width_attr"))
-    _check_addable(model, sites, config)
-    patched = [_split(site, config, any(s.kind == "experts" for s in all_sites)) for site in sites]
+    _check_addable(model, sites, config, restoring=record is not None)
+    patched = [_split(site, config, layout, any(s.kind == "experts" for s in all_sites)) for site in sites]
     original_widths = {s.name: s.width for s in all_sites}
     width_attrs = {s.name: s.width_attr for s in all_sites}
     external = plan_widths(model, {p.name: p.kept_width() for p in patched}, original_widths, width_attrs)
@@ -80,21 +87,21 @@ def get_memsink_model(model: PreTrainedModel, config: MemSinkConfig) -> PreTrain
         for module in mlp.modules():
             add_checkpoint_hooks(module)
         if site.width == mlp.general:
-            mlp.grow(config.init_seed, random_init=config.sink_layout is None)
-    if config.sink_init == "copy" and config.mode == "add" and config.sink_layout is None:
+            mlp.grow(config.init_seed, random_init=record is None)
+    if config.sink_init == "copy" and config.mode == "add" and record is None:
         copy_init_sinks(patched, config.init_seed)
-    record = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
-    _swap_classes(model, record)
+    patch = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
+    _swap_classes(model, patch)
     wrap_checkpointing(model, state)
     return model
 
 
-def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig) -> MemSinkConfig:
+def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRecord | None) -> MemSinkConfig:
     """``mode="auto"``: split a model built from a config; refuse one that holds pretrained weights
     (loaded with ``from_pretrained``), whose neurons split mode would turn into sinks that removal
     deletes. An explicit ``mode="split"`` there only warns."""
     source = getattr(model, "name_or_path", "") or "a checkpoint"
-    if config.sink_layout is not None or not loaded_from_checkpoint(model):
+    if record is not None or not loaded_from_checkpoint(model):
         return dataclasses.replace(config, mode="split") if config.mode == "auto" else config
     share = f"{config.sink_fraction:.0%}" if config.num_sink_neurons is None else f"{config.num_sink_neurons}"
     if config.mode == "auto":
@@ -126,11 +133,11 @@ def _swap_classes(model: PreTrainedModel, record: ModelPatch) -> None:
         backbone.__class__ = memsink_class(type(backbone), backbone=True)
 
 
-def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSinkConfig) -> None:
+def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSinkConfig, restoring: bool) -> None:
     """``"add"`` mode must leave the model's outputs unchanged, which a norm over the hidden
     neurons does not allow (new neurons change every neuron's scale)."""
     normed = [s for s in sites if s.norm is not None]
-    if normed and config.sink_layout is None and config.mode == "add":
+    if normed and not restoring and config.mode == "add":
         raise NotImplementedError(
             f"MemSinkConfig(mode='add') cannot add sinks to model type {model.config.model_type!r} with its outputs "
             f"unchanged: its MLP normalises over the hidden neurons ({normed[0].name}, a mean over the width), so "
@@ -138,10 +145,9 @@ def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSink
         )
 
 
-def _split(site: MLPSite, config: MemSinkConfig, has_experts: bool) -> PatchedMLP:
+def _split(site: MLPSite, config: MemSinkConfig, layout: dict | None, has_experts: bool) -> PatchedMLP:
     """The MLP's general and sink neuron counts: from the saved layout when restoring a checkpoint,
     else from the config; its current width must be the general part or the whole."""
-    layout = config.sink_layout
     if layout is not None:
         general, sinks = layout[site.name]["general"], layout[site.name]["sinks"]
     else:

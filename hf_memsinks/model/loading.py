@@ -8,9 +8,10 @@ import os
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..checkpoints.format import HUB_KWARGS, load_ignoring_sinks, load_sink_tensors, sink_tensor_keys
+from ..checkpoints.layout_record import LayoutRecord
 from ..config import MemSinkConfig, find_config_file
 from ..transformers_internals import load_kwargs
-from .add_sinks import get_memsink_model
+from .add_sinks import get_memsink_model, patch_model
 
 
 class AutoMemSinkModelForCausalLM:
@@ -63,10 +64,10 @@ class AutoMemSinkModelForCausalLM:
                 f"{path} is already a memsink checkpoint (it has {os.path.basename(config_file)}); "
                 "load it without memsink_config, or load a plain base model to patch"
             )
-        saved = MemSinkConfig.from_pretrained(config_file)
+        saved, record = MemSinkConfig.from_pretrained(config_file), LayoutRecord.from_pretrained(config_file)
         model = load_ignoring_sinks(path, *model_args, **kwargs)
         try:
-            get_memsink_model(model, saved)
+            patch_model(model, saved, record)
         except ValueError as err:
             raise ValueError(f"{config_file} does not match the weights of {path}: {err}") from None
         load_sink_tensors(model, local or path, hub_kwargs, described_by=config_file)
