@@ -17,9 +17,10 @@ COMPAT_oldest := transformers==5.20.0 huggingface_hub==2.0.0 accelerate==1.10.1 
 	trl==1.16.0
 COMPAT_newest := transformers==5.25.0 huggingface_hub==2.4.0 accelerate==1.16.0 datasets==5.2.0 peft==0.21.2 \
 	trl==1.16.0 kernels==0.19.1
-COMPAT_TESTS := tests/test_removal.py tests/test_trainer.py tests/test_sft.py tests/test_checkpoints.py \
-	tests/test_architectures.py tests/test_peft.py tests/test_modes.py tests/test_general_sightings.py \
-	tests/publishing tests/test_hub_kernels.py tests/test_layout.py
+COMPAT_TESTS := tests/model/test_removal.py tests/model/test_architectures.py tests/model/test_modes.py \
+	tests/integrations/test_trainer.py tests/integrations/test_sft.py tests/integrations/test_peft.py \
+	tests/checkpoints/test_checkpoints.py tests/sightings/test_general_sightings.py tests/publishing \
+	tests/test_hub_kernels.py tests/test_layout.py
 
 install: $(STAMP)
 

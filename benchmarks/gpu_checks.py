@@ -29,7 +29,7 @@ from hf_memsinks import MemSinkConfig, get_memsink_model, sink_mask  # noqa: E40
 
 
 def sft_checks(results: dict) -> None:
-    import test_sft as t
+    from integrations import test_sft as t
 
     for case in ("text", "packing", "lora"):
         make, config = t.CASES[case]

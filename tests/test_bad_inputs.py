@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from test_checkpoints import trained
+from checkpoints.test_checkpoints import trained
 from tiny_models import batch, tiny_model
 
 from benchmarks.memorization.cli import PROG as BENCH_PROG

@@ -15,7 +15,7 @@ from hf_memsinks import MemSinkConfig, get_memsink_model
 from hf_memsinks.cli import main
 from hf_memsinks.publishing.git_hook import CHAINED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

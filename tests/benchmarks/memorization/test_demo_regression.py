@@ -9,7 +9,7 @@ from pathlib import Path
 from benchmarks.memorization.config import load_config
 from benchmarks.memorization.runner import run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 STEPS = 320
 
 

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.memorization.training import global_batches, share
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 TOLERANCE = 1e-5  # float summation order only (measured: 4.8e-7 at most over every metric)

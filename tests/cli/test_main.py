@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import torch
-from test_checkpoints import trained
+from checkpoints.test_checkpoints import trained
 from tiny_models import batch
 
 from hf_memsinks.cli import audit, main
@@ -67,7 +67,7 @@ def test_audit_privacy_on_a_tiny_saved_model(tmp_path, capsys):
     a memsink checkpoint is audited sink-free; bad inputs are one-line errors (exit 2)."""
     import json
 
-    from test_membership import memorize
+    from evaluation.test_membership import memorize
     from tiny_models import tiny_model
 
     from benchmarks.memorization.corpus import embedded_stories, train_tokenizer

@@ -12,7 +12,7 @@ from benchmarks.memorization.cli import main
 from benchmarks.memorization.gate import LossGate
 from benchmarks.memorization.repetition import build_repetition, load_repetition_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DOMAIN = str(ROOT / "configs" / "repetition_domain.yaml")
 EPOCHS = str(ROOT / "configs" / "repetition_epochs.yaml")
 WORDS = ("the option sets file mode of each directory when given prints value default list user process "

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_membership import memorize, random_docs
+from evaluation.test_membership import memorize, random_docs
 from tiny_models import tiny_model
 
 from benchmarks.memorization.unlearning import _token_logp, objective

@@ -26,7 +26,7 @@ from hf_memsinks import AutoMemSinkModelForCausalLM, MemSinkConfig, get_memsink_
 from hf_memsinks.checkpoints import atomic as saving
 from hf_memsinks.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD_CFG = MemSinkConfig(sink_fraction=0.25, sink_active_prob=0.4)
 
 CHILD = textwrap.dedent(r"""

@@ -13,7 +13,7 @@ import torch
 from hf_memsinks.data import MemSinkDataCollator, MemSinkPackingCollator
 from hf_memsinks.data.goldfish import GoldfishCollator, goldfish_drop_mask, goldfish_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tokens(b=64, t=512, vocab=50_000, seed=0):

@@ -14,7 +14,7 @@ from benchmarks.memorization.config import load_config
 from benchmarks.memorization.corpus import embedded_stories, load_documents
 from benchmarks.memorization.posthoc import zero_top_neurons
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 SECRETS = ["data.secret_canaries=4", "data.secret_digits=6", "eval.exposure_candidates=63"]

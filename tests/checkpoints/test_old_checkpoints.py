@@ -1,6 +1,6 @@
 """Checkpoints saved before PaperReference and the layout record were split from MemSinkConfig still load.
 
-tests/old_checkpoints/ holds memsink_config.json files that the code before the split saved (its
+tests/checkpoints/old_checkpoints/ holds memsink_config.json files that the code before the split saved (its
 switches eval_scaling, mask_scheme and per_layer_masks at top level) for tiny models built as below.
 Each test saves the same model with today's code, checks what it writes against the old file, then
 puts the old file in its place and restores the model from it exactly."""

@@ -14,7 +14,7 @@ from benchmarks.memorization.manpages import MAN_ROOT, build, paragraphs
 from benchmarks.memorization.scale import parse_models, point_config
 from benchmarks.memorization.setting import build_setting
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 PAGE = r""".\" a comment

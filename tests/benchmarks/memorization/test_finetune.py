@@ -11,7 +11,7 @@ import pytest
 from benchmarks.memorization.cli import main
 from benchmarks.memorization.finetune_config import load_finetune_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SMOKE = str(ROOT / "configs" / "finetune_smoke.yaml")
 WORDS = ("the option sets file mode of each directory when given prints value default list user process "
          "command output signal reads writes returns error flag").split()
