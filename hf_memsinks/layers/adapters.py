@@ -52,8 +52,10 @@ def sync_adapters(slots: list[Slot]) -> None:
         proj.memsink.wrapped = wrapped
     if changed:  # an adapter's output has every neuron: its MLP's other input projections must match it
         wide = {id(parent) for parent, _, proj in slots if proj.memsink.role == "in" and proj.memsink.wrapped}
+        adapted = {id(parent) for parent, _, proj in slots if proj.memsink.wrapped}
         for parent, _, proj in slots:
             proj.memsink.inputs_wrapped = id(parent) in wide
+            proj.memsink.adapter_in_mlp = id(parent) in adapted
 
 
 def check_unwrapped(slots: list[Slot]) -> None:

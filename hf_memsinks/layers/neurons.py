@@ -42,6 +42,7 @@ class ProjectionPatch:
     wrapped: bool = False  # an adapter wrapper applies its sinks (set by hf_memsinks.integrations.peft)
     deltas: bool = False  # the sinks train through separate delta parameters (hf_memsinks.layers.sink_deltas)
     inputs_wrapped: bool = False  # an adapter wraps one of this MLP's input projections: all compute every neuron
+    adapter_in_mlp: bool = False  # an adapter wraps one of this MLP's projections (all take the dense path)
     hooks: list = field(default_factory=list)  # handles of hooks added with the patch (the checkpoint format's)
 
     @property

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..transformers_internals import NoHubKernel, drop_hub_kernel
 from . import sink_deltas
+from .active_sinks import active_sinks_for, gathered_input, gathered_output
 from .mask_multiply import MaskSinks, general_only, maskable_in_place
 from .neurons import ProjectionPatch, interleave, neuron_dim, pad_chunks, pick, replace_parameter
 from .state import ForwardSinks, SinkState
@@ -129,6 +130,8 @@ class SinkInProjection(SinkProjection):
         m = self.memsink
         call = m.state.call_for_projection(self.training)
         if not call.skip_sinks or m.inputs_wrapped:
+            if (active := active_sinks_for(self, call, x)) is not None:  # (only the active sinks)
+                return gathered_input(self, x, active)
             out = super().forward(x)  # every neuron: exactly the plain module's computation
             return out if call.skip_sinks or not m.deltas else sink_deltas.input_delta(self, x, out)
         weight, bias = self._linear_weight(), self.bias
@@ -147,6 +150,8 @@ class SinkOutProjection(SinkProjection):
             h = h[..., : m.general] if h.shape[-1] != m.general else h
             scale = m.state.general_scale(call)
             return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, : m.general], self.bias)
+        if (active := active_sinks_for(self, call, h)) is not None:
+            return gathered_output(self, h, active)
         h = self.sink_input(h, call)
         out = super().forward(h)
         return sink_deltas.output_delta(self, h, out) if m.deltas else out

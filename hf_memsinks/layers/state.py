@@ -65,6 +65,26 @@ class ForwardSinks:
         return self.kind in ("general", "drop")
 
 
+class ActiveSinks:
+    """Per batch row, the sinks its IDs activate anywhere in it (:mod:`.active_sinks`): ``index``
+    ``(B, k)``, ``k`` the most any row has, a shorter row padded with sinks inactive in it;
+    ``keep`` the call's mask at those sinks, ``(B, 1, k)`` or ``(B, T, k)`` (False at padding)."""
+
+    __slots__ = ("index", "keep")
+
+    def __init__(self, keep: torch.Tensor):
+        active = keep.any(1)
+        count = int(active.sum(1).max()) if active.numel() else 0  # (a host sync, once per call and mask)
+        # active first, each part in sink order; the padding is sinks inactive in the row
+        if count == keep.shape[2]:  # every sink: in their own order, the dense layout (the width tells no other)
+            self.index = torch.arange(count, device=keep.device).expand(keep.shape[0], -1).contiguous()
+            self.keep = keep
+            return
+        order = torch.sort(active.to(torch.int8), dim=1, descending=True, stable=True).indices
+        self.index = order[:, :count].contiguous()
+        self.keep = keep.gather(2, self.index.unsqueeze(1).expand(-1, keep.shape[1], -1))
+
+
 class SinkState:
     """One per patched model, shared by its projections (and by ``nn.DataParallel`` replicas)."""
 
@@ -158,6 +178,11 @@ class SinkState:
             mask = self._mask(call.ids, num_sinks, key)
             return mask.unsqueeze(1) if call.ids.dim() == 1 else mask
         return self._cached(call, (key, num_sinks), make)
+
+    def active_sinks(self, call: ForwardSinks, layer: int, num_sinks: int) -> ActiveSinks:
+        """:meth:`keep_mask` as each row's active sinks (:class:`ActiveSinks`), cached for the call."""
+        return self._cached(call, ("active", self._layer_key(layer), num_sinks),
+                            lambda: ActiveSinks(self.keep_mask(call, layer, num_sinks)))
 
     def keep_factor(self, call: ForwardSinks, layer: int, num_sinks: int, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`keep_mask` in ``dtype``, for the multiply (a bool operand is converted at every
