@@ -36,17 +36,13 @@ def active_sinks_for(module: nn.Module, call: ForwardSinks, x: torch.Tensor) -> 
     else None: only training calls masked by IDs, with the config's switch on, and not when a norm
     between the projections needs the full width (``behind_norm``), an adapter wraps a projection
     of the MLP (it computes and reads every neuron), under torch.compile (the width changes with
-    the batch), under autocast to another dtype than the input's and weight's (the backward here
-    would mix dtypes), or with an input whose rows are not the IDs' rows. The output projection
+    the batch), or with an input whose rows are not the IDs' rows. The output projection
     follows its input's width: gathered only if its input projections gathered."""
     m = module.memsink
     if not (m.state.config.compute_active_sinks_only and call.kind == "mask" and module.training):
         return None
     if m.behind_norm or m.wrapped or m.inputs_wrapped or m.adapter_in_mlp or torch.compiler.is_compiling():
         return None
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and {x.dtype, module.weight.dtype} != {torch.get_autocast_dtype(device)}:
-        return None  # (autocast would cast inside the forward, and not in the backward written here)
     active = m.state.active_sinks(call, m.layer, m.sinks)
     rows = active.index.shape[0]
     fits = x.shape[0] == rows if x.dim() == 3 else x.dim() == 2 and rows > 0 and x.shape[0] % rows == 0
@@ -178,12 +174,25 @@ class GatheredOutput(torch.autograd.Function):
         return grad_h, grad_w, grad_b, grad_wd, None, None, None
 
 
+def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors as autocast would hand them to a linear layer (cast to its dtype, differentiably,
+    so each gradient comes back in its tensor's own dtype), for the Functions above, which run with
+    autocast off: their backward is written for one dtype."""
+    x = tensors[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return [t if t is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
 def gathered_input(module: nn.Module, x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
     """An input projection's output: per chunk, the general neurons then the row's gathered sinks."""
     m, parts = module.memsink, sink_deltas.deltas(module)
-    out = GatheredInput.apply(_by_row(x, active.index.shape[0]), module.weight, module.bias, parts.get("weight"),
-                              parts.get("bias"), module.neuron_dims()["weight"],
-                              list(zip(m.general_spans, m.sink_spans)), active.index)
+    tensors = _autocast(_by_row(x, active.index.shape[0]), module.weight, module.bias, parts.get("weight"),
+                        parts.get("bias"))
+    with torch.autocast(x.device.type, enabled=False):
+        out = GatheredInput.apply(*tensors, module.neuron_dims()["weight"], list(zip(m.general_spans, m.sink_spans)),
+                                  active.index)
     return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -192,6 +201,7 @@ def gathered_output(module: nn.Module, h: torch.Tensor, active: ActiveSinks) -> 
     by the call's mask at them (per token, and zero at padding)."""
     hb = _by_row(h, active.index.shape[0])
     hb = MaskSinks.apply(hb, active.keep, None, module.memsink.general, maskable_in_place(hb), None)
-    out = GatheredOutput.apply(hb, module.weight, module.bias, sink_deltas.deltas(module).get("weight"),
-                               module.neuron_dims()["weight"], module.memsink.general, active.index)
+    tensors = _autocast(hb, module.weight, module.bias, sink_deltas.deltas(module).get("weight"))
+    with torch.autocast(h.device.type, enabled=False):
+        out = GatheredOutput.apply(*tensors, module.neuron_dims()["weight"], module.memsink.general, active.index)
     return out if h.dim() == 3 else out.reshape(*h.shape[:-1], out.shape[-1])

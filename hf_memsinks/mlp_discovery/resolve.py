@@ -3,8 +3,9 @@
 Discovery (:mod:`hf_memsinks.mlp_discovery.search`) runs model forwards to check its candidates, so
 what it found is kept as a :data:`FoundMLPs` record (plain JSON: the MLP names and each MLP's
 width field). Checkpoints store the record, so restoring one runs no discovery and loads the same
-after a Transformers upgrade; and it is cached per model class and config, so patching a second
-model of the same kind runs none either.
+after a Transformers upgrade; and it is cached per model class, config and set of module classes, so
+patching a second model of the same kind runs none either, while a model whose modules were swapped
+(a norm replaced by another kind) is checked again.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from .spec import MLPSite, MLPSpec, find_mlp_sites, spec_from_target_modules
 
 FoundMLPs = dict[str, Any]  # {"specs": [MLPSpec fields], "width_attrs": {MLP name: config field or None}}
 
-_FOUND: dict[tuple[type, str], FoundMLPs] = {}
+_FOUND: dict[tuple[type, str, frozenset], FoundMLPs] = {}
 
 
 def mlp_sites(model: nn.Module, target_modules: dict | None = None, found: FoundMLPs | None = None) -> list[MLPSite]:
     """Every MLP of ``model``, in layer order: named by ``target_modules``, else by ``found`` (a
-    checkpoint's record), else by what discovery found for this model class and config."""
+    checkpoint's record), else by what discovery found for this model class, config and module classes."""
     if target_modules is not None:
         return find_mlp_sites(model, spec_from_target_modules(target_modules))
     if found is None:
-        key = (type(model), _config_key(model))
+        key = (type(model), _config_key(model), frozenset(type(m) for m in model.modules()))
         if key not in _FOUND:
             _FOUND[key] = found_record(discover_sites(model))
         found = _FOUND[key]

@@ -186,12 +186,26 @@ def test_every_sink_active_keeps_the_dense_layout(gathered_calls):
     assert gathered_calls
 
 
-def test_autocast_to_another_dtype_takes_the_dense_path(gathered_calls):
-    dense, gathered = pair(lambda: tiny_model("llama"))
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "phi3"])
+def test_autocast_over_fp32_weights_gathers_as_autocast_computes(gathered_calls, model_type):
+    """Trainer(bf16=True) on fp32 weights: the gathered Functions get autocast's bf16 casts, and
+    every gradient comes back fp32, close to the dense path's (both computed in bf16)."""
+    dense, gathered = pair(lambda: tiny_model(model_type))
+    x = batch(3, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert_same_step(dense, gathered, batch(3, 12), PER_SEQUENCE)
-    assert not gathered_calls
-    dense, gathered = (m.to(torch.bfloat16) for m in (dense, gathered))
+        logits = [step(m, x, PER_SEQUENCE) for m in (dense, gathered)]
+    assert gathered_calls
+    torch.testing.assert_close(logits[1].float(), logits[0].float(), rtol=0.02, atol=0.02)
+    for (name, p), q in zip(dense.named_parameters(), gathered.parameters()):
+        if p.grad is not None:
+            assert q.grad.dtype == torch.float32, name
+            scale = p.grad.abs().max().clamp_min(1e-6)
+            assert (q.grad - p.grad).abs().max() <= 0.05 * scale, name
+    gathered_calls.clear()
+
+
+def test_autocast_bf16_model_gathers(gathered_calls):
+    dense, gathered = (m.to(torch.bfloat16) for m in pair(lambda: tiny_model("llama")))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = [step(m, batch(3, 12), PER_SEQUENCE) for m in (dense, gathered)]
     torch.testing.assert_close(logits[1], logits[0], rtol=0.02, atol=0.02)
