@@ -255,6 +255,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
                         help="an extra variant: NAME=JSON overrides of for_finetuning() (NAME+lora: with LoRA r16)")
+    parser.add_argument("--recipe-without-lora", action="store_true",
+                        help="run the --recipe variants without their NAME+lora_r16 companions")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=4)
@@ -276,7 +278,8 @@ def main(argv=None) -> None:
         Path(args.part_out).write_text(json.dumps(result))
         return
     variants = args.variants.split(",")
-    variants += [name for name in overrides if name not in variants]
+    variants += [name for name in overrides if name not in variants
+                 and not (args.recipe_without_lora and name.endswith("+lora_r16"))]
     start, runs = time.time(), []
     common = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps)] + [x for spec in args.recipe for x in ("--recipe", spec)]
