@@ -41,7 +41,7 @@ def active_sinks_for(module: nn.Module, call: ForwardSinks, x: torch.Tensor) -> 
     m = module.memsink
     if not (m.state.config.compute_active_sinks_only and call.kind == "mask" and module.training):
         return None
-    if m.behind_norm or m.wrapped or m.inputs_wrapped or m.adapter_in_mlp or torch.compiler.is_compiling():
+    if m.behind_norm or m.adapter_in_mlp or torch.compiler.is_compiling():  # (adapter_in_mlp: wrapped or a sibling)
         return None
     active = m.state.active_sinks(call, m.layer, m.sinks)
     rows = active.index.shape[0]
