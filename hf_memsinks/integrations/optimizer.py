@@ -25,10 +25,15 @@ from ..unwrap import unwrap
 
 
 class SinkLR:
-    """Multiply the optimizer's step of every sink neuron by ``scale``: the patched projections'
-    weights' sink part is saved before each step (only it: the general part is left to the
-    optimizer) and moved to ``old + scale * (new - old)`` after it. Any optimizer (its weight
-    decay is scaled with it); every process does the same."""
+    """Multiply the optimizer's step of every sink neuron by ``scale``; every other parameter takes
+    the optimizer's own step. Any optimizer (its weight decay is scaled with it); every process does
+    the same.
+
+    Under ``torch.optim.Adam`` / ``AdamW`` (Trainer's default) the step is known from the
+    optimizer's state, so after it the sink part of each weight is moved from AdamW's step to
+    ``scale`` times it in place (:func:`_scale_adam_step`): no copy of the sinks is made. Any other
+    optimizer (a subclass included: its step may differ): the sink part is saved before each step
+    and moved to ``old + scale * (new - old)`` after it, a copy of every sink while it steps."""
 
     def __init__(self, model: nn.Module, scale: float):
         self.scale = float(scale)
@@ -36,20 +41,64 @@ class SinkLR:
         # as FSDP may swap a parameter's storage)
         self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
                         for start, n in spans]
-        self._saved: list[torch.Tensor] = []
-
-    def _views(self) -> list[torch.Tensor]:
-        return [param.narrow(dim, start, n) for param, dim, start, n in self.targets]
+        self._pending: list[tuple] = []
 
     @torch.no_grad()
-    def before(self, *_) -> None:
-        self._saved = [v.clone() for v in self._views()]
+    def before(self, optimizer: torch.optim.Optimizer | None = None, *_) -> None:
+        groups = _adam_groups(optimizer)
+        self._pending = []
+        for target in self.targets:
+            param, dim, start, n = target
+            group = groups.get(id(param))
+            if group is None:
+                self._pending.append((target, None, param.narrow(dim, start, n).clone()))
+            elif param.grad is not None:  # (without one Adam leaves it as it is)
+                # the step count Adam's bias correction will use (read now: HoldGeneral's after-hook
+                # may set the count back before this one's runs)
+                count = float(optimizer.state.get(param, {}).get("step", 0)) + 1
+                self._pending.append((target, (group, count), None))
 
     @torch.no_grad()
-    def after(self, *_) -> None:
-        for view, old in zip(self._views(), self._saved):
-            torch.lerp(old, view, self.scale, out=view)  # old + scale * (new - old), written over new
-        self._saved = []
+    def after(self, optimizer: torch.optim.Optimizer | None = None, *_) -> None:
+        for (param, dim, start, n), group, old in self._pending:
+            view = param.narrow(dim, start, n)
+            if old is not None:
+                torch.lerp(old, view, self.scale, out=view)  # old + scale * (new - old), written over new
+            else:
+                group, count = group
+                decoupled = group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
+                _scale_adam_step(view, optimizer.state[param], group, count, decoupled, self.scale,
+                                 lambda t: t.narrow(dim, start, n))
+        self._pending = []
+
+
+def _adam_groups(optimizer: torch.optim.Optimizer | None) -> dict[int, dict]:
+    """``{id(parameter): its param group}`` for the parameters whose Adam / AdamW step
+    :func:`_scale_adam_step` can follow (plain tensors, groups neither capturable nor
+    differentiable); empty for any other optimizer."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return {}
+    return {id(p): g for g in optimizer.param_groups if not (g.get("capturable") or g.get("differentiable"))
+            for p in g["params"] if type(p.data) is torch.Tensor and not p.is_complex()}
+
+
+def _scale_adam_step(view: torch.Tensor, state: dict, group: dict, t: float, decoupled: bool, scale: float,
+                     part) -> None:
+    """``view`` (part of a parameter Adam just stepped) moved to where ``scale`` times that step
+    takes it. Adam's step is ``lr / bc1 * m / (sqrt(v / bc2) + eps)`` (``v`` the running maximum under
+    amsgrad, ``t`` the step's count), after ``p *= 1 - lr * wd`` when the decay is decoupled (AdamW);
+    ``part`` cuts the view's part out of the state's tensors."""
+    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    bc1, bc2 = 1 - float(beta1) ** t, 1 - float(beta2) ** t
+    second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    update = part(second).sqrt().div_(bc2 ** 0.5).add_(eps)
+    torch.div(part(state["exp_avg"]), update, out=update)  # m / (sqrt(v / bc2) + eps)
+    step = lr / bc1
+    if decoupled and wd != 0:  # new = old * (1 - lr wd) - step * update
+        old = torch.add(view, update, alpha=step).div_(1 - lr * wd)
+        view.copy_(old.mul_(1 - scale * lr * wd).add_(update, alpha=-scale * step))
+    else:  # (Adam's decay is in the gradient, so in the update)
+        view.add_(update, alpha=-(scale - 1) * step)
 
 
 def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR | None:

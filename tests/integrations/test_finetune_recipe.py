@@ -139,3 +139,56 @@ def test_sft_trainer_with_the_recipe_moves_only_the_batch_ids_sinks(tmp_path):
         train(model, text_dataset(IDS), tmp_path / "out", args={"bf16": False})  # no bf16 accelerator state left
     assert model.memsink.sink_lr_attached
     check_moved(model, before, model.memsink.sites[0].sinks)
+
+
+class _AdamWSubclass(torch.optim.AdamW):
+    """Not Adam itself: SinkLR saves the sinks before its step and scales the difference."""
+
+
+class _AdamSubclass(torch.optim.Adam):
+    """As above, for Adam."""
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("options", [dict(weight_decay=0.1), dict(amsgrad=True, weight_decay=0.0),
+                                     dict(maximize=True, weight_decay=0.05), dict(foreach=True), dict(fused=True),
+                                     dict(adam=True, weight_decay=0.05), dict(general_sightings=1)])
+def test_adam_sink_step_is_scaled_in_place_as_the_saved_copy_would(model_type, options):
+    options = dict(options)
+    adam, sightings = options.pop("adam", False), options.pop("general_sightings", None)
+    runs = []  # Adam itself (the sinks' step scaled in place), its subclass (the saved copy), no scale
+    for cls, scale in [(torch.optim.Adam if adam else torch.optim.AdamW, 7.0),
+                       (_AdamSubclass if adam else _AdamWSubclass, 7.0), (torch.optim.AdamW, 1.0)]:
+        model = get_memsink_model(tiny_model(model_type), MemSinkConfig(mode="add", sink_lr_scale=scale,
+                                                                        sink_active_prob=0.5, sink_init="copy",
+                                                                        general_sightings=sightings))
+        opt = cls(model.parameters(), lr=1e-2, **options)
+        runs.append((model.train(), opt, attach_sink_lr(model, opt)))
+    (scaled, opt, hook), (reference, ref_opt, ref_hook), (unscaled, plain_opt, _) = runs
+    scale_moved = 0.0
+    # (under general_sightings=1 the last step sees only IDs seen before: the general path is held,
+    # its step count set back)
+    for step, ids in enumerate([(11, 22), (22, 33), (11, 44), (22, 44)]):
+        # each step from the same weights and optimizer state (Adam magnifies float noise in gradients
+        # that are zero in exact arithmetic, such as GPT-2's key bias)
+        for model, optimizer in [(reference, ref_opt), (unscaled, plain_opt)]:
+            model.load_state_dict(scaled.state_dict())
+            optimizer.load_state_dict(copy.deepcopy(opt.state_dict()))  # (else it shares the tensors)
+        x = batch(2, 8, seed=step)
+        for model, optimizer, h in runs:
+            optimizer.param_groups[0]["lr"] = 1e-2 / (step + 1)  # (a schedule: each step's own lr is used)
+            torch.manual_seed(step)  # (the same dropout)
+            model(input_ids=x, labels=x, sequence_ids=torch.tensor(ids)).loss.backward()
+            if h is not None:
+                h.before(optimizer)
+                saved = {old is not None for *_, old in h._pending}
+                assert saved == ({False} if h is hook else {True})  # no copy of the sinks under Adam itself
+            optimizer.step()
+            optimizer.zero_grad()
+        for (name, a), b in zip(scaled.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        sinks = [(m.general_and_sink_parts()["weight"][1], n.general_and_sink_parts()["weight"][1])
+                 for m, n in zip(scaled.modules(), unscaled.modules()) if is_patched_projection(m)]
+        scale_moved = max([scale_moved] + [float((a - b).abs().max().detach()) for a, b in sinks])
+    assert scale_moved > 1e-3  # (the scale is not a no-op)
+    assert getattr(opt, "_memsink_hold_general", None) is None or opt._memsink_hold_general.held_steps == 1
