@@ -152,6 +152,40 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
             "peak_bytes": peak - base}
 
 
+def measure_sink_step(shape_name: str, device: str, dtype: torch.dtype, batch: int, seq: int,
+                      repeats: int = 8) -> dict:
+    """The optimizer step of ``for_finetuning()`` with its sink-LR hook two ways, alternating on one
+    model and one set of gradients: torch's AdamW (the hook scales the sinks' step in place from
+    AdamW's state) and a subclass of it (the hook saves a copy of every sink before the step and
+    moves the sinks to ``old + 7 * (new - old)`` after it, as for any other optimizer)."""
+    shape = SHAPES[shape_name]
+    model, _ = prepare("for_finetuning", shape, dtype, {}, device)
+    model.to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, shape["vocab"], (batch, seq), generator=g).to(device)
+    model(input_ids=x, labels=x, sequence_ids=torch.randint(0, 2**40, (batch,), generator=g).to(device)).loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = {"in_place": torch.optim.AdamW(params, lr=1e-5),
+            "copy": type("AdamWSubclass", (torch.optim.AdamW,), {})(params, lr=1e-5)}
+    hooks = {name: attach_sink_lr(model, opt) for name, opt in opts.items()}
+    times = {name: [] for name in opts}
+    for i in range(repeats + 1):
+        for name in list(opts) if i % 2 == 0 else list(opts)[::-1]:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opts[name].step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:  # (the first step allocates the optimizer state)
+                times[name].append(time.perf_counter() - t0)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    copied = sum(param.narrow(dim, start, n).numel() * param.element_size()
+                 for param, dim, start, n in hooks["copy"].targets)
+    return {"shape": shape_name, "step_s": step, "steps_s_all": times, "in_place_vs_copy": step["in_place"] / step["copy"],
+            "copy_gib": copied / 2**30}
+
+
 # ---- arithmetic ------------------------------------------------------------------------------------
 
 
@@ -274,13 +308,14 @@ def main(argv=None) -> None:
         overrides[name] = overrides[name + "+lora_r16"] = json.loads(raw)
     if args.part:
         shape, variant = args.part.split(":", 1)
-        result = measure(variant, shape, args.device, dtype, args.steps, args.batch, args.seq, overrides)
+        result = (measure_sink_step(shape, args.device, dtype, args.batch, args.seq) if variant == "sink_step" else
+                  measure(variant, shape, args.device, dtype, args.steps, args.batch, args.seq, overrides))
         Path(args.part_out).write_text(json.dumps(result))
         return
     variants = args.variants.split(",")
     variants += [name for name in overrides if name not in variants
                  and not (args.recipe_without_lora and name.endswith("+lora_r16"))]
-    start, runs = time.time(), []
+    start, runs, sink_steps = time.time(), [], []
     common = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps)] + [x for spec in args.recipe for x in ("--recipe", spec)]
     for shape in args.shapes.split(","):
@@ -288,15 +323,23 @@ def main(argv=None) -> None:
             for variant in variants if k % 2 == 0 else variants[::-1]:
                 print(f"{shape} {variant} (round {k + 1}) ...", flush=True)
                 runs.append(_in_subprocess(["--part", f"{shape}:{variant}", *common]))
+        if "for_finetuning" in variants:
+            print(f"{shape} the sink-LR hook's step ...", flush=True)
+            sink_steps.append(_in_subprocess(["--part", f"{shape}:sink_step", *common]))
     rows = summarize(runs)
     computed_table, computed = arithmetic_table()
-    result = {"rows": rows, "runs": runs, "arithmetic": computed, "batch": args.batch, "seq": args.seq,
+    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "arithmetic": computed, "batch": args.batch, "seq": args.seq,
               "steps": args.steps, "rounds": args.rounds, "seconds": time.time() - start,
               "versions": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
                            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
                            "threads": torch.get_num_threads()}}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(rows))
+    print()
+    for r in sink_steps:
+        print(f"{r['shape']}: for_finetuning's optimizer step, sinks scaled in place {r['step_s']['in_place']:.3f} s, "
+              f"with a saved copy {r['step_s']['copy']:.3f} s ({r['in_place_vs_copy']:.2f}x; the copy holds "
+              f"{r['copy_gib']:.2f} GiB)")
     print()
     print(computed_table)
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")

@@ -51,11 +51,13 @@ def test_variants_count_what_they_train():
 def test_script_runs_end_to_end(tmp_path):
     out = tmp_path / "cost.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_cost.py"), "--shapes", "tiny", "--steps", "1",
-                    "--rounds", "1", "--batch", "2", "--seq", "16", "--variants", "full,lora_r16",
+                    "--rounds", "1", "--batch", "2", "--seq", "16", "--variants", "full,lora_r16,for_finetuning",
                     "--recipe", 'narrow={"num_sink_neurons": 8}', "--out", str(out)], check=True, cwd=ROOT)
     result = json.loads(out.read_text())
     variants = [r["variant"] for r in result["rows"]]
-    assert variants == ["full", "lora_r16", "narrow", "narrow+lora_r16"]
+    assert variants == ["full", "lora_r16", "for_finetuning", "narrow", "narrow+lora_r16"]
+    (hook,) = result["sink_step"]  # the sink-LR hook's copy: every sink of the tiny Llama's 2 layers, fp32
+    assert hook["copy_gib"] * 2**30 == 2 * 3 * 64 * 176 * 4 and set(hook["step_s"]) == {"in_place", "copy"}
     narrow = next(r for r in result["rows"] if r["variant"] == "narrow")
     assert narrow["parameters"] == result["rows"][0]["parameters"] + 2 * 3 * 64 * 8
     assert {"step_vs_full", "memory_vs_lora_r16"} <= set(narrow)
