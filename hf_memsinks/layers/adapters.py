@@ -116,16 +116,24 @@ def _new_wrapper(base: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+def _projection(wrapper: nn.Module) -> nn.Module | None:
+    """The patched projection ``wrapper`` wraps, while the model records it as that projection's
+    adapter (a wrapper taken out, or around an unpatched module, is left to its own forward)."""
+    proj = base_of(wrapper)
+    patch = getattr(proj, "memsink", None)
+    return proj if patch is not None and patch.adapter is wrapper else None
+
+
 def _gathering(wrapper: nn.Module, x, args: tuple, kwargs: dict) -> ActiveSinks | None:
     """The active sinks where this call of the wrapper computes only those (never with extra arguments)."""
-    if args or kwargs or not isinstance(x, torch.Tensor) or base_of(wrapper).memsink.adapter is not wrapper:
+    if args or kwargs or not isinstance(x, torch.Tensor) or _projection(wrapper) is None:
         return None
     return active_sinks_of(wrapper, x)
 
 
 def _sinks_applied_input(wrapper: nn.Module, args: tuple, kwargs: dict):
     """The pre-hook of an output projection's wrapper: the sinks applied to its full-width input."""
-    proj = base_of(wrapper)
-    if not args or proj.memsink.adapter is not wrapper or _gathering(wrapper, args[0], args[1:], kwargs) is not None:
+    proj = _projection(wrapper)
+    if not args or proj is None or _gathering(wrapper, args[0], args[1:], kwargs) is not None:
         return None
     return (proj.sink_input(args[0]),) + tuple(args[1:]), kwargs

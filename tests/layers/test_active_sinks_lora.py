@@ -241,3 +241,13 @@ def test_autocast_and_adapters_in_another_dtype_than_the_base(base_dtype, gather
             assert q.grad.dtype == q.dtype == (torch.float32 if "lora_" in name else base_dtype), name
             scale = p.grad.float().abs().max().clamp_min(1e-6)
             assert (q.grad.float() - p.grad.float()).abs().max() <= 0.05 * scale, name
+
+
+def test_after_merge_and_unload_the_projections_gather_on_their_own(gathered_weights):
+    gathered = with_lora("llama")
+    dense = dense_copy(gathered)
+    assert_same_step(dense, gathered, batch(3, 12), PER_SEQUENCE)
+    merged, dense = gathered.merge_and_unload(), dense.merge_and_unload()
+    gathered_weights.clear()
+    assert_same_step(dense, merged, batch(3, 12), PER_TOKEN)
+    assert gathered_weights and not any(p.grad is not None and "lora_" in n for n, p in merged.named_parameters())
