@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sink_deltas
+from .lora_parts import plain_lora
 from .mask_multiply import MaskSinks, maskable_in_place
 from .state import ActiveSinks, ForwardSinks
 
@@ -34,14 +35,15 @@ from .state import ActiveSinks, ForwardSinks
 def active_sinks_for(module: nn.Module, call: ForwardSinks, x: torch.Tensor) -> ActiveSinks | None:
     """The call's active sinks where ``module`` (either projection of one MLP) computes only those,
     else None: only training calls masked by IDs, with the config's switch on, and not when a norm
-    between the projections needs the full width (``behind_norm``), an adapter wraps a projection
-    of the MLP (it computes and reads every neuron), under torch.compile (the width changes with
-    the batch), or with an input whose rows are not the IDs' rows. The output projection
-    follows its input's width: gathered only if its input projections gathered."""
+    between the projections needs the full width (``behind_norm``), an adapter other than plain
+    LoRA wraps a projection of the MLP (it computes and reads every neuron; plain LoRA gathers
+    too: :mod:`.active_sinks_lora`), under torch.compile (the width changes with the batch), or
+    with an input whose rows are not the IDs' rows. The output projection follows its input's
+    width: gathered only if its input projections gathered."""
     m = module.memsink
     if not (m.state.config.compute_active_sinks_only and call.kind == "mask" and module.training):
         return None
-    if m.behind_norm or m.adapter_in_mlp or torch.compiler.is_compiling():  # (adapter_in_mlp: wrapped or a sibling)
+    if m.behind_norm or torch.compiler.is_compiling() or not all(plain_lora(w) for w in m.mlp_adapters):
         return None
     active = m.state.active_sinks(call, m.layer, m.sinks)
     rows = active.index.shape[0]
@@ -49,11 +51,6 @@ def active_sinks_for(module: nn.Module, call: ForwardSinks, x: torch.Tensor) -> 
     if m.role == "out" and x.shape[-1] != m.general + active.index.shape[1]:
         fits = False  # its input projections computed every sink (which all-sink gathers lay out alike)
     return active if fits else None
-
-
-def _by_row(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(B, T, ·)``: OPT flattens its MLP's input to ``(B * T, ·)``."""
-    return x if x.dim() == 3 else x.reshape(rows, -1, x.shape[-1])
 
 
 def _rows(tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
@@ -185,23 +182,50 @@ def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [t if t is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype) for t in tensors]
 
 
+def gather_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, spans: list,
+                index: torch.Tensor, weight_delta: torch.Tensor | None = None,
+                bias_delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``(B, T, in)`` times ``weight``'s general rows then, per row, its gathered sink rows,
+    per chunk of ``spans`` (``[(general span, sink span)]``), as autocast would compute a linear layer."""
+    tensors = _autocast(x, weight, bias, weight_delta, bias_delta)
+    with torch.autocast(x.device.type, enabled=False):
+        return GatheredInput.apply(*tensors, dim, spans, index)
+
+
+def gather_columns(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, general: int,
+                   index: torch.Tensor, weight_delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``h`` ``(B, T, general + k)`` times ``weight``'s general columns then, per row, its gathered
+    sink columns, as autocast would compute a linear layer."""
+    tensors = _autocast(h, weight, bias, weight_delta)
+    with torch.autocast(h.device.type, enabled=False):
+        return GatheredOutput.apply(*tensors, dim, general, index)
+
+
+def by_row(x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
+    """``x`` as ``(B, T, ·)`` (OPT flattens its MLP's input to ``(B * T, ·)``)."""
+    return x if x.dim() == 3 else x.reshape(active.index.shape[0], -1, x.shape[-1])
+
+
 def gathered_input(module: nn.Module, x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
     """An input projection's output: per chunk, the general neurons then the row's gathered sinks."""
     m, parts = module.memsink, sink_deltas.deltas(module)
-    tensors = _autocast(_by_row(x, active.index.shape[0]), module.weight, module.bias, parts.get("weight"),
-                        parts.get("bias"))
-    with torch.autocast(x.device.type, enabled=False):
-        out = GatheredInput.apply(*tensors, module.neuron_dims()["weight"], list(zip(m.general_spans, m.sink_spans)),
-                                  active.index)
+    out = gather_rows(by_row(x, active), module.weight, module.bias, module.neuron_dims()["weight"],
+                      list(zip(m.general_spans, m.sink_spans)), active.index, parts.get("weight"), parts.get("bias"))
     return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def gathered_output(module: nn.Module, h: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
+def masked_gathered(module: nn.Module, h: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
+    """An output projection's gathered input ``(B, T, general + k)``, its sinks masked by the call's
+    mask at them (per token, and zero at padding)."""
+    hb = by_row(h, active)
+    return MaskSinks.apply(hb, active.keep, None, module.memsink.general, maskable_in_place(hb), None)
+
+
+def gathered_output(module: nn.Module, h: torch.Tensor, active: ActiveSinks,
+                    masked: torch.Tensor | None = None) -> torch.Tensor:
     """The output projection of ``h`` = general neurons then the row's gathered sinks, these masked
-    by the call's mask at them (per token, and zero at padding)."""
-    hb = _by_row(h, active.index.shape[0])
-    hb = MaskSinks.apply(hb, active.keep, None, module.memsink.general, maskable_in_place(hb), None)
-    tensors = _autocast(hb, module.weight, module.bias, sink_deltas.deltas(module).get("weight"))
-    with torch.autocast(h.device.type, enabled=False):
-        out = GatheredOutput.apply(*tensors, module.neuron_dims()["weight"], module.memsink.general, active.index)
+    (:func:`masked_gathered`, or ``masked`` where the caller has it already)."""
+    hb = masked_gathered(module, h, active) if masked is None else masked
+    out = gather_columns(hb, module.weight, module.bias, module.neuron_dims()["weight"], module.memsink.general,
+                         active.index, sink_deltas.deltas(module).get("weight"))
     return out if h.dim() == 3 else out.reshape(*h.shape[:-1], out.shape[-1])

@@ -39,11 +39,17 @@ class ProjectionPatch:
     state: SinkState  # the model's sink state: eval mode and the current forward call
     base_class: type  # the module's class before patching
     behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
-    wrapped: bool = False  # an adapter wrapper applies its sinks (set by hf_memsinks.integrations.peft)
     deltas: bool = False  # the sinks train through separate delta parameters (hf_memsinks.layers.sink_deltas)
+    # set by hf_memsinks.layers.adapters.sync_adapters:
+    adapter: nn.Module | None = field(default=None, repr=False, compare=False)  # the adapter wrapping this module
     inputs_wrapped: bool = False  # an adapter wraps one of this MLP's input projections: all compute every neuron
-    adapter_in_mlp: bool = False  # an adapter wraps one of this MLP's projections (all take the dense path)
+    mlp_adapters: tuple = field(default=(), repr=False, compare=False)  # the adapters around this MLP's projections
     hooks: list = field(default_factory=list)  # handles of hooks added with the patch (the checkpoint format's)
+
+    @property
+    def wrapped(self) -> bool:
+        """An adapter wrapper around this projection applies its sinks (hf_memsinks.layers.adapters)."""
+        return self.adapter is not None
 
     @property
     def neuron_chunks(self) -> int:

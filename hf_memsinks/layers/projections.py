@@ -130,7 +130,7 @@ class SinkInProjection(SinkProjection):
         m = self.memsink
         call = m.state.call_for_projection(self.training)
         if not call.skip_sinks or m.inputs_wrapped:
-            if (active := active_sinks_for(self, call, x)) is not None:  # (only the active sinks)
+            if not m.wrapped and (active := active_sinks_for(self, call, x)) is not None:  # (a wrapper gathers itself)
                 return gathered_input(self, x, active)
             out = super().forward(x)  # every neuron: exactly the plain module's computation
             return out if call.skip_sinks or not m.deltas else sink_deltas.input_delta(self, x, out)
@@ -143,7 +143,7 @@ class SinkOutProjection(SinkProjection):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         m = self.memsink
         call = m.state.call_for_projection(self.training)
-        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.integrations.peft)
+        if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.layers.adapters)
             out = super().forward(h)
             return out if call.skip_sinks or not m.deltas else sink_deltas.output_delta(self, h, out)
         if call.skip_sinks:

@@ -1,7 +1,8 @@
 """MemSinkConfig.compute_active_sinks_only (layers/active_sinks.py): a training forward that computes
 only each row's active sinks gives the dense path's logits and every gradient (masked sinks add exact
 zeros there), for per-sequence and per-token IDs, rows without an ID, sink deltas and the routed
-forward of general_sightings; wherever it cannot apply, the dense path runs."""
+forward of general_sightings; wherever it cannot apply, the dense path runs. LoRA on the MLP:
+tests/layers/test_active_sinks_lora.py."""
 
 import pytest
 import torch
@@ -113,16 +114,6 @@ def test_sink_deltas_under_lora_on_attention(model_type, gathered_calls):
         models.append(model)
     assert_same_step(*models, batch(3, 12), PER_TOKEN)
     assert gathered_calls
-
-
-def test_lora_on_the_mlp_takes_the_dense_path(gathered_calls):
-    models = []
-    for model in pair(lambda: tiny_model("llama")):
-        torch.manual_seed(0)
-        models.append(get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj"], lora_dropout=0.0)))
-        train_sinks(models[-1])
-    assert_same_step(*models, batch(3, 12), PER_SEQUENCE)
-    assert not gathered_calls
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
