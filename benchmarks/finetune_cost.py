@@ -182,8 +182,8 @@ def measure_sink_step(shape_name: str, device: str, dtype: torch.dtype, batch: i
     step = {name: statistics.median(t) for name, t in times.items()}
     copied = sum(param.narrow(dim, start, n).numel() * param.element_size()
                  for param, dim, start, n in hooks["copy"].targets)
-    return {"shape": shape_name, "step_s": step, "steps_s_all": times, "in_place_vs_copy": step["in_place"] / step["copy"],
-            "copy_gib": copied / 2**30}
+    return {"shape": shape_name, "step_s": step, "steps_s_all": times,
+            "in_place_vs_copy": step["in_place"] / step["copy"], "copy_gib": copied / 2**30}
 
 
 # ---- arithmetic ------------------------------------------------------------------------------------
@@ -328,8 +328,8 @@ def main(argv=None) -> None:
             sink_steps.append(_in_subprocess(["--part", f"{shape}:sink_step", *common]))
     rows = summarize(runs)
     computed_table, computed = arithmetic_table()
-    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "arithmetic": computed, "batch": args.batch, "seq": args.seq,
-              "steps": args.steps, "rounds": args.rounds, "seconds": time.time() - start,
+    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "arithmetic": computed, "batch": args.batch,
+              "seq": args.seq, "steps": args.steps, "rounds": args.rounds, "seconds": time.time() - start,
               "versions": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
                            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
                            "threads": torch.get_num_threads()}}

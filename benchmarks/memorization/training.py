@@ -27,6 +27,7 @@ from hf_memsinks.integrations.optimizer import attach_sink_lr
 
 from .config import BenchmarkConfig, GoldfishConfig
 from .pressure import add_general_dropout, add_general_weight_decay
+from .sink_step import attach_rowwise_sink_step
 
 
 def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
@@ -182,6 +183,9 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
             add_general_weight_decay(model, opt, t.general_weight_decay)
         if t.general_dropout:
             add_general_dropout(model, t.general_dropout, cfg.seed)
+        if t.sink_optimizer != "adam":
+            kind = t.sink_optimizer
+            attach_rowwise_sink_step(model, opt, sign=kind == "sign", momentum=kind == "momentum")
     if on_optimizer is not None:
         on_optimizer(opt)
     if with_ids is not False and getattr(model, "memsink", None) is not None and (
