@@ -71,7 +71,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 where a CUDA device has it, else fp32
     general_dropout: float = 0.0  # memsinks runs: dropout on general neurons only (pressure.py)
     general_weight_decay: float = 0.0  # memsinks runs: extra decoupled weight decay on general neurons only
-    sink_optimizer: str = "adam"  # memsinks runs: "rowwise" / "sign" (sink_step.py)
+    sink_optimizer: str = "adam"  # memsinks runs: another rule for the sinks' step (sink_step.py)
 
 
 @dataclass
@@ -246,8 +246,8 @@ def _check_values(cfg: BenchmarkConfig) -> None:
     if not 0.0 <= cfg.train.general_dropout < 1.0 or cfg.train.general_weight_decay < 0.0:
         raise ValueError("train.general_dropout must be in [0, 1) and train.general_weight_decay >= 0, got "
                          f"{cfg.train.general_dropout!r} and {cfg.train.general_weight_decay!r}")
-    if cfg.train.sink_optimizer not in ("adam", "rowwise", "sign", "momentum"):
-        raise ValueError("train.sink_optimizer must be 'adam', 'rowwise', 'sign' or 'momentum', got "
+    if cfg.train.sink_optimizer not in ("adam", "rowwise", "sign", "momentum", "lazy"):
+        raise ValueError("train.sink_optimizer must be 'adam', 'rowwise', 'sign', 'momentum' or 'lazy', got "
                          f"{cfg.train.sink_optimizer!r}")
     cfg.memsink_config()  # fail early on a bad MemSink setting
     cfg.forget_memsink_config()

@@ -27,7 +27,7 @@ from hf_memsinks.integrations.optimizer import attach_sink_lr
 
 from .config import BenchmarkConfig, GoldfishConfig
 from .pressure import add_general_dropout, add_general_weight_decay
-from .sink_step import attach_rowwise_sink_step
+from .sink_step import attach_sink_step
 
 
 def build_model(cfg: BenchmarkConfig, vocab_size: int, max_length: int):
@@ -184,8 +184,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         if t.general_dropout:
             add_general_dropout(model, t.general_dropout, cfg.seed)
         if t.sink_optimizer != "adam":
-            kind = t.sink_optimizer
-            attach_rowwise_sink_step(model, opt, sign=kind == "sign", momentum=kind == "momentum")
+            attach_sink_step(model, opt, t.sink_optimizer)
     if on_optimizer is not None:
         on_optimizer(opt)
     if with_ids is not False and getattr(model, "memsink", None) is not None and (

@@ -8,7 +8,7 @@ import copy
 import torch
 from tiny_models import batch, tiny_model
 
-from benchmarks.memorization.sink_step import attach_rowwise_sink_step
+from benchmarks.memorization.sink_step import attach_sink_step
 from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
 from hf_memsinks.layers.projections import is_patched_projection
 
@@ -23,7 +23,7 @@ def test_rowwise_step_moves_touched_sinks_by_their_normalised_gradient():
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
         attach_sink_lr(m, opt)
         if rowwise:
-            step = attach_rowwise_sink_step(m, opt)
+            step = attach_sink_step(m, opt, "rowwise")
         x = batch(2, 8)
         m(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
         opts.append(opt)
@@ -53,7 +53,7 @@ def test_sign_step_moves_touched_sink_weights_by_the_sign_of_their_gradient():
     model = get_memsink_model(tiny_model("gpt2"), CFG).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     attach_sink_lr(model, opt)
-    step = attach_rowwise_sink_step(model, opt, sign=True)
+    step = attach_sink_step(model, opt, "sign")
     x = batch(2, 8)
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
     proj = model.transformer.h[1].mlp.c_proj
@@ -64,14 +64,14 @@ def test_sign_step_moves_touched_sink_weights_by_the_sign_of_their_gradient():
     opt.step()
     moved = proj.weight.detach().narrow(0, start, n) - before
     torch.testing.assert_close(moved, -1e-2 * 5.0 * grad.sign())
-    assert all(c.sum() == 0 for c in step.count)  # (no state)
+    assert all(f is None for f in step.first)  # (no state)
 
 
 def test_momentum_step_is_adam_with_one_second_moment_per_neuron():
     model = get_memsink_model(tiny_model("gpt2"), CFG).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     attach_sink_lr(model, opt)
-    attach_rowwise_sink_step(model, opt, momentum=True)
+    attach_sink_step(model, opt, "momentum")
     x = batch(2, 8)
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
     proj = model.transformer.h[0].mlp.c_proj
@@ -89,3 +89,23 @@ def test_momentum_step_is_adam_with_one_second_moment_per_neuron():
     second = -lr * (0.9 / 1.9) * grad / ((0.95 / 1.95) ** 0.5 * rms + 1e-8)
     torch.testing.assert_close(moves[1], second)
     assert moves[1].abs().max() > 0
+
+
+def test_lazy_step_is_adam_on_the_touched_rows_only():
+    model = get_memsink_model(tiny_model("gpt2"), CFG).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    attach_sink_lr(model, opt)
+    attach_sink_step(model, opt, "lazy")
+    x = batch(2, 8)
+    model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
+    proj = model.transformer.h[0].mlp.c_proj
+    start, n = proj.memsink.sink_spans[0]
+    grad = proj.weight.grad.narrow(0, start, n).clone()
+    moves = []
+    for _ in range(2):  # the second step without a gradient: untouched rows wait (AdamW's momentum would move them)
+        before = proj.weight.detach().narrow(0, start, n).clone()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        moves.append(proj.weight.detach().narrow(0, start, n) - before)
+    torch.testing.assert_close(moves[0], -1e-2 * 5.0 * grad / (grad.abs() + 1e-8))  # Adam's first step
+    assert moves[0].abs().max() > 0 and torch.equal(moves[1], torch.zeros_like(moves[1]))
