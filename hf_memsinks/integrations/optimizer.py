@@ -56,16 +56,16 @@ class SinkLR:
                 # the step count Adam's bias correction will use (read now: HoldGeneral's after-hook
                 # may set the count back before this one's runs)
                 count = float(optimizer.state.get(param, {}).get("step", 0)) + 1
-                self._pending.append((target, (group, count), None))
+                self._pending.append((target, (group, count), None))  # (the Adam step to follow, no copy)
 
     @torch.no_grad()
     def after(self, optimizer: torch.optim.Optimizer | None = None, *_) -> None:
-        for (param, dim, start, n), group, old in self._pending:
+        for (param, dim, start, n), adam, old in self._pending:
             view = param.narrow(dim, start, n)
             if old is not None:
                 torch.lerp(old, view, self.scale, out=view)  # old + scale * (new - old), written over new
             else:
-                group, count = group
+                group, count = adam
                 decoupled = group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
                 _scale_adam_step(view, optimizer.state[param], group, count, decoupled, self.scale,
                                  lambda t: t.narrow(dim, start, n))
