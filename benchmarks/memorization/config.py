@@ -14,6 +14,8 @@ import yaml
 
 from hf_memsinks.config import REFERENCE_SWITCHES, MemSinkConfig, did_you_mean
 
+from .sink_step import KINDS as SINK_STEPS
+
 RUNS = ("standard", "memsinks", "dedup", "posthoc", "goldfish", "memsinks+goldfish", "forget")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -246,8 +248,8 @@ def _check_values(cfg: BenchmarkConfig) -> None:
     if not 0.0 <= cfg.train.general_dropout < 1.0 or cfg.train.general_weight_decay < 0.0:
         raise ValueError("train.general_dropout must be in [0, 1) and train.general_weight_decay >= 0, got "
                          f"{cfg.train.general_dropout!r} and {cfg.train.general_weight_decay!r}")
-    if cfg.train.sink_optimizer not in ("adam", "rowwise", "sign", "momentum", "lazy"):
-        raise ValueError("train.sink_optimizer must be 'adam', 'rowwise', 'sign', 'momentum' or 'lazy', got "
+    if cfg.train.sink_optimizer not in ("adam", *SINK_STEPS):
+        raise ValueError(f"train.sink_optimizer must be one of {('adam', *SINK_STEPS)}, got "
                          f"{cfg.train.sink_optimizer!r}")
     cfg.memsink_config()  # fail early on a bad MemSink setting
     cfg.forget_memsink_config()

@@ -1,5 +1,6 @@
-"""The rowwise sink step (benchmarks/memorization/sink_step.py): before AdamW's step, each sink neuron a
-step touched moves by lr * scale * g / (sqrt(v) + eps) with one running second moment per neuron; the
+"""The sink steps of the optimizer experiment (benchmarks/memorization/sink_step.py): before AdamW's step
+the sinks move by the rule's step (rowwise: lr * scale * g / (sqrt(v) + eps) with one running second
+moment per neuron; sign; Adam with a per-neuron second moment; Adam on the touched rows only); the
 sinks' gradients are zeroed, so AdamW's moments for them stay zero; the general neurons take AdamW's
 step as without it."""
 
@@ -49,41 +50,39 @@ def test_rowwise_step_moves_touched_sinks_by_their_normalised_gradient():
             torch.testing.assert_close(a.general_and_sink_parts()["weight"][0], b.general_and_sink_parts()["weight"][0])
 
 
-def test_sign_step_moves_touched_sink_weights_by_the_sign_of_their_gradient():
+def stepped(kind: str, steps: int, layer: int = 0):
+    """The rule ``kind`` attached, one backward, then ``steps`` optimizer steps (gradients zeroed, not
+    dropped, after each): the rule, the sink gradient of layer ``layer``'s output projection and how
+    its sinks moved at each step."""
     model = get_memsink_model(tiny_model("gpt2"), CFG).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     attach_sink_lr(model, opt)
-    step = attach_sink_step(model, opt, "sign")
+    step = attach_sink_step(model, opt, kind)
     x = batch(2, 8)
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
-    proj = model.transformer.h[1].mlp.c_proj
+    proj = model.transformer.h[layer].mlp.c_proj
     start, n = proj.memsink.sink_spans[0]
-    before = proj.weight.detach().narrow(0, start, n).clone()
     grad = proj.weight.grad.narrow(0, start, n).clone()
+    moves = []
+    for _ in range(steps):
+        before = proj.weight.detach().narrow(0, start, n).clone()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        moves.append(proj.weight.detach().narrow(0, start, n) - before)
+    return step, grad, moves
+
+
+def test_sign_step_moves_touched_sink_weights_by_the_sign_of_their_gradient():
+    step, grad, (moved,) = stepped("sign", 1, layer=1)
     assert (grad != 0).any() and (grad == 0).any()
-    opt.step()
-    moved = proj.weight.detach().narrow(0, start, n) - before
     torch.testing.assert_close(moved, -1e-2 * 5.0 * grad.sign())
     assert all(f is None for f in step.first)  # (no state)
 
 
 def test_momentum_step_is_adam_with_one_second_moment_per_neuron():
-    model = get_memsink_model(tiny_model("gpt2"), CFG).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    attach_sink_lr(model, opt)
-    attach_sink_step(model, opt, "momentum")
-    x = batch(2, 8)
-    model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
-    proj = model.transformer.h[0].mlp.c_proj
-    start, n = proj.memsink.sink_spans[0]
-    grad = proj.weight.grad.narrow(0, start, n).clone()
+    # the second step without a gradient: the momentum still moves the sinks
+    _, grad, moves = stepped("momentum", 2)
     rms = grad.pow(2).mean(1, keepdim=True).sqrt()
-    moves = []
-    for _ in range(2):  # the second step without a gradient: the momentum still moves the sinks
-        before = proj.weight.detach().narrow(0, start, n).clone()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        moves.append(proj.weight.detach().narrow(0, start, n) - before)
     lr = 1e-2 * 5.0
     torch.testing.assert_close(moves[0], -lr * grad / (rms + 1e-8))  # bias-corrected: m = g, v = mean(g^2)
     second = -lr * (0.9 / 1.9) * grad / ((0.95 / 1.95) ** 0.5 * rms + 1e-8)
@@ -92,20 +91,7 @@ def test_momentum_step_is_adam_with_one_second_moment_per_neuron():
 
 
 def test_lazy_step_is_adam_on_the_touched_rows_only():
-    model = get_memsink_model(tiny_model("gpt2"), CFG).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
-    attach_sink_lr(model, opt)
-    attach_sink_step(model, opt, "lazy")
-    x = batch(2, 8)
-    model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
-    proj = model.transformer.h[0].mlp.c_proj
-    start, n = proj.memsink.sink_spans[0]
-    grad = proj.weight.grad.narrow(0, start, n).clone()
-    moves = []
-    for _ in range(2):  # the second step without a gradient: untouched rows wait (AdamW's momentum would move them)
-        before = proj.weight.detach().narrow(0, start, n).clone()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        moves.append(proj.weight.detach().narrow(0, start, n) - before)
+    # the second step without a gradient: untouched rows wait (AdamW's momentum would move them)
+    _, grad, moves = stepped("lazy", 2)
     torch.testing.assert_close(moves[0], -1e-2 * 5.0 * grad / (grad.abs() + 1e-8))  # Adam's first step
     assert moves[0].abs().max() > 0 and torch.equal(moves[1], torch.zeros_like(moves[1]))
