@@ -103,10 +103,25 @@ def boolean(value):
 
 
 def layer_list(value):
+    """A list of layer indices, or a dict of layer index -> that layer's sink_fraction (string keys,
+    as JSON writes them, become ints)."""
     if value is None:
         return None
+    if isinstance(value, dict):
+        layers = {}
+        for key, fraction in value.items():
+            index = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+            if not _integer(index):
+                raise Invalid(f"layer index {key!r} is not an integer")
+            try:
+                layers[index] = probability(fraction)
+            except Invalid:
+                raise Invalid(f"layer {key}'s sink_fraction must be a number strictly between 0 and 1") from None
+        if not layers:
+            raise Invalid("must name at least one layer (None means all)")
+        return layers
     if isinstance(value, int) or not all(_integer(i) for i in value):
-        raise Invalid("must be a list of layer indices or None")
+        raise Invalid("must be a list of layer indices, a dict of layer index -> sink_fraction, or None")
     if len(value) == 0:
         raise Invalid("must name at least one layer (None means all)")
     return list(value)

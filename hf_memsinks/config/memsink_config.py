@@ -62,9 +62,10 @@ class MemSinkConfig:
         "a model built from a config, and an error naming for_finetuning() for one that holds pretrained "
         "weights (split mode would turn part of its pretrained neurons into sinks, which remove_sinks "
         "deletes)."))
-    layers: list[int] | None = setting(None, layer_list, help=(
+    layers: list[int] | dict[int, float] | None = setting(None, layer_list, help=(
         "decoder-layer indices that get sinks (negative indices count from the end); None patches every "
-        "layer."))
+        "layer. A dict maps each index to that layer's own sink_fraction, e.g. {0: 2/3, -1: 0.5}: wide "
+        "sinks where a document's memorization is keyed, narrower ones elsewhere (docs/finetune.md)."))
     num_sink_neurons: int | None = setting(None, int_or_none(1, "must be a positive integer or None"), help=(
         "exact number of sinks per patched MLP; overrides sink_fraction."))
     salt: int = setting(0, int64, help=(
@@ -121,6 +122,12 @@ class MemSinkConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if isinstance(self.layers, dict) and self.num_sink_neurons is not None:
+            fail(self, "num_sink_neurons", "sets every layer's sinks; with per-layer sink fractions in layers, "
+                 "leave it None")
+        if isinstance(self.layers, dict) and self.eval_scaling != "none":
+            fail(self, "layers", "per-layer sink fractions have no single eval scale; use the eval_scaling "
+                 "'none' (ours)")
         if self.mask_scheme == "reference" and self.salt != 0:
             fail(self, "salt", "the reference mask scheme has no salt; leave it at 0")
 
@@ -163,18 +170,29 @@ class MemSinkConfig:
         p_gen = 1.0 - self.sink_fraction
         return (p_gen + self.sink_active_prob) / p_gen
 
-    def num_sinks_for(self, width: int) -> tuple[int, int]:
+    def sink_fraction_for(self, layer: int, num_layers: int) -> float:
+        """The sink_fraction of decoder layer ``layer`` (0-based) of ``num_layers``: its own where
+        ``layers`` is a dict, else ``sink_fraction``."""
+        if isinstance(self.layers, dict):
+            for index, fraction in self.layers.items():
+                if (index + num_layers if index < 0 else index) == layer:
+                    return fraction
+        return self.sink_fraction
+
+    def num_sinks_for(self, width: int, fraction: float | None = None) -> tuple[int, int]:
         """(general, sinks) for an MLP of hidden width ``width`` before patching (``"auto"``: as
-        ``"split"``, what it becomes on a model built from a config)."""
+        ``"split"``, what it becomes on a model built from a config); ``fraction``: the layer's own
+        sink_fraction (:meth:`sink_fraction_for`), by default ``sink_fraction``."""
+        fraction = self.sink_fraction if fraction is None else fraction
         if self.mode in ("split", "auto"):
-            sinks = self.num_sink_neurons if self.num_sink_neurons is not None else round(width * self.sink_fraction)
+            sinks = self.num_sink_neurons if self.num_sink_neurons is not None else round(width * fraction)
             general = width - sinks
         else:
             general = width
             sinks = (
                 self.num_sink_neurons
                 if self.num_sink_neurons is not None
-                else round(width * self.sink_fraction / (1.0 - self.sink_fraction))
+                else round(width * fraction / (1.0 - fraction))
             )
         field_name = "num_sink_neurons" if self.num_sink_neurons is not None else "sink_fraction"
         if sinks < 1:

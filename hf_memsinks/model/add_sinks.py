@@ -77,7 +77,10 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
     if config.target_modules is not None:
         check_width_field(model, config.target_modules.get("width_attr"))
     _check_addable(model, sites, config, restoring=record is not None)
-    patched = [_split(site, config, layout, any(s.kind == "experts" for s in all_sites)) for site in sites]
+    num_layers = max(s.layer for s in all_sites) + 1
+    has_experts = any(s.kind == "experts" for s in all_sites)
+    patched = [_split(site, config, layout, has_experts, config.sink_fraction_for(site.layer, num_layers))
+               for site in sites]
     original_widths = {s.name: s.width for s in all_sites}
     width_attrs = {s.name: s.width_attr for s in all_sites}
     external = plan_widths(model, {p.name: p.kept_width() for p in patched}, original_widths, width_attrs)
@@ -103,7 +106,8 @@ def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig, record: LayoutR
     source = getattr(model, "name_or_path", "") or "a checkpoint"
     if record is not None or not loaded_from_checkpoint(model):
         return dataclasses.replace(config, mode="split") if config.mode == "auto" else config
-    share = f"{config.sink_fraction:.0%}" if config.num_sink_neurons is None else f"{config.num_sink_neurons}"
+    share = (f"{config.num_sink_neurons}" if config.num_sink_neurons is not None
+             else "a share" if isinstance(config.layers, dict) else f"{config.sink_fraction:.0%}")
     if config.mode == "auto":
         raise ValueError(
             f"this model holds pretrained weights (loaded from {source!r}): the default split mode would turn "
@@ -145,13 +149,15 @@ def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSink
         )
 
 
-def _split(site: MLPSite, config: MemSinkConfig, layout: dict | None, has_experts: bool) -> PatchedMLP:
+def _split(site: MLPSite, config: MemSinkConfig, layout: dict | None, has_experts: bool,
+           fraction: float) -> PatchedMLP:
     """The MLP's general and sink neuron counts: from the saved layout when restoring a checkpoint,
-    else from the config; its current width must be the general part or the whole."""
+    else from the config (``fraction``: its layer's sink_fraction); its current width must be the
+    general part or the whole."""
     if layout is not None:
         general, sinks = layout[site.name]["general"], layout[site.name]["sinks"]
     else:
-        general, sinks = config.num_sinks_for(site.width)
+        general, sinks = config.num_sinks_for(site.width, fraction)
         if has_experts and config.num_sink_neurons is None:  # grouped_mm needs aligned widths
             general, sinks = aligned_split(general, sinks, config.mode)
     if site.width not in (general, general + sinks):

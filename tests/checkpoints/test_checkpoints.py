@@ -97,6 +97,7 @@ def test_removing_twice_or_from_a_plain_model_is_a_clear_error():
     ("gpt2", CFG),
     ("llama", MemSinkConfig(mode="add", sink_fraction=0.2, reference=PaperReference(per_layer_masks=True))),
     ("bloom", MemSinkConfig(sink_fraction=0.25, layers=[1])),
+    ("llama", MemSinkConfig(mode="add", layers={0: 0.5, -1: 0.2})),
     ("phi3", CFG),
 ])
 def test_checkpoint_restores_exactly_in_every_mode_and_training_resumes(tmp_path, model_type, cfg):

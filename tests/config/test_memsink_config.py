@@ -28,6 +28,17 @@ def test_json_and_directory_round_trip(tmp_path):
     assert not set(saved) & set(REFERENCE_SWITCHES)
 
 
+def test_per_layer_sink_fractions_round_trip_through_json(tmp_path):
+    """JSON writes the dict's layer indices as strings; they come back as ints."""
+    cfg = MemSinkConfig.for_finetuning(layers={0: 2 / 3, -1: 0.5})
+    cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "memsink_config.json").read_text())["layers"] == {"0": 2 / 3, "-1": 0.5}
+    assert MemSinkConfig.from_pretrained(tmp_path) == cfg and MemSinkConfig.from_dict(cfg.to_dict()) == cfg
+    assert [cfg.sink_fraction_for(i, 4) for i in range(4)] == [2 / 3, 0.5, 0.5, 0.5]
+    assert cfg.num_sinks_for(512, cfg.sink_fraction_for(0, 4)) == (512, 1024)
+    assert cfg.num_sinks_for(512, cfg.sink_fraction_for(3, 4)) == (512, 512)
+
+
 def test_a_config_without_reference_saves_no_reference_key():
     saved = json.loads(MemSinkConfig(sink_fraction=0.4).to_json_string())
     assert "reference" not in saved and not set(saved) & set(REFERENCE_SWITCHES + RECORD_KEYS)
@@ -57,6 +68,11 @@ def test_every_user_setting_has_help():
     (dict(num_sink_neurons=0), "num_sink_neurons"),
     (dict(layers=[]), "layers"),
     (dict(layers=3), "layers"),
+    (dict(layers={}), "layers"),
+    (dict(layers={0: 1.0}), "layers"),
+    (dict(layers={"first": 0.5}), "layers"),
+    (dict(layers={0: 0.5}, num_sink_neurons=8), "num_sink_neurons"),
+    (dict(layers={0: 0.5}, reference=PaperReference(eval_scaling="paper")), "layers"),
     (dict(salt=2**63), "salt"),
     (dict(init_seed=1.0), "init_seed"),
     (dict(require_sequence_ids=1), "require_sequence_ids"),

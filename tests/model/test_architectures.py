@@ -67,3 +67,24 @@ def test_add_mode_starts_unchanged_and_removes_to_original_width(model_type):
     with torch.no_grad():
         after = plain(input_ids=x).logits
     assert (after - before).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_per_layer_sink_fractions_give_each_layer_its_width(model_type):
+    """layers={0: 2/3, -1: 0.5} on a 2-layer model: the first MLP gets twice its width in sinks, the
+    last as many as it has; a training step moves both layers' sinks; removal restores the model."""
+    model = tiny_model(model_type)
+    original = copy.deepcopy(model)
+    width = mlp_widths(model)[0]
+    patched = get_memsink_model(model, MemSinkConfig.for_finetuning(layers={0: 2 / 3, -1: 0.5}))
+    assert mlp_widths(patched) == [3 * width, 2 * width]
+    patched.train()
+    x = batch()
+    patched(input_ids=x, labels=x, sequence_ids=torch.tensor([1, 2, 3])).loss.backward()
+    moved = [name for name, p in patched.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert {n.split(".mlp")[0] for n in moved if ".mlp" in n} == {n.split(".mlp")[0] for n, _ in
+                                                                  patched.named_parameters() if ".mlp" in n}
+    plain = patched.eval().remove_sinks()
+    assert mlp_widths(plain) == [width, width]
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=x).logits, original(input_ids=x).logits)
