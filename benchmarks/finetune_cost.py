@@ -4,11 +4,15 @@ time and peak training memory, against the full fine-tune and against LoRA r16.
 Each variant trains in its own process (peak memory is per process): the model is built from a
 config (random weights: the cost does not depend on them), patched, and takes ``--steps`` AdamW
 steps after one warm-up step (which allocates the optimizer state) on random tokens, one sequence
-ID per row. Step: the median of the timed steps. Memory: on CPU the process's peak resident set
+ID per row, AdamW with ``fused=True`` (what ``Trainer``'s default ``adamw_torch_fused`` builds, on a CPU
+too). Step: the median of the timed steps. Memory: on CPU the process's peak resident set
 minus its resident set before the model was built (``VmHWM - VmRSS``: weights, gradients,
 optimizer state, activations, allocator slack); on CUDA ``max_memory_allocated``. Every variant
 runs ``--rounds`` times, the order reversed each round (this host's speed drifts), and the ratios
-use the medians over rounds. A 7B shape is computed by arithmetic (``arithmetic``), as are 1B.
+use the medians over rounds. Then, with ``--paired-rounds N`` (not in ``make bench``), every variant of a
+shape trains side by side in one process, and each round's step is divided by the same round's
+step of its reference (``measure_paired``): the step ratio this host's drift moves least. A 7B
+shape is computed by arithmetic (``arithmetic``), as are 1B.
 
 usage: python benchmarks/finetune_cost.py [--shapes gpt2-124m,llama-160m] [--device cpu|cuda]
                                           [--dtype fp32|bf16] [--out benchmarks/finetune_cost.json]
@@ -129,7 +133,7 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
     model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=True)
     if has_sinks:
         attach_sink_lr(model, opt)
     times = []
@@ -152,6 +156,54 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
             "peak_bytes": peak - base}
 
 
+def measure_paired(shape_name: str, variants: list[str], device: str, dtype: torch.dtype, rounds: int, batch: int,
+                   seq: int, overrides: dict) -> dict:
+    """Every variant in this one process, a training step each per round, in an order rotated every
+    round; each round's step of a variant over the same round's step of its reference (``full``;
+    ``lora_r16`` for a ``+lora_r16`` variant), median over rounds. Drift of the host over seconds moves
+    a variant and its reference alike, so the ratio is steadier than one of separate processes'
+    medians; memory is not measured here (the models live side by side). Round 0 allocates the
+    optimizer state and is not counted."""
+    shape = SHAPES[shape_name]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, shape["vocab"], (rounds + 1, batch, seq), generator=g)
+    ids = torch.randint(0, 2**40, (rounds + 1, batch), generator=g)
+    models = {}
+    for variant in variants:
+        model, has_sinks = prepare(variant, shape, dtype, overrides, device)
+        model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
+                                fused=True)
+        if has_sinks:
+            attach_sink_lr(model, opt)
+        models[variant] = (model, opt, has_sinks)
+    times = {v: [] for v in variants}
+    for i in range(rounds + 1):
+        shift = i % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            model, opt, has_sinks = models[variant]
+            x = tokens[i].to(device)
+            kwargs = {"sequence_ids": ids[i].to(device)} if has_sinks else {}
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=x, labels=x, **kwargs).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:
+                times[variant].append(time.perf_counter() - t0)
+    ratios = {}
+    for variant in variants:
+        ref = "lora_r16" if variant.endswith("lora_r16") else "full"
+        if ref in times and variant != ref:
+            ratios[variant] = {"reference": ref, "ratio": statistics.median(
+                a / b for a, b in zip(times[variant], times[ref])), "per_round": [a / b for a, b in
+                                                                                zip(times[variant], times[ref])]}
+    return {"shape": shape_name, "step_s_all": times, "vs_reference": ratios}
+
+
 def measure_sink_step(shape_name: str, device: str, dtype: torch.dtype, batch: int, seq: int,
                       repeats: int = 8) -> dict:
     """The optimizer step of ``for_finetuning()`` with its sink-LR hook two ways, alternating on one
@@ -165,8 +217,8 @@ def measure_sink_step(shape_name: str, device: str, dtype: torch.dtype, batch: i
     x = torch.randint(0, shape["vocab"], (batch, seq), generator=g).to(device)
     model(input_ids=x, labels=x, sequence_ids=torch.randint(0, 2**40, (batch,), generator=g).to(device)).loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
-    opts = {"in_place": torch.optim.AdamW(params, lr=1e-5),
-            "copy": type("AdamWSubclass", (torch.optim.AdamW,), {})(params, lr=1e-5)}
+    opts = {"in_place": torch.optim.AdamW(params, lr=1e-5, fused=True),
+            "copy": type("AdamWSubclass", (torch.optim.AdamW,), {})(params, lr=1e-5, fused=True)}
     hooks = {name: attach_sink_lr(model, opt) for name, opt in opts.items()}
     times = {name: [] for name in opts}
     for i in range(repeats + 1):
@@ -297,6 +349,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="also N rounds of every variant side by side in one process per shape (0: not run)")
     parser.add_argument("--out", default="benchmarks/finetune_cost.json")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
@@ -308,8 +362,13 @@ def main(argv=None) -> None:
         overrides[name] = overrides[name + "+lora_r16"] = json.loads(raw)
     if args.part:
         shape, variant = args.part.split(":", 1)
-        result = (measure_sink_step(shape, args.device, dtype, args.batch, args.seq) if variant == "sink_step" else
-                  measure(variant, shape, args.device, dtype, args.steps, args.batch, args.seq, overrides))
+        if variant == "sink_step":
+            result = measure_sink_step(shape, args.device, dtype, args.batch, args.seq)
+        elif variant.startswith("paired="):
+            result = measure_paired(shape, variant.removeprefix("paired=").split(","), args.device, dtype,
+                                    args.paired_rounds, args.batch, args.seq, overrides)
+        else:
+            result = measure(variant, shape, args.device, dtype, args.steps, args.batch, args.seq, overrides)
         Path(args.part_out).write_text(json.dumps(result))
         return
     variants = args.variants.split(",")
@@ -326,9 +385,14 @@ def main(argv=None) -> None:
         if "for_finetuning" in variants:
             print(f"{shape} the sink-LR hook's step ...", flush=True)
             sink_steps.append(_in_subprocess(["--part", f"{shape}:sink_step", *common]))
+    paired = []
+    for shape in args.shapes.split(",") if args.paired_rounds > 0 else []:
+        print(f"{shape} every variant side by side, {args.paired_rounds} rounds ...", flush=True)
+        paired.append(_in_subprocess(["--part", f"{shape}:paired={','.join(variants)}", *common,
+                                      "--paired-rounds", str(args.paired_rounds)]))
     rows = summarize(runs)
     computed_table, computed = arithmetic_table()
-    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "arithmetic": computed, "batch": args.batch,
+    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "paired": paired, "arithmetic": computed, "batch": args.batch,
               "seq": args.seq, "steps": args.steps, "rounds": args.rounds, "seconds": time.time() - start,
               "versions": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
                            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -340,6 +404,9 @@ def main(argv=None) -> None:
         print(f"{r['shape']}: for_finetuning's optimizer step, sinks scaled in place {r['step_s']['in_place']:.3f} s, "
               f"with a saved copy {r['step_s']['copy']:.3f} s ({r['in_place_vs_copy']:.2f}x; the copy holds "
               f"{r['copy_gib']:.2f} GiB)")
+    for r in paired:
+        print(f"{r['shape']}, side by side in one process: " + ", ".join(
+            f"{v} {q['ratio']:.3f}x {q['reference']}" for v, q in r["vs_reference"].items()))
     print()
     print(computed_table)
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")

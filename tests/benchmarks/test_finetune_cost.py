@@ -52,7 +52,8 @@ def test_script_runs_end_to_end(tmp_path):
     out = tmp_path / "cost.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_cost.py"), "--shapes", "tiny", "--steps", "1",
                     "--rounds", "1", "--batch", "2", "--seq", "16", "--variants", "full,lora_r16,for_finetuning",
-                    "--recipe", 'narrow={"num_sink_neurons": 8}', "--out", str(out)], check=True, cwd=ROOT)
+                    "--recipe", 'narrow={"num_sink_neurons": 8}', "--paired-rounds", "2", "--out", str(out)],
+                   check=True, cwd=ROOT)
     result = json.loads(out.read_text())
     variants = [r["variant"] for r in result["rows"]]
     assert variants == ["full", "lora_r16", "for_finetuning", "narrow", "narrow+lora_r16"]
@@ -62,3 +63,9 @@ def test_script_runs_end_to_end(tmp_path):
     assert narrow["parameters"] == result["rows"][0]["parameters"] + 2 * 3 * 64 * 8
     assert {"step_vs_full", "memory_vs_lora_r16"} <= set(narrow)
     assert {"llama-2-7b/for_finetuning", "llama-2-7b/first_layer"} <= set(result["arithmetic"])
+    (paired,) = result["paired"]  # each variant's rounds against its reference's same rounds
+    assert {v: q["reference"] for v, q in paired["vs_reference"].items()} == {
+        "for_finetuning": "full", "narrow": "full", "narrow+lora_r16": "lora_r16"}
+    assert all(len(t) == 2 for t in paired["step_s_all"].values())
+    q = paired["vs_reference"]["narrow"]
+    assert q["per_round"] == [a / b for a, b in zip(paired["step_s_all"]["narrow"], paired["step_s_all"]["full"])]
