@@ -392,8 +392,9 @@ def main(argv=None) -> None:
                                       "--paired-rounds", str(args.paired_rounds)]))
     rows = summarize(runs)
     computed_table, computed = arithmetic_table()
-    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "paired": paired, "arithmetic": computed, "batch": args.batch,
-              "seq": args.seq, "steps": args.steps, "rounds": args.rounds, "seconds": time.time() - start,
+    result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "paired": paired, "arithmetic": computed,
+              "batch": args.batch, "seq": args.seq, "steps": args.steps, "rounds": args.rounds,
+              "seconds": time.time() - start,
               "versions": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
                            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
                            "threads": torch.get_num_threads()}}

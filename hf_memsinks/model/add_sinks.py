@@ -78,6 +78,11 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
         check_width_field(model, config.target_modules.get("width_attr"))
     _check_addable(model, sites, config, restoring=record is not None)
     num_layers = max(s.layer for s in all_sites) + 1
+    if isinstance(config.layers, dict):
+        resolved = [index + num_layers if index < 0 else index for index in config.layers]
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(f"MemSinkConfig.layers names one of this model's {num_layers} layers twice "
+                             f"({sorted(config.layers)}), each with its own sink_fraction")
     has_experts = any(s.kind == "experts" for s in all_sites)
     patched = [_split(site, config, layout, has_experts, config.sink_fraction_for(site.layer, num_layers))
                for site in sites]

@@ -88,3 +88,5 @@ def test_per_layer_sink_fractions_give_each_layer_its_width(model_type):
     assert mlp_widths(plain) == [width, width]
     with torch.no_grad():
         assert torch.equal(plain(input_ids=x).logits, original(input_ids=x).logits)
+    with pytest.raises(ValueError, match="names one of this model's 2 layers twice"):  # 0 and -2 are one layer
+        get_memsink_model(tiny_model(model_type), MemSinkConfig.for_finetuning(layers={0: 0.5, -2: 0.2}))
