@@ -114,6 +114,30 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _optimizer(model, has_sinks: bool) -> torch.optim.Optimizer:
+    """AdamW as Trainer's default ``adamw_torch_fused`` builds it, with the sinks' hook."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
+                            fused=True)
+    if has_sinks:
+        attach_sink_lr(model, opt)
+    return opt
+
+
+def _timed_step(model, opt, tokens: torch.Tensor, ids: torch.Tensor | None, device: str) -> float:
+    """Seconds of one training step (forward, backward, optimizer step, gradients freed)."""
+    x = tokens.to(device)
+    kwargs = {"sequence_ids": ids.to(device)} if ids is not None else {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(input_ids=x, labels=x, **kwargs).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, steps: int, batch: int, seq: int,
             overrides: dict) -> dict:
     """One variant in this process: parameters, the median step and the peak training memory."""
@@ -133,23 +157,9 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
     model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0, fused=True)
-    if has_sinks:
-        attach_sink_lr(model, opt)
-    times = []
-    for i in range(steps + 1):
-        x = tokens[i].to(device)
-        kwargs = {"sequence_ids": ids[i].to(device)} if has_sinks else {}
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(input_ids=x, labels=x, **kwargs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if i > 0:  # (the first step allocates the optimizer state)
-            times.append(time.perf_counter() - t0)
+    opt = _optimizer(model, has_sinks)
+    times = [_timed_step(model, opt, tokens[i], ids[i] if has_sinks else None, device) for i in range(steps + 1)]
+    times = times[1:]  # (the first step allocates the optimizer state)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
     return {"variant": variant, "shape": shape_name, "parameters": params,
             "trainable": sum(p.numel() for p in trainable), "step_s": statistics.median(times),
@@ -172,35 +182,21 @@ def measure_paired(shape_name: str, variants: list[str], device: str, dtype: tor
     for variant in variants:
         model, has_sinks = prepare(variant, shape, dtype, overrides, device)
         model.to(device).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
-                                fused=True)
-        if has_sinks:
-            attach_sink_lr(model, opt)
-        models[variant] = (model, opt, has_sinks)
+        models[variant] = (model, _optimizer(model, has_sinks), has_sinks)
     times = {v: [] for v in variants}
     for i in range(rounds + 1):
         shift = i % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             model, opt, has_sinks = models[variant]
-            x = tokens[i].to(device)
-            kwargs = {"sequence_ids": ids[i].to(device)} if has_sinks else {}
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=x, labels=x, **kwargs).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            seconds = _timed_step(model, opt, tokens[i], ids[i] if has_sinks else None, device)
             if i > 0:
-                times[variant].append(time.perf_counter() - t0)
+                times[variant].append(seconds)
     ratios = {}
     for variant in variants:
         ref = "lora_r16" if variant.endswith("lora_r16") else "full"
         if ref in times and variant != ref:
-            ratios[variant] = {"reference": ref, "ratio": statistics.median(
-                a / b for a, b in zip(times[variant], times[ref])), "per_round": [a / b for a, b in
-                                                                                zip(times[variant], times[ref])]}
+            per_round = [a / b for a, b in zip(times[variant], times[ref])]
+            ratios[variant] = {"reference": ref, "ratio": statistics.median(per_round), "per_round": per_round}
     return {"shape": shape_name, "step_s_all": times, "vs_reference": ratios}
 
 

@@ -170,14 +170,21 @@ class MemSinkConfig:
         p_gen = 1.0 - self.sink_fraction
         return (p_gen + self.sink_active_prob) / p_gen
 
+    def layer_fractions(self, num_layers: int) -> dict[int, float]:
+        """``{layer: its own sink_fraction}`` (0-based, of ``num_layers``) where ``layers`` is a dict,
+        else empty; an index and its negative twin naming one layer is an error."""
+        if not isinstance(self.layers, dict):
+            return {}
+        fractions = {index + num_layers if index < 0 else index: f for index, f in self.layers.items()}
+        if len(fractions) < len(self.layers):
+            raise ValueError(f"MemSinkConfig.layers names one of this model's {num_layers} layers twice "
+                             f"({sorted(self.layers)}), each with its own sink_fraction")
+        return fractions
+
     def sink_fraction_for(self, layer: int, num_layers: int) -> float:
         """The sink_fraction of decoder layer ``layer`` (0-based) of ``num_layers``: its own where
         ``layers`` is a dict, else ``sink_fraction``."""
-        if isinstance(self.layers, dict):
-            for index, fraction in self.layers.items():
-                if (index + num_layers if index < 0 else index) == layer:
-                    return fraction
-        return self.sink_fraction
+        return self.layer_fractions(num_layers).get(layer, self.sink_fraction)
 
     def num_sinks_for(self, width: int, fraction: float | None = None) -> tuple[int, int]:
         """(general, sinks) for an MLP of hidden width ``width`` before patching (``"auto"``: as

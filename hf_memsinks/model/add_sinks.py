@@ -77,14 +77,9 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
     if config.target_modules is not None:
         check_width_field(model, config.target_modules.get("width_attr"))
     _check_addable(model, sites, config, restoring=record is not None)
-    num_layers = max(s.layer for s in all_sites) + 1
-    if isinstance(config.layers, dict):
-        resolved = [index + num_layers if index < 0 else index for index in config.layers]
-        if len(set(resolved)) < len(resolved):
-            raise ValueError(f"MemSinkConfig.layers names one of this model's {num_layers} layers twice "
-                             f"({sorted(config.layers)}), each with its own sink_fraction")
+    fractions = config.layer_fractions(max(s.layer for s in all_sites) + 1)
     has_experts = any(s.kind == "experts" for s in all_sites)
-    patched = [_split(site, config, layout, has_experts, config.sink_fraction_for(site.layer, num_layers))
+    patched = [_split(site, config, layout, has_experts, fractions.get(site.layer, config.sink_fraction))
                for site in sites]
     original_widths = {s.name: s.width for s in all_sites}
     width_attrs = {s.name: s.width_attr for s in all_sites}
