@@ -103,7 +103,8 @@ def fine_tune(spec: FinetuneRun, base, setting: TwoDomainSetting, cfg, accelerat
     if spec.lora_r:
         trained = _with_lora(model, spec.lora_r, sinks)
     t = dataclasses.replace(cfg.train, eval_every=cfg.train.steps, lr=spec.lr or cfg.train.lr,
-                            weight_decay=_weight_decay(spec, cfg))
+                            weight_decay=_weight_decay(spec, cfg),
+                            sink_optimizer=spec.sink_optimizer or cfg.train.sink_optimizer)
     run_cfg = dataclasses.replace(cfg, train=t)
     stream = setting.dedup_stream if spec.method == "dedup" else setting.stream
     goldfish = cfg.goldfish if spec.method == "goldfish" else None

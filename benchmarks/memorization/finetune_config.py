@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from hf_memsinks.config import MemSinkConfig
 
 from .config import BenchmarkConfig, CorpusConfig, load_config
+from .sink_step import KINDS as SINK_STEPS
 
 METHODS = ("full", "lora", "goldfish", "dedup", "memsinks")
 
@@ -30,7 +31,8 @@ class FinetuneRun:
 
     ``method``: ``full`` (every parameter), ``lora`` (adapters only), ``goldfish``, ``dedup`` or
     ``memsinks`` (``memsinks`` are MemSinkConfig fields; ``lora_r`` > 0 adds LoRA with the sinks
-    fully trainable; ``mode`` defaults to ``add``); ``lr`` / ``weight_decay`` override ``train``'s."""
+    fully trainable; ``mode`` defaults to ``add``); ``lr`` / ``weight_decay`` / ``sink_optimizer``
+    (memsinks runs: benchmarks/memorization/sink_step.py) override ``train``'s."""
 
     name: str
     method: str = "full"
@@ -39,6 +41,7 @@ class FinetuneRun:
     recipe: bool = False  # memsinks: MemSinkConfig.for_finetuning(**memsinks)
     lr: float | None = None
     weight_decay: float | None = None
+    sink_optimizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -47,6 +50,10 @@ class FinetuneRun:
             raise ValueError(f"finetune run {self.name!r}: method lora needs lora_r >= 1")
         if self.recipe and self.method != "memsinks":
             raise ValueError(f"finetune run {self.name!r}: recipe: true needs method memsinks")
+        if self.sink_optimizer is not None and (self.method != "memsinks" or self.sink_optimizer not in (
+                "adam", *SINK_STEPS)):
+            raise ValueError(f"finetune run {self.name!r}: sink_optimizer needs method memsinks and one of "
+                             f"{('adam', *SINK_STEPS)}, got {self.sink_optimizer!r}")
         if self.method == "memsinks":
             self.memsink_config()
 

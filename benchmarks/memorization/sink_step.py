@@ -1,4 +1,5 @@
-"""``train.sink_optimizer`` (``rowwise``, ``sign``, ``momentum``, ``lazy``), an experiment: the sinks
+"""``train.sink_optimizer`` (``rowwise``, ``sign``, ``momentum``, ``lazy``, ``adam_fp32``, ``adam_8bit``,
+``adam_8bit_bf16``), an experiment: the sinks
 step by another rule than AdamW's, to learn what a cheaper sink optimizer would cost in isolation
 (docs/performance.md, "What the memory target needs").
 
@@ -17,6 +18,22 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 * ``lazy``: Adam's own two moments per weight, but only touched rows update their moments and move
   (bias-corrected by the row's own count), as an optimizer that keeps only touched rows' gradients
   would run; untouched rows wait (AdamW moves them by their momentum at every step).
+* ``adam_fp32``: AdamW's own rule, every row at every step, moments in fp32: the control, which
+  should close what AdamW's own step of the sinks closes.
+* ``adam_8bit``: the same with both moments stored in 8 bits (:func:`quantize`: blocks of 256
+  values scaled by their largest magnitude, each value the nearest of 256 levels spaced densely near
+  the block's largest, as 8-bit optimizers store them), dequantized, updated and stored again at
+  every step: 2 bytes per sink weight instead of 8.
+* ``adam_8bit_rows``: ``adam_8bit`` with one block per neuron (its weights, scaled by their largest):
+  a block of 256 values spans many neurons, and the few a step trained set its scale, so the
+  decaying moments of the others round to zero.
+* ``adam_8bit_bf16``: ``adam_8bit_rows`` with the sinks' weights rounded to bf16 after every step, as
+  sinks stored in bf16 would be (2 bytes per weight instead of 4).
+* ``lowrank4``, ``lowrank16``: each sink's weights stay their starting value plus a low-rank change
+  ``A @ B`` (LoRA on the sinks, :class:`LowRankSinks`): ``B`` fixed, random, ``r`` orthogonal rows of
+  norm ``sqrt(d / r)`` (so a change of one in ``A`` moves the row as much as Adam's step of every
+  weight would), ``A`` (``r`` values a neuron) trained by AdamW at the sinks' rate: the sinks would
+  need no gradient or optimizer state of their own size.
 """
 
 from __future__ import annotations
@@ -25,7 +42,47 @@ import torch
 
 from hf_memsinks.layers.projections import trainable_neuron_tensors
 
-KINDS = ("rowwise", "sign", "momentum", "lazy")
+KINDS = ("rowwise", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16",
+         "lowrank4", "lowrank16")
+BLOCK = 256
+
+
+def _levels(signed: bool) -> torch.Tensor:
+    """The 8-bit code's levels in [-1, 1] (or [0, 1]): decade ``e`` (values 10^-e * [0.1, 1]) gets
+    ``2 ** (bits - e)`` evenly spaced levels, so precision is finest near the block's largest value."""
+    bits = 6 if signed else 7
+    pos = [10.0 ** -e * (0.1 + 0.9 * (torch.arange(2 ** (bits - e)) + 0.5) / 2 ** (bits - e))
+           for e in range(bits + 1)]
+    pos = torch.cat(pos + [torch.zeros(1)])
+    return torch.cat([-pos[pos > 0], pos]).sort().values if signed else pos.sort().values
+
+
+_CODES = {True: _levels(True), False: _levels(False)}
+
+
+def quantize(x: torch.Tensor, signed: bool, rows_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as 8-bit codes and one scale per block of :data:`BLOCK` values (``rows_dim`` given: one
+    block per index along it, a neuron's weights)."""
+    levels = _CODES[signed].to(x.device)
+    if rows_dim is not None:
+        blocks = x.movedim(rows_dim, 0).reshape(x.shape[rows_dim], -1).float()
+    else:
+        flat = x.reshape(-1).float()
+        pad = (-flat.numel()) % BLOCK
+        blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, BLOCK)
+    scale = blocks.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    mids = (levels[1:] + levels[:-1]) / 2
+    codes = torch.bucketize((blocks / scale).contiguous(), mids).to(torch.uint8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, like: torch.Tensor,
+               rows_dim: int | None = None) -> torch.Tensor:
+    values = _CODES[signed].to(scale.device)[codes.long()] * scale
+    if rows_dim is not None:
+        shape = list(like.movedim(rows_dim, 0).shape)
+        return values.view(shape).movedim(0, rows_dim).to(like.dtype)
+    return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
 
 
 class SinkStep:
@@ -33,23 +90,34 @@ class SinkStep:
         if kind not in KINDS:
             raise ValueError(f"sink step {kind!r}: one of {KINDS}")
         self.scale, self.kind, self.eps, self.steps = float(scale), kind, eps, 0
-        self.groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self.optimizer = optimizer
         self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
                         for start, n in spans]
-        per_weight = kind in ("momentum", "lazy")
+        per_weight = kind in ("momentum", "lazy", "adam_fp32")
+        if kind.startswith("adam_8bit"):  # (codes and scales, made at the first step)
+            per_weight = False
         self.first = [torch.zeros_like(p.narrow(d, s, n)) if per_weight else None for p, d, s, n in self.targets]
-        self.second = [torch.zeros_like(p.narrow(d, s, n)) if kind == "lazy" else torch.zeros(n, device=p.device)
-                       for p, d, s, n in self.targets]
+        self.second = [torch.zeros_like(p.narrow(d, s, n)) if kind in ("lazy", "adam_fp32")
+                       else torch.zeros(n, device=p.device) for p, d, s, n in self.targets]
+        self.rows = kind in ("adam_8bit_rows", "adam_8bit_bf16")  # (one block per neuron)
+        if kind.startswith("adam_8bit"):
+            self.first = [quantize(torch.zeros_like(p.narrow(d, s, n)), True, d if self.rows else None)
+                          for p, d, s, n in self.targets]
+            self.second = [quantize(torch.zeros_like(p.narrow(d, s, n)), False, d if self.rows else None)
+                           for p, d, s, n in self.targets]
         self.count = [torch.zeros(n, device=p.device) for p, _, _, n in self.targets]
 
     @torch.no_grad()
     def before(self, *_) -> None:
         self.steps += 1
+        # (looked up at every step: accelerate's prepare loads the optimizer's state dict, which makes
+        # new group dicts, and only those follow the schedule's learning rate)
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         for i, (param, dim, start, n) in enumerate(self.targets):
             if param.grad is None:
                 continue
             grad = param.grad.narrow(dim, start, n)
-            group = self.groups[id(param)]
+            group = groups[id(param)]
             beta1, beta2 = group["betas"]
             shape = [n if d == dim else 1 for d in range(grad.dim())]
             rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1)  # one neuron per row
@@ -69,6 +137,23 @@ class SinkStep:
                 second.mul_(beta2).add_(rows.mean(1), alpha=1 - beta2)
                 denom = (second / (1 - beta2 ** self.steps)).sqrt_().add_(self.eps)
                 update = first / denom.view(shape).to(first.dtype) / (1 - beta1 ** self.steps)
+            elif self.kind.startswith("adam"):
+                if self.kind == "adam_fp32":
+                    first, second = self.first[i], self.second[i]
+                else:
+                    rows_dim = dim if self.rows else None
+                    first = dequantize(*self.first[i], True, grad, rows_dim)
+                    second = dequantize(*self.second[i], False, grad, rows_dim)
+                first.lerp_(grad, 1 - beta1)
+                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = (first / (1 - beta1 ** self.steps)) / (
+                    (second / (1 - beta2 ** self.steps)).sqrt() + self.eps)
+                if self.kind != "adam_fp32":
+                    self.first[i] = quantize(first, True, rows_dim)
+                    self.second[i] = quantize(second, False, rows_dim)
+                # AdamW then decays the sinks (scaled by the sink-LR hook): divided here so that the
+                # result is AdamW's own, decay before the update
+                lr = lr / (1 - lr * group["weight_decay"])
             else:  # lazy
                 first, second, mask = self.first[i], self.second[i], touched.view(shape)
                 first.copy_(torch.where(mask, beta1 * first + (1 - beta1) * grad, first))
@@ -76,13 +161,74 @@ class SinkStep:
                 count = self.count[i].clamp_min(1).view(shape)
                 update = (first / (1 - beta1 ** count)) / ((second / (1 - beta2 ** count)).sqrt() + self.eps)
                 update = torch.where(mask, update, torch.zeros_like(update))
-            param.narrow(dim, start, n).sub_(update, alpha=lr)
+            view = param.narrow(dim, start, n)
+            view.sub_(update, alpha=lr)
+            if self.kind == "adam_8bit_bf16":
+                view.copy_(view.to(torch.bfloat16))
             grad.zero_()
 
 
-def attach_sink_step(model, optimizer: torch.optim.Optimizer, kind: str) -> SinkStep:
+class LowRankSinks:
+    """``lowrank{r}``: before the optimizer's step, ``A`` takes AdamW's step on ``g @ B^T`` and the
+    sinks' gradients are zeroed; after it (and after the sink-LR hook), every sink is set to its
+    starting value plus ``A @ B``, which undoes the weight decay AdamW gave the sinks themselves
+    (``A`` takes the decay instead)."""
+
+    def __init__(self, model, optimizer: torch.optim.Optimizer, scale: float, rank: int, eps: float = 1e-8):
+        self.scale, self.eps, self.steps = float(scale), eps, 0
+        self.optimizer = optimizer
+        self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
+                        for start, n in spans]
+        generator = torch.Generator().manual_seed(0)
+        self.start, self.a, self.b, self.first, self.second = [], [], [], [], []
+        for param, dim, start, n in self.targets:
+            rows = param.detach().narrow(dim, start, n).movedim(dim, 0).reshape(n, -1)  # one neuron per row
+            d = rows.shape[1]
+            q, _ = torch.linalg.qr(torch.randn(d, min(rank, d), generator=generator))
+            self.start.append(rows.clone())
+            self.b.append((q.t() * (d / q.shape[1]) ** 0.5).to(rows))
+            self.a.append(rows.new_zeros(n, q.shape[1]))
+            self.first.append(rows.new_zeros(n, q.shape[1]))
+            self.second.append(rows.new_zeros(n, q.shape[1]))
+
+    @torch.no_grad()
+    def before(self, *_) -> None:
+        self.steps += 1
+        # (looked up at every step: accelerate's prepare loads the optimizer's state dict, which makes
+        # new group dicts, and only those follow the schedule's learning rate)
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        for i, (param, dim, start, n) in enumerate(self.targets):
+            if param.grad is None:
+                continue
+            grad = param.grad.narrow(dim, start, n)
+            group = groups[id(param)]
+            beta1, beta2 = group["betas"]
+            g = grad.movedim(dim, 0).reshape(n, -1).float() @ self.b[i].t()
+            self.first[i].lerp_(g, 1 - beta1)
+            self.second[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            update = (self.first[i] / (1 - beta1 ** self.steps)) / (
+                (self.second[i] / (1 - beta2 ** self.steps)).sqrt() + self.eps)
+            lr = group["lr"] * self.scale
+            self.a[i].mul_(1 - lr * group["weight_decay"]).sub_(update, alpha=lr)
+            grad.zero_()
+
+    @torch.no_grad()
+    def after(self, *_) -> None:
+        for i, (param, dim, start, n) in enumerate(self.targets):
+            view = param.narrow(dim, start, n)
+            rows = self.start[i] + self.a[i] @ self.b[i]
+            shape = list(view.movedim(dim, 0).shape)
+            view.copy_(rows.view(shape).movedim(0, dim))
+
+
+def attach_sink_step(model, optimizer: torch.optim.Optimizer, kind: str):
     """Before each step of ``optimizer`` (registered after the sink-LR hook, which then scales only
     the sinks' weight decay)."""
+    if kind.startswith("lowrank"):
+        step = LowRankSinks(model, optimizer, model.memsink.config.sink_lr_scale, int(kind[len("lowrank"):]))
+        optimizer.register_step_pre_hook(step.before)
+        optimizer.register_step_post_hook(step.after)
+        return step
     step = SinkStep(model, optimizer, model.memsink.config.sink_lr_scale, kind)
     optimizer.register_step_pre_hook(step.before)
     return step

@@ -54,6 +54,8 @@ def test_finetune_smoke_report(tmp_path, capsys):
     ("finetune.runs=[{name: a, lr_scale: 2}]", "known keys"),
     ("finetune.replay=1.5", "replay"),
     ("finetune.runs=[{name: a, method: memsinks, memsinks: {sink_init: zeros}}]", "sink_init"),
+    ("finetune.runs=[{name: a, method: memsinks, sink_optimizer: sgd}]", "sink_optimizer needs"),
+    ("finetune.runs=[{name: a, sink_optimizer: rowwise}]", "sink_optimizer needs method memsinks"),
 ])
 def test_finetune_config_errors(override, message):
     with pytest.raises(ValueError, match=message):

@@ -6,10 +6,11 @@ step as without it."""
 
 import copy
 
+import pytest
 import torch
 from tiny_models import batch, tiny_model
 
-from benchmarks.memorization.sink_step import attach_sink_step
+from benchmarks.memorization.sink_step import attach_sink_step, dequantize, quantize
 from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
 from hf_memsinks.layers.projections import is_patched_projection
 
@@ -95,3 +96,66 @@ def test_lazy_step_is_adam_on_the_touched_rows_only():
     _, grad, moves = stepped("lazy", 2)
     torch.testing.assert_close(moves[0], -1e-2 * 5.0 * grad / (grad.abs() + 1e-8))  # Adam's first step
     assert moves[0].abs().max() > 0 and torch.equal(moves[1], torch.zeros_like(moves[1]))
+
+
+def trained(kind: str | None, steps: int = 3, reload: bool = False):
+    """The sink weights of layer 0's input projection after ``steps`` AdamW steps (decay 0.1) with
+    the rule ``kind`` (None: AdamW's own step of the sinks), and before them. ``reload``: a rising
+    learning-rate schedule, and the optimizer's state dict loaded back once the rule is attached, as
+    accelerate's ``prepare`` does (which gives the optimizer new param-group dicts)."""
+    model = get_memsink_model(tiny_model("gpt2"), CFG).train()
+    proj = model.transformer.h[0].mlp.c_fc  # Conv1D: neurons along dim 1
+    start, n = proj.memsink.sink_spans[0]
+    before = proj.weight.detach().narrow(1, start, n).clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    attach_sink_lr(model, opt)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.2 * (s + 1)) if reload else None
+    if kind is not None:
+        attach_sink_step(model, opt, kind)
+    if reload:
+        opt.load_state_dict(opt.state_dict())
+    for _ in range(steps):
+        x = batch(2, 8)
+        model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
+    return before, proj.weight.detach().narrow(1, start, n).clone()
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_adam_fp32_step_is_adamws_own_step_of_the_sinks(reload):
+    # the control of the 8-bit runs: the same rule outside AdamW, decay order included, and at the
+    # schedule's learning rate after the optimizer's groups were made anew (a rule that kept the
+    # groups it saw when attached stepped at the first step's rate ever after)
+    _, adamw = trained(None, reload=reload)
+    before, control = trained("adam_fp32", reload=reload)
+    assert (adamw - before).abs().max() > 1e-2
+    torch.testing.assert_close(control, adamw, rtol=0, atol=1e-5)
+
+
+def test_8bit_moments_follow_adamw_within_their_rounding():
+    _, adamw = trained(None)
+    before, eight = trained("adam_8bit")
+    moved = (adamw - before).abs().max()
+    assert 0 < (eight - adamw).abs().max() < 0.1 * moved
+
+
+def test_quantize_keeps_each_block_within_its_levels():
+    x = torch.randn(3, 300) * torch.logspace(-3, 0, 300)
+    for signed, values in ((True, x), (False, x * x)):
+        codes, scale = quantize(values, signed)
+        assert codes.dtype == torch.uint8 and scale.numel() == 4  # 900 values: 4 blocks of 256
+        back = dequantize(codes, scale, signed, values)
+        top = values.abs().reshape(-1)[:256].max()
+        big = values.abs().reshape(-1)[:256] > 0.5 * top  # near the block's largest: about 1% apart
+        assert ((back - values).abs().reshape(-1)[:256][big] <= 0.02 * top).all()
+        assert (back.sign() * values.sign() >= 0).all()
+
+
+def test_lowrank_sinks_change_by_rank_r_and_keep_their_start():
+    before, after = trained("lowrank4")
+    change = after - before
+    assert change.abs().max() > 0
+    assert torch.linalg.matrix_rank(change.t()).item() == 4  # (rows: neurons; 16 inputs of the tiny model)
