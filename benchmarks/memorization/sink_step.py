@@ -1,7 +1,6 @@
-"""``train.sink_optimizer`` (``rowwise``, ``sign``, ``momentum``, ``lazy``, ``adam_fp32``, ``adam_8bit``,
-``adam_8bit_bf16``), an experiment: the sinks
-step by another rule than AdamW's, to learn what a cheaper sink optimizer would cost in isolation
-(docs/performance.md, "What the memory target needs").
+"""``train.sink_optimizer`` or a finetune run's ``sink_optimizer`` (one of :data:`KINDS`), an
+experiment: the sinks step by another rule than AdamW's, to learn what a cheaper sink optimizer
+would cost in isolation (docs/performance.md, "What the memory target needs").
 
 AdamW keeps, for every sink weight, the weight, its gradient and two moments: 16 bytes in fp32,
 which is what keeps ``for_finetuning()`` above 1.15x a full fine-tune's memory. Here, before
@@ -12,6 +11,9 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 
 * ``rowwise``: touched rows move by ``g / (sqrt(v) + eps)``, ``v`` the row's running mean of ``g ** 2``
   (AdamW's beta2, bias-corrected by the row's own count of steps). No momentum, one value per neuron.
+* ``rowwise_bf16``: ``rowwise`` with the sinks' weights rounded to bf16 after the rule's step (AdamW's
+  weight decay then scales them in fp32: a relative change below bf16's precision, rounded at the
+  next step).
 * ``sign``: touched weights move by ``sign(g)``. No state.
 * ``momentum``: Adam with one second moment per neuron: a momentum per weight (AdamW's beta1), every
   row moved at every step, both moments bias-corrected by the step count.
@@ -27,8 +29,8 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 * ``adam_8bit_rows``: ``adam_8bit`` with one block per neuron (its weights, scaled by their largest):
   a block of 256 values spans many neurons, and the few a step trained set its scale, so the
   decaying moments of the others round to zero.
-* ``adam_8bit_bf16``: ``adam_8bit_rows`` with the sinks' weights rounded to bf16 after every step, as
-  sinks stored in bf16 would be (2 bytes per weight instead of 4).
+* ``adam_8bit_bf16``: ``adam_8bit_rows`` with the sinks' weights rounded to bf16 after the rule's step,
+  as ``rowwise_bf16``: about what sinks stored in bf16 would be (2 bytes per weight instead of 4).
 * ``lowrank4``, ``lowrank16``: each sink's weights stay their starting value plus a low-rank change
   ``A @ B`` (LoRA on the sinks, :class:`LowRankSinks`): ``B`` fixed, random, ``r`` orthogonal rows of
   norm ``sqrt(d / r)`` (so a change of one in ``A`` moves the row as much as Adam's step of every
@@ -42,8 +44,8 @@ import torch
 
 from hf_memsinks.layers.projections import trainable_neuron_tensors
 
-KINDS = ("rowwise", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16",
-         "lowrank4", "lowrank16")
+KINDS = ("rowwise", "rowwise_bf16", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows",
+         "adam_8bit_bf16", "lowrank4", "lowrank16")
 BLOCK = 256
 
 
@@ -126,7 +128,7 @@ class SinkStep:
             lr = group["lr"] * self.scale
             if self.kind == "sign":
                 update = grad.sign()
-            elif self.kind == "rowwise":
+            elif self.kind.startswith("rowwise"):
                 second = self.second[i]
                 second.copy_(torch.where(touched, beta2 * second + (1 - beta2) * rows.mean(1), second))
                 denom = (second / (1 - beta2 ** self.count[i].clamp_min(1))).sqrt_().add_(self.eps)
@@ -163,7 +165,7 @@ class SinkStep:
                 update = torch.where(mask, update, torch.zeros_like(update))
             view = param.narrow(dim, start, n)
             view.sub_(update, alpha=lr)
-            if self.kind == "adam_8bit_bf16":
+            if self.kind.endswith("_bf16"):
                 view.copy_(view.to(torch.bfloat16))
             grad.zero_()
 

@@ -98,7 +98,7 @@ def test_lazy_step_is_adam_on_the_touched_rows_only():
     assert moves[0].abs().max() > 0 and torch.equal(moves[1], torch.zeros_like(moves[1]))
 
 
-def trained(kind: str | None, steps: int = 3, reload: bool = False):
+def trained(kind: str | None, steps: int = 3, reload: bool = False, decay: float = 0.1):
     """The sink weights of layer 0's input projection after ``steps`` AdamW steps (decay 0.1) with
     the rule ``kind`` (None: AdamW's own step of the sinks), and before them. ``reload``: a rising
     learning-rate schedule, and the optimizer's state dict loaded back once the rule is attached, as
@@ -107,7 +107,7 @@ def trained(kind: str | None, steps: int = 3, reload: bool = False):
     proj = model.transformer.h[0].mlp.c_fc  # Conv1D: neurons along dim 1
     start, n = proj.memsink.sink_spans[0]
     before = proj.weight.detach().narrow(1, start, n).clone()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=decay)
     attach_sink_lr(model, opt)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.2 * (s + 1)) if reload else None
     if kind is not None:
@@ -159,3 +159,11 @@ def test_lowrank_sinks_change_by_rank_r_and_keep_their_start():
     change = after - before
     assert change.abs().max() > 0
     assert torch.linalg.matrix_rank(change.t()).item() == 4  # (rows: neurons; 16 inputs of the tiny model)
+
+
+@pytest.mark.parametrize("kind", ["rowwise_bf16", "adam_8bit_bf16"])
+def test_bf16_rules_leave_the_sinks_in_bf16(kind):
+    # (rounded after the rule's step: AdamW's weight decay, when there is one, follows in fp32)
+    before, after = trained(kind, decay=0.0)
+    assert not torch.equal(before, before.bfloat16().float())  # (fp32 before the first step)
+    assert torch.equal(after, after.bfloat16().float()) and not torch.equal(after, before)
