@@ -87,14 +87,29 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, like: tor
     return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
 
 
+def sink_targets(model) -> list[tuple]:
+    """``(parameter, neuron dim, start, count)`` of every sink span of the model's trainable tensors."""
+    return [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
+            for start, n in spans]
+
+
+def sink_grads(optimizer: torch.optim.Optimizer, targets: list[tuple]):
+    """``(index, the sink part of its gradient, its param group)`` of every target with a gradient.
+    The groups are looked up at every step: accelerate's ``prepare`` loads the optimizer's state
+    dict, which makes new group dicts, and only those follow the schedule's learning rate."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for i, (param, dim, start, n) in enumerate(targets):
+        if param.grad is not None:
+            yield i, param.grad.narrow(dim, start, n), groups[id(param)]
+
+
 class SinkStep:
     def __init__(self, model, optimizer: torch.optim.Optimizer, scale: float, kind: str, eps: float = 1e-8):
         if kind not in KINDS:
             raise ValueError(f"sink step {kind!r}: one of {KINDS}")
         self.scale, self.kind, self.eps, self.steps = float(scale), kind, eps, 0
         self.optimizer = optimizer
-        self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
-                        for start, n in spans]
+        self.targets = sink_targets(model)
         per_weight = kind in ("momentum", "lazy", "adam_fp32")
         if kind.startswith("adam_8bit"):  # (codes and scales, made at the first step)
             per_weight = False
@@ -112,14 +127,8 @@ class SinkStep:
     @torch.no_grad()
     def before(self, *_) -> None:
         self.steps += 1
-        # (looked up at every step: accelerate's prepare loads the optimizer's state dict, which makes
-        # new group dicts, and only those follow the schedule's learning rate)
-        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        for i, (param, dim, start, n) in enumerate(self.targets):
-            if param.grad is None:
-                continue
-            grad = param.grad.narrow(dim, start, n)
-            group = groups[id(param)]
+        for i, grad, group in sink_grads(self.optimizer, self.targets):
+            param, dim, start, n = self.targets[i]
             beta1, beta2 = group["betas"]
             shape = [n if d == dim else 1 for d in range(grad.dim())]
             rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1)  # one neuron per row
@@ -179,8 +188,7 @@ class LowRankSinks:
     def __init__(self, model, optimizer: torch.optim.Optimizer, scale: float, rank: int, eps: float = 1e-8):
         self.scale, self.eps, self.steps = float(scale), eps, 0
         self.optimizer = optimizer
-        self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
-                        for start, n in spans]
+        self.targets = sink_targets(model)
         generator = torch.Generator().manual_seed(0)
         self.start, self.a, self.b, self.first, self.second = [], [], [], [], []
         for param, dim, start, n in self.targets:
@@ -196,14 +204,8 @@ class LowRankSinks:
     @torch.no_grad()
     def before(self, *_) -> None:
         self.steps += 1
-        # (looked up at every step: accelerate's prepare loads the optimizer's state dict, which makes
-        # new group dicts, and only those follow the schedule's learning rate)
-        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        for i, (param, dim, start, n) in enumerate(self.targets):
-            if param.grad is None:
-                continue
-            grad = param.grad.narrow(dim, start, n)
-            group = groups[id(param)]
+        for i, grad, group in sink_grads(self.optimizer, self.targets):
+            param, dim, start, n = self.targets[i]
             beta1, beta2 = group["betas"]
             g = grad.movedim(dim, 0).reshape(n, -1).float() @ self.b[i].t()
             self.first[i].lerp_(g, 1 - beta1)
