@@ -64,7 +64,11 @@ VARIANTS = {
     "for_finetuning+lora_r16": ({}, True),
     "first_layer": (FIRST_LAYER, False),
     "first_layer+lora_r16": (FIRST_LAYER, True),
+    # the sink deltas stepped by sink_optimizer="rowwise": no AdamW state for them
+    "for_finetuning+rowwise+lora_r16": ({"sink_optimizer": "rowwise"}, True),
 }
+# run when named in --variants (docs/performance.md has their own command), not in make bench's table
+ON_REQUEST = ("for_finetuning+rowwise+lora_r16",)
 
 
 def build(shape: dict, dtype: torch.dtype, device: str = "cpu"):
@@ -255,7 +259,8 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
     each variant, for ``sinks_per_layer`` added sinks in ``layers`` layers (None: every layer).
     Full fine-tune: bf16 weights and gradients,
     fp32 master weights and two fp32 moments (16 bytes a parameter); LoRA: the frozen base in bf16
-    (2 bytes), adapters at 16; sinks under LoRA: frozen sink rows (2) plus their delta (16)."""
+    (2 bytes), adapters at 16; sinks under LoRA: frozen sink rows (2) plus their delta (16), or under
+    ``sink_optimizer="rowwise"`` (``sinks+lora_r16+rowwise``) the delta and its gradient in fp32 (8)."""
     p = shape_params(shape)
     sinks = sinks_per_layer * p["per_sink"] * (shape["layers"] if layers is None else layers)
     rows = {
@@ -264,6 +269,8 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
         "sinks": (p["total"] + sinks, p["total"] + sinks, 16 * (p["total"] + sinks)),
         "sinks+lora_r16": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
                            2 * (p["total"] + sinks) + 16 * (p["lora"] + sinks)),
+        "sinks+lora_r16+rowwise": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
+                                   2 * (p["total"] + sinks) + 16 * p["lora"] + 8 * sinks),
     }
     return {name: {"parameters": n, "trainable": t, "state_gib": b / 2**30} for name, (n, t, b) in rows.items()}
 
@@ -323,7 +330,8 @@ def arithmetic_table(recipes: dict[str, tuple[float, int | None]] = RECIPES) -> 
             rows = arithmetic(shape, sinks, layers)
             out[f"{shape_name}/{recipe}"] = {"sinks_per_layer": sinks, **rows}
             full, lora = rows["full"]["state_gib"], rows["lora_r16"]["state_gib"]
-            for name in ("sinks", "sinks+lora_r16") if recipe != "none" else ("full", "lora_r16"):
+            for name in ("sinks", "sinks+lora_r16", "sinks+lora_r16+rowwise") if recipe != "none" else (
+                    "full", "lora_r16"):
                 r = rows[name]
                 lines.append(f"| {shape_name} | {recipe} ({sinks}) | {name} | {r['parameters'] / 1e9:.2f}B | "
                              f"{r['trainable'] / 1e9:.3f}B | {r['state_gib']:.1f} | {r['state_gib'] / full:.2f} | "
@@ -334,7 +342,7 @@ def arithmetic_table(recipes: dict[str, tuple[float, int | None]] = RECIPES) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="gpt2-124m,llama-160m")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in ON_REQUEST))
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
                         help="an extra variant: NAME=JSON overrides of for_finetuning() (NAME+lora: with LoRA r16)")
     parser.add_argument("--recipe-without-lora", action="store_true",

@@ -34,6 +34,7 @@ from .reference import OURS, REFERENCE_SWITCHES, PaperReference, reference_or_no
 
 MODES = ("auto", "split", "add")
 SINK_INITS = ("random", "copy")
+SINK_OPTIMIZERS = ("adamw", "rowwise")
 SIGHTINGS_BY = ("ids+content", "ids", "content")
 
 # MemSinkConfig.for_finetuning(): the recipe the fine-tuning benchmark (configs/finetune.yaml) measured best.
@@ -86,6 +87,13 @@ class MemSinkConfig:
         "the general neurons would otherwise keep (docs/isolation.md). Applied by an optimizer hook that "
         "every Trainer attaches (MemSinkSFTTrainer too); a training loop of your own calls "
         "hf_memsinks.attach_sink_lr (training without it warns once)."))
+    sink_optimizer: str = setting("adamw", one_of(SINK_OPTIMIZERS), help=(
+        "what steps the sinks: 'adamw' (default), the training's own optimizer; 'rowwise', a rule that "
+        "keeps one value per sink neuron and moves only the neurons a batch's IDs activated, so the "
+        "optimizer keeps no state for the sinks (8 fewer bytes per sink weight than AdamW). It steps the "
+        "sink deltas of hf_memsinks.train_sinks (under LoRA); a full fine-tune's sinks share their "
+        "tensors with the general neurons, and training one with it is an error "
+        "(hf_memsinks.integrations.rowwise_sinks, docs/performance.md)."))
     general_sightings: int | None = setting(None, int_or_none(0, "must be a non-negative integer or None"),
                                             help=(
         "the privacy setting. None (the paper's method): every repetition of a document trains the general "

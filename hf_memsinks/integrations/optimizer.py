@@ -11,6 +11,9 @@ Transformers' default callbacks); a training loop of one's own calls :func:`atta
 
 ``general_sightings``: :class:`hf_memsinks.sightings.hold.HoldGeneral` keeps the general path and
 its optimizer state as they were on a step that trained only sinks.
+
+``sink_optimizer="rowwise"``: :class:`hf_memsinks.integrations.rowwise_sinks.RowwiseSinks` steps the
+sink deltas itself, so the optimizer keeps no state for them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers import TrainerCallback
 from ..layers.projections import trainable_neuron_tensors
 from ..sightings.hold import HoldGeneral
 from ..unwrap import unwrap
+from .rowwise_sinks import RowwiseSinks
 
 
 class SinkLR:
@@ -35,12 +39,12 @@ class SinkLR:
     optimizer (a subclass included: its step may differ): the sink part is saved before each step
     and moved to ``old + scale * (new - old)`` after it, a copy of every sink while it steps."""
 
-    def __init__(self, model: nn.Module, scale: float):
+    def __init__(self, model: nn.Module, scale: float, skip: frozenset[int] = frozenset()):
         self.scale = float(scale)
         # every sink span of every trainable patched weight (viewed anew at each step: a wrapper such
-        # as FSDP may swap a parameter's storage)
+        # as FSDP may swap a parameter's storage), but those another rule steps (``skip``: their ids)
         self.targets = [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
-                        for start, n in spans]
+                        if id(param) not in skip for start, n in spans]
         self._pending: list[tuple] = []
 
     @torch.no_grad()
@@ -104,8 +108,10 @@ def _scale_adam_step(view: torch.Tensor, state: dict, group: dict, t: float, dec
 def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR | None:
     """Attach the optimizer hooks the model's config needs to ``optimizer`` (the innermost
     optimizer of an accelerate / Trainer wrapper), once: the sinks' ``sink_lr_scale``
-    (:class:`SinkLR`, returned; None when the scale is 1 or the model has no sinks) and, under
-    ``general_sightings``, :class:`HoldGeneral`."""
+    (:class:`SinkLR`, returned; None when the scale is 1 or the model has no sinks), under
+    ``general_sightings`` :class:`HoldGeneral`, and under ``sink_optimizer="rowwise"``
+    :class:`RowwiseSinks` (which steps the sink deltas at that scale itself; a ValueError where the
+    sinks have no deltas)."""
     inner = unwrap(model)
     patch = getattr(inner, "memsink", None)
     if patch is None:
@@ -118,11 +124,18 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
         optimizer.register_step_post_hook(hold.after)
         optimizer._memsink_hold_general = hold
         patch.general_held = True
+    rule = getattr(optimizer, "_memsink_rowwise", None)
+    if patch.config.sink_optimizer == "rowwise" and rule is None:
+        rule = RowwiseSinks(inner, patch.config.sink_lr_scale)
+        optimizer.register_step_pre_hook(rule.before)  # (before SinkLR's, which then skips these sinks)
+        optimizer._memsink_rowwise = rule
+        patch.sink_rule_attached = True
     if patch.config.sink_lr_scale == 1.0:
         return None
     if getattr(optimizer, "_memsink_sink_lr", None) is not None:
         return optimizer._memsink_sink_lr
-    hook = SinkLR(inner, patch.config.sink_lr_scale)
+    skip = frozenset(id(delta) for delta, _ in rule.deltas) if rule is not None else frozenset()
+    hook = SinkLR(inner, patch.config.sink_lr_scale, skip)
     optimizer.register_step_pre_hook(hook.before)
     optimizer.register_step_post_hook(hook.after)
     optimizer._memsink_sink_lr = hook

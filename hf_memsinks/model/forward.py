@@ -26,13 +26,16 @@ def _start_call(patch, ids: torch.Tensor | None, training: bool):
         patch.general_trained = True
     if training and not patch.sink_lr_warned and (
             (patch.config.sink_lr_scale != 1.0 and not patch.sink_lr_attached)
-            or (patch.config.general_sightings is not None and not patch.general_held)):
+            or (patch.config.general_sightings is not None and not patch.general_held)
+            or (patch.config.sink_optimizer != "adamw" and not patch.sink_rule_attached)):
         patch.sink_lr_warned = True
         warnings.warn(
             f"MemSinkConfig(sink_lr_scale={patch.config.sink_lr_scale}, general_sightings="
-            f"{patch.config.general_sightings}) needs its optimizer hooks, and no optimizer has them: without them "
-            "the sinks train at the general neurons' learning rate and isolate less, and under general_sightings "
-            "the optimizer's momentum and weight decay move the general path on steps that trained only sinks. "
+            f"{patch.config.general_sightings}, sink_optimizer={patch.config.sink_optimizer!r}) needs its optimizer "
+            "hooks, and no optimizer has them: without them the sinks train at the general neurons' learning rate "
+            "and isolate less, under general_sightings the optimizer's momentum and weight decay move the general "
+            "path on steps that trained only sinks, and under sink_optimizer='rowwise' the optimizer keeps its "
+            "state for the sinks. "
             "Every transformers Trainer (and MemSinkSFTTrainer) attaches them; in your own training loop call "
             "hf_memsinks.attach_sink_lr(model, optimizer) once", UserWarning, stacklevel=3)
     return patch.state.enter(ids, training)

@@ -51,7 +51,8 @@ class ModelPatch:
     backbone_class: type | None = None  # the backbone's, when it is a separate module
     slots: list = field(default_factory=list)  # where each patched projection sits (hf_memsinks.integrations.peft)
     sink_lr_attached: bool = False  # an optimizer applies config.sink_lr_scale (hf_memsinks.integrations.optimizer)
-    sink_lr_warned: bool = False  # training ran without that optimizer hook, and was told so once
+    sink_rule_attached: bool = False  # an optimizer steps the sinks by config.sink_optimizer's rule
+    sink_lr_warned: bool = False  # training ran without those optimizer hooks, and was told so once
     routing: Any = None  # config.general_sightings' state, made by the first routed forward (hf_memsinks.sightings)
     general_trained: bool = False  # a training forward since the optimizer's last step trained the general path
     general_held: bool = False  # an optimizer holds the general path on steps that did not (general_sightings)

@@ -21,6 +21,9 @@ def test_arithmetic_matches_published_sizes_and_sink_counts():
     assert finetune_cost.shape_params(finetune_cost.ARITHMETIC_SHAPES["llama-3.2-1b"])["total"] == 1_235_814_400
     rows = finetune_cost.arithmetic(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"], 11008)
     assert rows["sinks"]["parameters"] - rows["full"]["parameters"] == 32 * 3 * 4096 * 11008
+    sink_params = 32 * 3 * 4096 * 11008  # under rowwise: no AdamW moments for them, 8 bytes fewer each
+    saved = rows["sinks+lora_r16"]["state_gib"] - rows["sinks+lora_r16+rowwise"]["state_gib"]
+    assert abs(saved * 2**30 - 8 * sink_params) < 1
     first = finetune_cost.arithmetic(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"], 2 * 11008, layers=1)
     assert first["sinks"]["parameters"] - first["full"]["parameters"] == 3 * 4096 * 2 * 11008
 
@@ -41,6 +44,7 @@ def test_variants_count_what_they_train():
     # on the widened MLP projections grow by r per sink neuron)
     wider_lora = lora + shape["layers"] * 3 * finetune_cost.LORA_R * sinks
     assert counts["for_finetuning+lora_r16"][1] == wider_lora + sink_params
+    assert counts["for_finetuning+rowwise+lora_r16"] == counts["for_finetuning+lora_r16"]  # (what steps them differs)
     # first_layer: the first layer only, twice its width
     first = 3 * shape["hidden"] * 2 * shape["mlp"]
     assert counts["first_layer"] == (full + first, full + first)

@@ -1,0 +1,71 @@
+"""``MemSinkConfig.sink_optimizer="rowwise"``: the sinks step by a rule of their own that keeps one
+value per sink neuron, so the optimizer keeps no state for them.
+
+Under AdamW a sink weight costs what every weight costs: itself, its gradient and two moments (16
+bytes in fp32). Measured on ``make finetune``'s setting (docs/performance.md, "What the memory target
+needs"), the sinks isolate as well without the moments: a touched sink neuron (one whose gradient is
+not zero: its documents were in the batch) moves by ``g / (sqrt(v) + eps)``, ``v`` the neuron's
+running mean of ``g ** 2`` (the optimizer's ``beta2``, bias-corrected by the neuron's own count of
+steps), at ``sink_lr_scale`` times the optimizer's learning rate; untouched neurons do not move; every
+sink then takes the optimizer's decoupled weight decay at that rate.
+
+The rule steps the sink deltas, the parameters :func:`hf_memsinks.train_sinks` gives the sinks under
+an adapter: before the optimizer's step it moves them and takes their gradient away, so the
+optimizer skips them and never allocates their state. ``v`` and the count live in the optimizer's
+state of each delta (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps, which
+torch's Adam expects in any state it loads), which checkpoints save with it. A full
+fine-tune's sinks are rows of the general neurons' tensors, whose optimizer state covers them
+anyway: there the setting is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import sink_deltas
+from ..layers.projections import is_patched_projection
+
+
+class RowwiseSinks:
+    """The rule, as an optimizer pre-hook over every trainable sink delta of ``model``."""
+
+    def __init__(self, model: nn.Module, scale: float, eps: float = 1e-8):
+        self.scale, self.eps = float(scale), eps
+        self.deltas = [(delta, m.neuron_dims()[name]) for m in model.modules() if is_patched_projection(m)
+                       for name, delta in sink_deltas.deltas(m).items() if delta.requires_grad]
+        if not self.deltas:
+            raise ValueError(
+                "MemSinkConfig(sink_optimizer='rowwise') steps sinks that are parameters of their own, which "
+                "hf_memsinks.train_sinks(model) gives them under an adapter (LoRA); this model's sinks are rows "
+                "of the general neurons' tensors (a full fine-tune), whose optimizer state covers them anyway. "
+                "Use sink_optimizer='adamw' here")
+
+    @torch.no_grad()
+    def before(self, optimizer: torch.optim.Optimizer, *_) -> None:
+        # (the groups looked up at every step: loading a state dict, as accelerate's prepare does,
+        # makes new group dicts, and only those follow the schedule's learning rate)
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for delta, dim in self.deltas:
+            group = groups.get(id(delta))
+            if delta.grad is None or group is None:
+                continue
+            n = delta.shape[dim]
+            state = optimizer.state[delta]
+            state["step"] = state.get("step", torch.tensor(0.0)) + 1
+            sq = state.setdefault("rowwise_sq", torch.zeros(n, device=delta.device))
+            count = state.setdefault("rowwise_count", torch.zeros(n, device=delta.device))
+            grad = delta.grad
+            rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1).mean(1)  # one neuron per row
+            touched = rows > 0
+            count.add_(touched.to(count.dtype))
+            beta2 = group.get("betas", (0.9, 0.999))[1]
+            sq.copy_(torch.where(touched, beta2 * sq + (1 - beta2) * rows, sq))
+            denom = (sq / (1 - beta2 ** count.clamp_min(1))).sqrt_().add_(self.eps)
+            shape = [n if d == dim else 1 for d in range(grad.dim())]
+            lr = float(group["lr"]) * self.scale
+            delta.sub_(grad / denom.view(shape).to(grad.dtype), alpha=lr)  # (untouched rows: a zero step)
+            decay = float(group.get("weight_decay", 0.0))
+            if decay:
+                delta.mul_(1 - lr * decay)
+            delta.grad = None

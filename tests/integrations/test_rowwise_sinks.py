@@ -1,0 +1,142 @@
+"""``MemSinkConfig(sink_optimizer="rowwise")`` (integrations/rowwise_sinks.py): the sink deltas step by
+one second moment per neuron, touched neurons only, at ``sink_lr_scale`` times the learning rate, then
+the decoupled weight decay; the optimizer keeps no state for them; its state in the optimizer's state
+dict resumes exactly; a full fine-tune's sinks are refused."""
+
+import copy
+import io
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from tiny_models import batch, tiny_model
+from transformers import Trainer, TrainingArguments
+
+from hf_memsinks import MemSinkConfig, MemSinkDataCollator, attach_sink_lr, get_memsink_model, train_sinks
+from hf_memsinks.layers.sink_deltas import deltas
+
+CFG = MemSinkConfig.for_finetuning(sink_fraction=0.5, sink_active_prob=0.3, sink_lr_scale=5.0,
+                                   sink_optimizer="rowwise")
+IDS = torch.tensor([3, 4])
+
+
+def with_deltas(cfg=CFG):
+    model = get_memsink_model(tiny_model("gpt2"), cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_sinks(model)
+    return model.train()
+
+
+def optimizer(model, decay=0.1):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95),
+                            weight_decay=decay)
+    attach_sink_lr(model, opt)
+    return opt
+
+
+def backward(model, seed=1, ids=IDS):
+    x = batch(2, 8, seed=seed)
+    model(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
+
+
+def out_delta(model):
+    proj = model.transformer.h[0].mlp.c_proj  # Conv1D: its sinks along dim 0
+    return deltas(proj)["weight"]
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_the_first_step_moves_touched_neurons_by_their_normalised_gradient(decay):
+    model = with_deltas()
+    opt = optimizer(model, decay)
+    backward(model)
+    delta = out_delta(model)
+    before, grad = delta.detach().clone(), delta.grad.clone()
+    rms = grad.pow(2).mean(1, keepdim=True).sqrt()
+    touched = rms[:, 0] > 0
+    assert 0 < touched.sum() < len(touched)  # (the IDs' sinks only)
+    opt.step()
+    lr = 1e-2 * 5.0
+    want = (before - lr * grad / (rms + 1e-8)) * (1 - lr * decay)
+    torch.testing.assert_close(delta.detach(), want, rtol=1e-5, atol=1e-7)
+    if decay == 0:
+        assert torch.equal(delta.detach()[~touched], before[~touched])
+    state = opt.state[delta]
+    assert set(state) == {"step", "rowwise_sq", "rowwise_count"}  # AdamW kept nothing for the sinks
+    assert torch.equal(state["rowwise_count"].bool(), touched) and delta.grad is None
+
+
+def test_a_neuron_moves_only_on_steps_that_touched_it():
+    model = with_deltas()
+    opt = optimizer(model, decay=0.0)
+    backward(model, ids=torch.tensor([3, 3]))
+    opt.step()
+    opt.zero_grad()
+    delta = out_delta(model)
+    first = opt.state[delta]["rowwise_count"].clone()
+    before = delta.detach().clone()
+    backward(model, seed=2, ids=torch.tensor([4, 4]))
+    opt.step()
+    count = opt.state[delta]["rowwise_count"]
+    moved = (delta.detach() - before).abs().amax(1) > 0
+    assert torch.equal(moved, count > first)  # this step's neurons, and no other
+    assert (count <= 2).all() and moved.any()
+
+
+def test_the_rules_state_resumes_from_the_optimizers_state_dict():
+    model = with_deltas()
+    opt = optimizer(model)
+    for seed in (1, 2):
+        backward(model, seed=seed)
+        opt.step()
+        opt.zero_grad()
+    resumed = copy.deepcopy(model)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95),
+                             weight_decay=0.1)
+    saved = io.BytesIO()  # (as a checkpoint holds it: loading the live dict would share its tensors)
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    opt2.load_state_dict(torch.load(saved))
+    attach_sink_lr(resumed, opt2)
+    for m, o in ((model, opt), (resumed, opt2)):
+        backward(m, seed=3)
+        o.step()
+    torch.testing.assert_close(out_delta(resumed), out_delta(model), rtol=0, atol=0)
+
+
+def test_a_full_fine_tunes_sinks_are_refused():
+    model = get_memsink_model(tiny_model("gpt2"), CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="sink_optimizer='rowwise'.*train_sinks"):
+        attach_sink_lr(model, opt)
+
+
+def test_training_without_the_rule_warns():
+    model = with_deltas(MemSinkConfig.for_finetuning(sink_optimizer="rowwise", sink_lr_scale=1.0))
+    with pytest.warns(UserWarning, match="sink_optimizer='rowwise'"):
+        backward(model)
+
+
+def test_trainer_with_lora_steps_the_sinks_by_the_rule(tmp_path):
+    model = get_memsink_model(tiny_model("gpt2"), CFG)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc", "c_proj"],
+                                                  fan_in_fan_out=True))
+    names = train_sinks(peft_model)
+    assert names
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "sink_delta" in n}
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
+                            "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+                      data_collator=MemSinkDataCollator(pad_token_id=0))
+    trainer.train()
+    assert model.memsink.sink_rule_attached
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    for name, p in peft_model.named_parameters():
+        if "sink_delta" in name:
+            assert "exp_avg" not in inner.state[p] and "rowwise_sq" in inner.state[p], name
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in peft_model.named_parameters() if n in before)
