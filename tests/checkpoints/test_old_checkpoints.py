@@ -27,7 +27,7 @@ CASES = {  # file -> (model type, the config its run used, in today's spelling)
 
 
 # fields added since the old files were saved, at the defaults a file without them loads with
-ADDED_SINCE = {"compute_active_sinks_only": False}
+ADDED_SINCE = {"compute_active_sinks_only": False, "sink_optimizer": "adamw"}
 
 
 def today_form(old: dict) -> dict:
