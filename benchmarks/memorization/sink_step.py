@@ -111,8 +111,6 @@ class SinkStep:
         self.optimizer = optimizer
         self.targets = sink_targets(model)
         per_weight = kind in ("momentum", "lazy", "adam_fp32")
-        if kind.startswith("adam_8bit"):  # (codes and scales, made at the first step)
-            per_weight = False
         self.first = [torch.zeros_like(p.narrow(d, s, n)) if per_weight else None for p, d, s, n in self.targets]
         self.second = [torch.zeros_like(p.narrow(d, s, n)) if kind in ("lazy", "adam_fp32")
                        else torch.zeros(n, device=p.device) for p, d, s, n in self.targets]
