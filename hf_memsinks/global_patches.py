@@ -8,15 +8,24 @@
    :class:`~hf_memsinks.publishing.pushes.PushGuard` and
    :class:`~hf_memsinks.integrations.optimizer.SinkLRCallback`: every ``Trainer`` refuses to push a
    model with sinks before its first step, and applies ``MemSinkConfig.sink_lr_scale``.
+3. PEFT's ``get_peft_model_state_dict`` adds the sinks that train beside an adapter to the adapter
+   state (:mod:`hf_memsinks.integrations.adapter_files`): adapter files and ``Trainer`` checkpoints
+   of a LoRA run keep the sinks it trained. Installed with the others when peft is imported by then
+   (Transformers' ``Trainer`` imports it where it is installed); else :func:`hf_memsinks.train_sinks`,
+   the one way sinks train beside an adapter, installs it where the upload gate is installed
+   (:func:`hf_memsinks.integrations.adapter_files.hold_sinks_with_the_gate`), so
+   ``import hf_memsinks`` itself never imports peft.
 
 ``hf_memsinks/__init__.py`` calls :func:`install` unless the environment has
-``HF_MEMSINKS_GLOBAL_PATCHES=0``; :func:`uninstall` undoes both (docs/publishing.md).
+``HF_MEMSINKS_GLOBAL_PATCHES=0``; :func:`uninstall` undoes all three (docs/publishing.md).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
+from .integrations.adapter_files import hold_sinks_in_adapters, release_adapters
 from .integrations.optimizer import SinkLRCallback
 from .publishing.hub_internals import gate_uploads, ungate_uploads, uploads_gated
 from .publishing.pushes import PushGuard
@@ -28,10 +37,13 @@ TRAINER_CALLBACKS = (PushGuard, SinkLRCallback)
 
 
 def install() -> None:
-    """Gate huggingface_hub's uploads and add the two Trainer callbacks (again: no effect)."""
+    """Gate huggingface_hub's uploads, add the two Trainer callbacks, and keep sinks in PEFT's
+    adapter state when peft is imported (again: no effect)."""
     gate_uploads(check_upload)
     for callback in TRAINER_CALLBACKS:
         add_default_trainer_callback(callback)
+    if "peft" in sys.modules:
+        hold_sinks_in_adapters()
 
 
 def uninstall() -> None:
@@ -40,10 +52,11 @@ def uninstall() -> None:
     ungate_uploads()
     for callback in TRAINER_CALLBACKS:
         remove_default_trainer_callback(callback)
+    release_adapters()
 
 
 def installed() -> bool:
-    """Whether both changes are in place."""
+    """Whether the upload gate and the callbacks are in place (PEFT's: ``adapters_hold_sinks()``)."""
     from transformers import trainer
 
     return uploads_gated() and all(c in trainer.DEFAULT_CALLBACKS for c in TRAINER_CALLBACKS)

@@ -7,8 +7,9 @@ zeros where the sinks were when the model config cannot express a narrower MLP, 
 ``sink_<name>`` the sinks, so plain Transformers loads the sink-free model. A projection's
 layout and mask settings (:func:`memsink_layout`) go into the state dict's metadata and are
 compared on load, so weights never land on the wrong neurons. Sink deltas
-(:mod:`hf_memsinks.layers.sink_deltas`) are saved as part of the sinks and start over at zero
-when sinks are loaded.
+(:mod:`hf_memsinks.layers.sink_deltas`) are saved as part of the sinks; loading sinks into a model
+that has deltas leaves its frozen sink weights as they are and sets each delta to the difference,
+so a resumed run's optimizer (its moments, its weight decay) steps the delta it left off with.
 
 The layers only compute. This format reaches them through torch's public state-dict hooks, which
 :func:`add_checkpoint_hooks` puts on each module as it is patched. The hooks sit in the module's
@@ -93,7 +94,7 @@ def _load_projection(module: nn.Module, state_dict: dict, prefix: str, local_met
         )
         _load_nothing(module, state_dict, prefix)
         return
-    m = module.memsink
+    m, deltas = module.memsink, sink_deltas.deltas(module)
     for name, dim in dims.items():
         for part, spans in ((name, m.general_spans), (SINK + name, m.sink_spans)):
             key = prefix + part
@@ -102,9 +103,13 @@ def _load_projection(module: nn.Module, state_dict: dict, prefix: str, local_met
                 continue
             value = _checked_part(module, key, state_dict.pop(key), name, dim, general=part == name,
                                   errors=error_msgs)
-            if value is not None:
-                copy_into_spans(getattr(module, name), dim, spans, value)
-    sink_deltas.zero_deltas(module)  # the loaded sink parts are the sinks
+            if value is None:
+                continue
+            with torch.no_grad():
+                if part != name and name in deltas:  # the frozen sinks stay; the delta takes the rest
+                    deltas[name].copy_(value.to(deltas[name].dtype) - pick(getattr(module, name), dim, spans))
+                else:
+                    copy_into_spans(getattr(module, name), dim, spans, value)
     _leave_as_they_are(module, state_dict, prefix, _split_names(dims))
 
 

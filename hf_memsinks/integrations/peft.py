@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers.projections import is_patched_projection
 from ..layers.sink_deltas import add_deltas
+from .adapter_files import hold_sinks_with_the_gate
 
 
 def _general_grad_hook(general_spans: list[tuple[int, int]], dim: int):
@@ -35,7 +36,8 @@ def train_sinks(model: nn.Module) -> list[str]:
     are the sinks' size and the general neurons cannot move (weight decay included). A norm over
     the hidden neurons (BitNet's) is small: its weight becomes trainable with the general part's
     gradient zeroed. Checkpoints, ``merge_and_unload()`` and ``remove_sinks()`` see the sinks with
-    their deltas added.
+    their deltas added, and so do PEFT's adapter files from here on (``save_pretrained``, ``Trainer``
+    checkpoints: :mod:`hf_memsinks.integrations.adapter_files`), so a resumed run keeps its sinks.
 
     Args:
         model: a patched model, typically wrapped by ``peft.get_peft_model``.
@@ -61,4 +63,5 @@ def train_sinks(model: nn.Module) -> list[str]:
             enabled.append(f"{name}.{param_name}")
     if not patched:
         raise ValueError("no sink-patched projection found: call get_memsink_model(...) first")
+    hold_sinks_with_the_gate()
     return enabled

@@ -74,13 +74,6 @@ def fold_deltas(module: nn.Module) -> None:
     module.memsink.deltas = False
 
 
-@torch.no_grad()
-def zero_deltas(module: nn.Module) -> None:
-    """After loading sinks into the weights: the loaded values are the sinks, the deltas start over."""
-    for delta in deltas(module).values():
-        delta.zero_()
-
-
 def input_delta(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """An input projection's output ``out`` with its sink columns moved by the delta's output."""
     parts = deltas(module)

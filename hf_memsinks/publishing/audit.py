@@ -50,17 +50,20 @@ def audit(directory: str) -> list[str]:
     metadata files, and in any other file what the upload gate would find in it (sink tensors in a
     renamed file, an archive or a pickle). Empty for a clean export.
 
-    Anything that is not a readable model directory is an error (:class:`ExportError`), never
-    "clean": a missing path, a file, a directory without ``config.json`` or without weights, a
-    weights or JSON file that cannot be read."""
+    A PEFT adapter folder (``adapter_config.json``) is audited the same way: with hf_memsinks its
+    weights hold the sinks of a patched model (:mod:`hf_memsinks.integrations.adapter_files`).
+    Anything that is not a readable model or adapter directory is an error (:class:`ExportError`),
+    never "clean": a missing path, a file, a directory without ``config.json`` (or
+    ``adapter_config.json``) or without weights, a weights or JSON file that cannot be read."""
     from safetensors import safe_open
 
     if not os.path.exists(directory):
         raise ExportError(f"cannot audit {directory}: no such directory")
     if not os.path.isdir(directory):
         raise ExportError(f"cannot audit {directory}: not a directory")
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise ExportError(f"cannot audit {directory}: not a model directory (no config.json)")
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in ("config.json", "adapter_config.json")):
+        raise ExportError(f"cannot audit {directory}: not a model directory (no config.json, nor a PEFT "
+                          "adapter's adapter_config.json)")
     findings = []
     weights = 0
     for root, _, files in os.walk(directory):

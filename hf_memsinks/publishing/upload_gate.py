@@ -29,7 +29,8 @@ from ..unwrap import unwrap
 from .content import inspect
 
 SINKS_UPLOAD_CONSENT = "I understand this uploads memorized training data"
-FIX = ("Publish the sink-free model instead: model.remove_sinks() (on a copy.deepcopy to keep training), "
+FIX = ("Publish the sink-free model instead: model.remove_sinks() (on a copy.deepcopy to keep training; "
+       "a PEFT model: merge_and_unload() first), "
        "`hf-memsinks export CHECKPOINT OUT` and push OUT, or MemSinkCallback(export_dir=...), which pushes the "
        "audited export when TrainingArguments(push_to_hub=True). To keep a private copy with sinks (to resume "
        "training elsewhere), opt in by name, private repositories only: "

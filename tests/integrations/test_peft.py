@@ -114,3 +114,52 @@ def test_lora_on_one_of_two_input_projections_runs_in_eval_and_removes_exactly()
         expected = peft_model(input_ids=probe).logits
         plain = peft_model.merge_and_unload().remove_sinks()
         torch.testing.assert_close(plain(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _lora_trainer_run(out, resume=None, weight_decay=0.0):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_memsinks.data import MemSinkDataCollator
+
+    torch.manual_seed(0)
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False))
+    train_sinks(peft_model)
+    ds = Dataset.from_dict({"input_ids": batch(16, 10).tolist(), "sequence_ids": [7, 8, 9, 10] * 4})
+    args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="steps", save_steps=2, learning_rate=1e-2,
+                             weight_decay=weight_decay, disable_tqdm=True, seed=0)
+    Trainer(model=peft_model, args=args, train_dataset=ds,
+            data_collator=MemSinkDataCollator(pad_token_id=0)).train(resume_from_checkpoint=resume)
+    return peft_model
+
+
+def test_a_lora_runs_checkpoint_keeps_its_sinks_and_resumes_to_the_unbroken_run(tmp_path):
+    """PEFT's adapter file holds the LoRA matrices only; with hf_memsinks it holds the sinks too,
+    so resume_from_checkpoint continues the sinks instead of starting them over: to the unbroken run,
+    weight decay on the deltas included."""
+    from safetensors import safe_open
+
+    straight = _lora_trainer_run(tmp_path / "a", weight_decay=0.1)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    sink_keys = [k for k in keys if ".sink_" in k]
+    assert sink_keys and all(k.endswith((".sink_weight", ".sink_bias")) for k in sink_keys)
+    assert not any("sink_delta" in k for k in keys)
+    assert audit(str(checkpoint))  # an adapter with sinks is memorized data: the audit flags it
+    resumed = _lora_trainer_run(tmp_path / "b", resume=str(checkpoint), weight_decay=0.1)
+    state, again = straight.state_dict(), resumed.state_dict()
+    assert state.keys() == again.keys()
+    for name in state:
+        torch.testing.assert_close(again[name], state[name], atol=1e-6, rtol=1e-6, msg=name)
+    # PeftModel.from_pretrained onto a fresh patched model (other random sinks) gives the saved sinks
+    from peft import PeftModel
+
+    torch.manual_seed(5)
+    fresh = get_memsink_model(tiny_model("llama", seed=5), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    loaded = PeftModel.from_pretrained(fresh, str(checkpoint)).state_dict()
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
+        for key in sink_keys:
+            assert torch.equal(loaded[key], f.get_tensor(key)), key

@@ -89,9 +89,16 @@ def test_state_dict_carries_the_sinks_with_their_deltas_and_loads_back():
     x = batch(2, 9, seed=12)
     with torch.no_grad(), model.eval().sink_mode("activate", [5, 6]), fresh.eval().sink_mode("activate", [5, 6]):
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6, rtol=1e-6)
-    # loading into the model that has deltas: the loaded sinks are the sinks, its deltas start over
+    # loading into the model that has deltas: its frozen sinks stay, the deltas take the difference
+    frozen_sinks = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_patched_projection(m)}
     model.load_state_dict(fresh.state_dict())
-    assert all(float(d.detach().abs().max()) == 0 for m in model.modules() if is_patched_projection(m)
+    loaded = fresh.state_dict()
+    for n, m in model.named_modules():
+        if is_patched_projection(m):
+            assert torch.equal(m.weight, frozen_sinks[n])
+            torch.testing.assert_close(m.general_and_sink_parts()["weight"][1], loaded[f"{n}.sink_weight"],
+                                       atol=1e-7, rtol=0)
+    assert any(float(d.detach().abs().max()) > 0 for m in model.modules() if is_patched_projection(m)
                for d in deltas(m).values())
     with torch.no_grad(), model.sink_mode("activate", [5, 6]), fresh.sink_mode("activate", [5, 6]):
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6, rtol=1e-6)

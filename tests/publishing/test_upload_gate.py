@@ -16,9 +16,10 @@ from hf_memsinks.publishing.content import inspect
 # ---- PEFT ----------------------------------------------------------------------------------------
 
 
-def test_peft_adapter_on_sink_neurons_is_refused_and_one_beside_them_publishes(monkeypatch):
+def test_peft_adapter_on_sink_neurons_is_refused_and_one_beside_them_publishes(monkeypatch, tmp_path):
     peft = pytest.importorskip("peft")
     from hf_memsinks import train_sinks
+    from hf_memsinks.cli import audit
 
     hub = intercept_hub(monkeypatch)
     on_sinks = peft.get_peft_model(patched(), peft.LoraConfig(r=2, target_modules=["c_fc", "c_proj"],
@@ -30,6 +31,16 @@ def test_peft_adapter_on_sink_neurons_is_refused_and_one_beside_them_publishes(m
     beside = peft.get_peft_model(patched(), peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     beside.push_to_hub("me/attn-adapter")
     assert "adapter_model.safetensors" in hub.files("me/attn-adapter")
+    beside.save_pretrained(tmp_path / "clean")
+    assert not any("sink tensor" in f for f in audit(str(tmp_path / "clean")))  # (audited as a model folder)
+    # with the sinks trained beside it, the adapter file holds them (resume keeps them): refused
+    train_sinks(beside)
+    commits = len(hub.commits)
+    with pytest.raises(SinkUploadError, match=r"sink tensors .*c_fc\.sink_.*merge_and_unload\(\) first"):
+        beside.push_to_hub("me/attn-adapter-2")
+    assert len(hub.commits) == commits
+    beside.save_pretrained(tmp_path / "with-sinks")
+    assert any("sink tensor" in f and "c_fc.sink_weight" in f for f in audit(str(tmp_path / "with-sinks")))
     merged = copy.deepcopy(on_sinks).merge_and_unload().remove_sinks()
     merged.push_to_hub("me/merged")
     assert hub.sink_tensors() == [] and hub.memsink_files() == []

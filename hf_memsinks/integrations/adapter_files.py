@@ -1,0 +1,107 @@
+"""PEFT's adapter files keep the sinks: a checkpoint of a LoRA run resumes with the sinks it trained.
+
+PEFT saves an adapter (``save_pretrained``, every ``Trainer`` checkpoint of a ``PeftModel``) as the
+state-dict entries its tuner owns, the LoRA matrices. The sinks that :func:`hf_memsinks.train_sinks`
+trains beside them live in the base model's patched projections, so without this they are missing
+from the file and ``resume_from_checkpoint`` or ``PeftModel.from_pretrained`` starts them over.
+
+:func:`with_sinks` wraps PEFT's ``get_peft_model_state_dict`` so that the adapter state also holds
+the ``sink_*`` tensors of every module whose sinks train beside the adapter (the sinks with their
+deltas added, the checkpoint format of :mod:`hf_memsinks.checkpoints.sink_tensors`). Loading needs nothing
+more: PEFT loads an adapter with the model's ``load_state_dict``, whose hooks on the patched modules
+put the sinks back (their deltas start over at zero). An adapter folder with sinks in it is then
+what a memsink checkpoint is, memorized data: the upload gate refuses it
+(:mod:`hf_memsinks.publishing.upload_gate`). :mod:`hf_memsinks.global_patches` installs the wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from ..checkpoints.sink_tensors import SINK
+from ..layers import sink_deltas
+from ..layers.projections import is_patched_projection
+from ..publishing.hub_internals import uploads_gated
+
+NAME = "get_peft_model_state_dict"
+
+
+def trains_sinks_beside_an_adapter(module) -> bool:
+    """Whether :func:`hf_memsinks.train_sinks` made this patched module's sinks trainable: its sink
+    deltas, or a norm's weight with the general part's gradient zeroed."""
+    if not is_patched_projection(module):
+        return False
+    return bool(sink_deltas.deltas(module)) or any(getattr(p, "_memsink_sink_hook", False)
+                                                   for p in module.parameters(recurse=False))
+
+
+def sink_state(model, state_dict: dict | None = None) -> dict:
+    """The sink tensors that train beside the adapter, under their state-dict names: from
+    ``state_dict`` where it holds them (one gathered by FSDP or DeepSpeed), else from each such
+    module in turn, so no second copy of the whole model is made. Sinks that stay frozen under the
+    adapter are left out, as PEFT leaves out the frozen base."""
+    sinks = {}
+    for name, module in model.named_modules():
+        if not trains_sinks_beside_an_adapter(module):
+            continue
+        keys = [f"{name}.{SINK}{n}" for n in module.neuron_dims()]
+        if state_dict is not None and all(k in state_dict for k in keys):
+            sinks.update({k: state_dict[k] for k in keys})
+        else:
+            own = module.state_dict(prefix=f"{name}.")
+            sinks.update({k: own[k] for k in keys})
+    return sinks
+
+
+def with_sinks(get_state):
+    """PEFT's ``get_peft_model_state_dict`` that adds a patched model's sinks to the adapter state."""
+    if getattr(get_state, "_memsink_original", None) is not None:
+        return get_state
+
+    @functools.wraps(get_state)
+    def get_peft_model_state_dict(model, state_dict=None, *args, **kwargs):
+        adapter = get_state(model, state_dict, *args, **kwargs)
+        adapter.update(sink_state(model, state_dict))
+        return adapter
+
+    get_peft_model_state_dict._memsink_original = get_state
+    return get_peft_model_state_dict
+
+
+def _peft_modules():
+    return [m for n, m in list(sys.modules.items()) if m is not None and (n == "peft" or n.startswith("peft."))]
+
+
+def hold_sinks_in_adapters() -> None:
+    """Replace ``get_peft_model_state_dict`` wherever PEFT's modules hold it (``peft``,
+    ``peft.utils``, ``peft.peft_model``, ...); imports peft. Again: no effect."""
+    import peft.utils.save_and_load as save_and_load
+
+    original = getattr(save_and_load, NAME)
+    original = getattr(original, "_memsink_original", original)
+    wrapped = with_sinks(original)
+    for module in _peft_modules():
+        if getattr(module, NAME, None) is original:
+            setattr(module, NAME, wrapped)
+
+
+def hold_sinks_with_the_gate() -> None:
+    """:func:`hold_sinks_in_adapters` where the global patches are on (the upload gate installed):
+    not after ``global_patches.uninstall()`` nor with ``HF_MEMSINKS_GLOBAL_PATCHES=0``."""
+    if uploads_gated():
+        hold_sinks_in_adapters()
+
+
+def release_adapters() -> None:
+    """Put PEFT's own function back (when peft was imported)."""
+    for module in _peft_modules():
+        current = getattr(module, NAME, None)
+        if getattr(current, "_memsink_original", None) is not None:
+            setattr(module, NAME, current._memsink_original)
+
+
+def adapters_hold_sinks() -> bool:
+    """Whether PEFT's adapter state includes the sinks now (False when peft is not imported)."""
+    module = sys.modules.get("peft.utils.save_and_load")
+    return module is not None and getattr(getattr(module, NAME), "_memsink_original", None) is not None
