@@ -90,7 +90,7 @@ def with_fsdp(model, out):
     return full, rank, world
 
 
-def with_trainer(model, checkpointing, out):
+def with_trainer(model, checkpointing, out, check=None):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
@@ -99,7 +99,27 @@ def with_trainer(model, checkpointing, out):
     collator = MemSinkDataCollator(pad_token_id=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collator)
     trainer.train()
+    if check is not None:
+        check(trainer)
     return trainer.model, trainer.args.process_index, trainer.args.world_size
+
+
+def lora_with_rowwise_sinks(model):
+    """LoRA on attention, the sinks trained beside it by sink_optimizer="rowwise"."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_memsinks import train_sinks
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    train_sinks(model)
+    return model
+
+
+def rowwise_state(trainer, found: dict) -> None:
+    """Whether the rule stepped every sink delta and the optimizer kept no moments for them."""
+    deltas = [p for n, p in trainer.model.named_parameters() if "sink_delta_" in n]
+    states = [trainer.optimizer.state.get(p, {}) for p in deltas]
+    found["rowwise"] = bool(deltas) and all("rowwise_sq" in s and "exp_avg" not in s for s in states)
 
 
 def main():
@@ -108,26 +128,34 @@ def main():
     parser.add_argument("how", choices=["accelerate", "trainer", "fsdp"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--sightings", action="store_true", help="MemSinkConfig(general_sightings=1)")
+    parser.add_argument("--lora-rowwise", action="store_true",
+                        help="LoRA, the sinks beside it under sink_optimizer='rowwise' (Trainer only)")
     a = parser.parse_args()
     torch.manual_seed(0)
-    config = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3, general_sightings=1 if a.sightings else None)
+    config = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3, general_sightings=1 if a.sightings else None,
+                           sink_optimizer="rowwise" if a.lora_rowwise else "adamw")
     model = get_memsink_model(tiny_model("gpt2"), config)
+    found = {}
+    if a.lora_rowwise:
+        model = lora_with_rowwise_sinks(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if a.how == "accelerate":
         model, rank, world = with_accelerate(model, a.checkpointing)
     elif a.how == "fsdp":
         model, rank, world = with_fsdp(model, a.out)
     else:
-        model, rank, world = with_trainer(model, a.checkpointing, a.out)
+        model, rank, world = with_trainer(model, a.checkpointing, a.out,
+                                          (lambda t: rowwise_state(t, found)) if a.lora_rowwise else None)
     model = getattr(model, "module", model)
     if model is None:  # FSDP: only rank 0 holds the full weights
         dist.barrier()
         dist.destroy_process_group()
         os._exit(0)
-    routing = getattr(getattr(model, "memsink", None), "routing", None)  # (FSDP's rank 0: the full model)
+    memsink = getattr(model.get_base_model() if a.lora_rowwise else model, "memsink", None)
+    routing = getattr(memsink, "routing", None)  # (FSDP's rank 0: the full model)
     torch.save({"world": world, "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "initial": initial, "masks": sink_mask(PROBE_IDS, 32, 0.3),
-                "sightings": routing.sightings.state_dict() if routing else None},
+                "sightings": routing.sightings.state_dict() if routing else None, **found},
                os.path.join(a.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()

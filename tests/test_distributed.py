@@ -68,6 +68,19 @@ def test_two_processes_count_every_sighting_alike(tmp_path):
         assert torch.equal(r0["state"][name], r1["state"][name]), name
 
 
+def test_two_processes_step_lora_sinks_by_the_rowwise_rule_alike(tmp_path):
+    """sink_optimizer="rowwise" under DDP (Trainer, torchrun, LoRA): the rule steps the sink deltas
+    on both processes from the averaged gradient, AdamW keeps no moments for them, and the ranks
+    end equal with the sinks moved."""
+    r0, r1 = launch("torchrun", "trainer", tmp_path, False, "--lora-rowwise")
+    assert r0["rowwise"] and r1["rowwise"]
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    moved = [n for n in r0["state"] if not torch.equal(r0["state"][n], r0["initial"][n])]
+    assert any(n.endswith("c_fc.sink_weight") for n in moved) and any(n.endswith("c_proj.sink_weight") for n in moved)
+    assert any("lora_" in n for n in moved)
+
+
 def test_fsdp_on_cpu_trains_and_exports_from_full_parameters(tmp_path):
     """FSDP2 (torch's fully_shard over gloo on CPU, launched by torchrun): decoder blocks are the
     FSDP units with their sinks inside; rank 0 gathers a full state dict, calls remove_sinks(),
