@@ -66,9 +66,12 @@ VARIANTS = {
     "first_layer+lora_r16": (FIRST_LAYER, True),
     # the sink deltas stepped by sink_optimizer="rowwise": no AdamW state for them
     "for_finetuning+rowwise+lora_r16": ({"sink_optimizer": "rowwise"}, True),
+    # a bound, not a recipe: the same with each delta's gradient freed as soon as backward makes it (so
+    # the sinks do not train): what gradients of the touched rows only could save at most
+    "for_finetuning+rowwise+lora_r16+no_sink_grads": ({"sink_optimizer": "rowwise"}, True),
 }
 # run when named in --variants (docs/performance.md has their own command), not in make bench's table
-ON_REQUEST = ("for_finetuning+rowwise+lora_r16",)
+ON_REQUEST = ("for_finetuning+rowwise+lora_r16", "for_finetuning+rowwise+lora_r16+no_sink_grads")
 
 
 def build(shape: dict, dtype: torch.dtype, device: str = "cpu"):
@@ -108,6 +111,10 @@ def prepare(variant: str, shape: dict, dtype: torch.dtype, overrides: dict, devi
                                                  lora_dropout=0.0))
         if sinks is not None:
             train_sinks(model)
+    if variant.endswith("+no_sink_grads"):
+        for name, param in model.named_parameters():
+            if ".sink_delta_" in name:
+                param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     return model, sinks is not None
 
 

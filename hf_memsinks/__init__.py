@@ -13,7 +13,8 @@ from .model.memsink_model import is_memsink_model, remove_sinks
 from .publishing.upload_gate import SINKS_UPLOAD_CONSENT, SinkUploadError, allow_sinks_upload
 from .version import __version__
 
-# The upload gate on huggingface_hub and the default Trainer callbacks: the only global changes
+# The upload gate on huggingface_hub, the default Trainer callbacks and the sinks in PEFT's adapter
+# state: the only global changes
 # (hf_memsinks/global_patches.py; off with HF_MEMSINKS_GLOBAL_PATCHES=0, or global_patches.uninstall()).
 global_patches.install_on_import()
 

@@ -73,3 +73,17 @@ def test_script_runs_end_to_end(tmp_path):
     assert all(len(t) == 2 for t in paired["step_s_all"].values())
     q = paired["vs_reference"]["narrow"]
     assert q["per_round"] == [a / b for a, b in zip(paired["step_s_all"]["narrow"], paired["step_s_all"]["full"])]
+
+
+def test_the_no_sink_grads_bound_frees_only_the_sinks_gradients():
+    """The bound's sinks take no gradient (so they never move) while LoRA's matrices train."""
+    model, has_sinks = finetune_cost.prepare("for_finetuning+rowwise+lora_r16+no_sink_grads",
+                                             finetune_cost.SHAPES["tiny"], torch.float32, {})
+    opt = finetune_cost._optimizer(model, has_sinks)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tokens, ids = torch.randint(0, 512, (2, 16)), torch.tensor([3, 4])
+    finetune_cost._timed_step(model, opt, tokens, ids, "cpu")
+    after = dict(model.named_parameters())
+    deltas = [n for n in before if ".sink_delta_" in n]
+    assert deltas and all(torch.equal(after[n], before[n]) and after[n].grad is None for n in deltas)
+    assert any(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
