@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from ..layers.projections import trainable_neuron_tensors
 from ..sightings.hold import HoldGeneral
+from ..sightings.saved_counts import keep_counts_in
 from ..unwrap import unwrap
 from .rowwise_sinks import RowwiseSinks
 
@@ -124,6 +125,7 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
         optimizer.register_step_post_hook(hold.after)
         optimizer._memsink_hold_general = hold
         patch.general_held = True
+        keep_counts_in(optimizer, patch)  # (a resumed optimizer's counts go back to the model now)
     rule = getattr(optimizer, "_memsink_rowwise", None)
     if patch.config.sink_optimizer == "rowwise" and rule is None:
         rule = RowwiseSinks(inner, patch.config.sink_lr_scale)

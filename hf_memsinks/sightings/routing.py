@@ -89,6 +89,13 @@ class Routing:
     general_rows: int = 0  # general_sightings=0: rows (or tokens) without an ID in the first forwards (warning)
 
 
+def new_routing(config, device: torch.device | str) -> Routing:
+    """An empty routing state for ``config``'s ``sightings_by``, its tables on ``device``."""
+    by = config.sightings_by
+    contents = Sightings(device) if by in ("ids+content", "content") else None
+    return Routing(Sightings(device), contents, by_ids=by != "content")
+
+
 UNLABELLED_WARN_AFTER = 20  # routed forwards under general_sightings=0 with nothing for the general path
 
 
@@ -256,9 +263,7 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     if kwargs.get("past_key_values") is not None:
         raise ValueError("general_sightings: a training forward takes no past_key_values")
     if patch.routing is None:
-        by = patch.config.sightings_by
-        contents = Sightings(ids.device) if by in ("ids+content", "content") else None
-        patch.routing = Routing(Sightings(ids.device), contents, by_ids=by != "content")
+        patch.routing = new_routing(patch.config, ids.device)
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     fresh = first_sightings(patch.routing, ids, patch.config.general_sightings, input_ids,
                             kwargs.get("attention_mask"))

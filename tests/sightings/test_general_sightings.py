@@ -263,3 +263,53 @@ def test_zero_sightings_general_path_does_not_depend_on_the_labelled_documents(t
         removed.append(model.eval().remove_sinks().state_dict())
     assert removed[0].keys() == removed[1].keys()
     assert all(torch.equal(removed[0][k], removed[1][k]) for k in removed[0])
+
+
+def _sightings_run(out, resume=None):
+    texts = [[3 + i] * 10 for i in range(6)]
+    ds = add_sequence_ids(Dataset.from_dict({"input_ids": texts * 4}), by="content")
+    torch.manual_seed(0)
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1, sightings_by="ids+content"))
+    args = TrainingArguments(str(out), per_device_train_batch_size=4, max_steps=6, report_to=[], use_cpu=True,
+                             save_strategy="steps", save_steps=3, disable_tqdm=True, learning_rate=1e-3, seed=0)
+    Trainer(model=model, args=args, train_dataset=ds,
+            data_collator=MemSinkDataCollator(pad_token_id=0)).train(resume_from_checkpoint=resume)
+    return model
+
+
+def test_a_resumed_run_continues_the_counts_of_its_checkpoint(tmp_path):
+    """The counts ride in the optimizer's state (optimizer.pt): resumed at step 3, the run counts on
+    from the checkpoint's table, so it trains exactly as the unbroken run (a run that counted afresh
+    would train the general path on each document's next sighting again)."""
+    straight = _sightings_run(tmp_path / "a")
+    saved = torch.load(tmp_path / "a" / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    assert int(saved["memsink_sightings"]["ids_counts"].sum()) == 12  # 3 steps of 4 rows
+    assert int(saved["memsink_sightings"]["contents_counts"].sum()) == 12
+    resumed = _sightings_run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    for table in ("sightings", "contents"):
+        a, b = getattr(straight.memsink.routing, table), getattr(resumed.memsink.routing, table)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts) and int(b.counts.sum()) == 24
+    state, again = straight.state_dict(), resumed.state_dict()
+    for name in state:
+        torch.testing.assert_close(again[name], state[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_counts_come_back_with_an_optimizer_state_loaded_after_the_hooks():
+    """A loop of one's own (accelerate's load_state): the hooks attached first, the state loaded after."""
+    from hf_memsinks import attach_sink_lr
+
+    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    attach_sink_lr(model, opt)
+    for ids in ([5, 6], [5, 7]):
+        x = torch.randint(3, VOCAB, (2, 8))
+        model(input_ids=x, labels=x, sequence_ids=torch.tensor(ids)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    attach_sink_lr(fresh, opt2)
+    assert fresh.memsink.routing is None
+    opt2.load_state_dict(opt.state_dict())
+    table = fresh.memsink.routing.sightings
+    assert table.ids.tolist() == [5, 6, 7] and table.counts.tolist() == [2, 1, 1]
