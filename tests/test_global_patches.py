@@ -85,7 +85,8 @@ def test_peft_patched_by_install_or_train_sinks_while_the_patches_are_on():
             "release_adapters()\nprint(adapters_hold_sinks())\nlora()\nprint(adapters_hold_sinks())\n"
             "g.uninstall()\nprint(adapters_hold_sinks())\nlora()\nprint(adapters_hold_sinks())\n")
     assert _in_child(code).split("\n") == ["True", "False", "True", "False", "False"]
-    off = ("import sys\nsys.path.insert(0, 'tests')\n" + TRAIN_SINKS +
+    off = ("import sys, warnings\nsys.path.insert(0, 'tests')\n" + TRAIN_SINKS +
            "from hf_memsinks.integrations.adapter_files import adapters_hold_sinks\n"
-           "lora()\nprint(adapters_hold_sinks())\n")
-    assert _in_child(off, HF_MEMSINKS_GLOBAL_PATCHES="0") == "False"
+           "with warnings.catch_warnings(record=True) as seen:\n    warnings.simplefilter('always')\n    lora()\n"
+           "print(adapters_hold_sinks(), any('without the sinks' in str(w.message) for w in seen))\n")
+    assert _in_child(off, HF_MEMSINKS_GLOBAL_PATCHES="0") == "False True"

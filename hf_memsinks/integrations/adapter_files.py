@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 from ..checkpoints.sink_tensors import SINK
 from ..layers import sink_deltas
@@ -87,10 +88,17 @@ def hold_sinks_in_adapters() -> None:
 
 
 def hold_sinks_with_the_gate() -> None:
-    """:func:`hold_sinks_in_adapters` where the global patches are on (the upload gate installed):
-    not after ``global_patches.uninstall()`` nor with ``HF_MEMSINKS_GLOBAL_PATCHES=0``."""
+    """:func:`hold_sinks_in_adapters` where the global patches are on (the upload gate installed);
+    not after ``global_patches.uninstall()`` nor with ``HF_MEMSINKS_GLOBAL_PATCHES=0``, where it
+    warns that adapter files will lack the sinks."""
     if uploads_gated():
         hold_sinks_in_adapters()
+    elif not adapters_hold_sinks():
+        warnings.warn("hf_memsinks' global patches are off, so PEFT's adapter files (save_pretrained, every "
+                      "Trainer checkpoint) will hold the LoRA matrices without the sinks trained beside them: a run "
+                      "resumed from one starts its sinks over. "
+                      "hf_memsinks.integrations.adapter_files.hold_sinks_in_adapters() keeps them in alone",
+                      stacklevel=3)
 
 
 def release_adapters() -> None:
