@@ -12,7 +12,10 @@ runs ``--rounds`` times, the order reversed each round (this host's speed drifts
 use the medians over rounds. Then, with ``--paired-rounds N`` (not in ``make bench``), every variant of a
 shape trains side by side in one process, and each round's step is divided by the same round's
 step of its reference (``measure_paired``): the step ratio this host's drift moves least. A 7B
-shape is computed by arithmetic (``arithmetic``), as are 1B.
+shape is computed by arithmetic (``arithmetic``), as are 1B. With ``--keep-freed-memory`` the measuring
+processes run with glibc keeping the memory a step frees (:data:`KEEP_FREED`), as a GPU's caching
+allocator does: by default it returns large blocks to the system, and each step's gradients fault
+their pages in again, a cost that grows with the parameters and so with the sinks.
 
 usage: python benchmarks/finetune_cost.py [--shapes gpt2-124m,llama-160m] [--device cpu|cuda]
                                           [--dtype fp32|bf16] [--out benchmarks/finetune_cost.json]
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -174,7 +178,7 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
     return {"variant": variant, "shape": shape_name, "parameters": params,
             "trainable": sum(p.numel() for p in trainable), "step_s": statistics.median(times),
-            "peak_bytes": peak - base}
+            "peak_bytes": peak - base, "allocator": {k: os.environ[k] for k in KEEP_FREED if k in os.environ}}
 
 
 def measure_paired(shape_name: str, variants: list[str], device: str, dtype: torch.dtype, rounds: int, batch: int,
@@ -285,9 +289,17 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def _in_subprocess(args: list[str]) -> dict:
+# --keep-freed-memory: glibc keeps freed blocks of up to 32 MiB in its heap (and never trims it), so a
+# step's gradients reuse the pages of the step before, as a GPU's caching allocator reuses its blocks,
+# instead of being returned to the system and faulted in again at their first write.
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+              "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def _in_subprocess(args: list[str], env: dict | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, __file__, *args, "--part-out", f.name], check=True)
+        subprocess.run([sys.executable, __file__, *args, "--part-out", f.name], check=True,
+                       env=None if env is None else {**os.environ, **env})
         return json.loads(Path(f.name).read_text())
 
 
@@ -362,6 +374,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--paired-rounds", type=int, default=0,
                         help="also N rounds of every variant side by side in one process per shape (0: not run)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run the measuring processes with glibc keeping freed memory (KEEP_FREED)")
     parser.add_argument("--out", default="benchmarks/finetune_cost.json")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
@@ -386,21 +400,22 @@ def main(argv=None) -> None:
     variants += [name for name in overrides if name not in variants
                  and not (args.recipe_without_lora and name.endswith("+lora_r16"))]
     start, runs, sink_steps = time.time(), [], []
+    env = KEEP_FREED if args.keep_freed_memory else None
     common = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps)] + [x for spec in args.recipe for x in ("--recipe", spec)]
     for shape in args.shapes.split(","):
         for k in range(args.rounds):
             for variant in variants if k % 2 == 0 else variants[::-1]:
                 print(f"{shape} {variant} (round {k + 1}) ...", flush=True)
-                runs.append(_in_subprocess(["--part", f"{shape}:{variant}", *common]))
+                runs.append(_in_subprocess(["--part", f"{shape}:{variant}", *common], env))
         if "for_finetuning" in variants:
             print(f"{shape} the sink-LR hook's step ...", flush=True)
-            sink_steps.append(_in_subprocess(["--part", f"{shape}:sink_step", *common]))
+            sink_steps.append(_in_subprocess(["--part", f"{shape}:sink_step", *common], env))
     paired = []
     for shape in args.shapes.split(",") if args.paired_rounds > 0 else []:
         print(f"{shape} every variant side by side, {args.paired_rounds} rounds ...", flush=True)
         paired.append(_in_subprocess(["--part", f"{shape}:paired={','.join(variants)}", *common,
-                                      "--paired-rounds", str(args.paired_rounds)]))
+                                      "--paired-rounds", str(args.paired_rounds)], env))
     rows = summarize(runs)
     computed_table, computed = arithmetic_table()
     result = {"rows": rows, "runs": runs, "sink_step": sink_steps, "paired": paired, "arithmetic": computed,
@@ -408,7 +423,7 @@ def main(argv=None) -> None:
               "seconds": time.time() - start,
               "versions": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
                            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-                           "threads": torch.get_num_threads()}}
+                           "threads": torch.get_num_threads(), "allocator": env or "default"}}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(rows))
     print()

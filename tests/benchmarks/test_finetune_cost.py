@@ -87,3 +87,10 @@ def test_the_no_sink_grads_bound_frees_only_the_sinks_gradients():
     deltas = [n for n in before if ".sink_delta_" in n]
     assert deltas and all(torch.equal(after[n], before[n]) and after[n].grad is None for n in deltas)
     assert any(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
+
+
+def test_keep_freed_memory_reaches_the_measuring_process():
+    common = ["--steps", "1", "--batch", "2", "--seq", "16"]
+    kept = finetune_cost._in_subprocess(["--part", "tiny:full", *common], finetune_cost.KEEP_FREED)
+    assert kept["allocator"] == finetune_cost.KEEP_FREED
+    assert finetune_cost._in_subprocess(["--part", "tiny:full", *common])["allocator"] == {}
