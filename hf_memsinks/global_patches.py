@@ -10,7 +10,8 @@
    model with sinks before its first step, and applies ``MemSinkConfig.sink_lr_scale``.
 3. PEFT's ``get_peft_model_state_dict`` adds the sinks that train beside an adapter to the adapter
    state (:mod:`hf_memsinks.integrations.adapter_files`): adapter files and ``Trainer`` checkpoints
-   of a LoRA run keep the sinks it trained. Installed with the others when peft is imported by then
+   of a LoRA run keep the sinks it trained; its ``set_peft_model_state_dict`` warns when such an
+   adapter is loaded into a model without sinks. Installed with the others when peft is imported by then
    (Transformers' ``Trainer`` imports it where it is installed); else :func:`hf_memsinks.train_sinks`,
    the one way sinks train beside an adapter, installs it where the upload gate is installed
    (:func:`hf_memsinks.integrations.adapter_files.hold_sinks_with_the_gate`), so

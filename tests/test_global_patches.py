@@ -29,7 +29,8 @@ peft_modules = (peft, peft.utils, peft.peft_model, peft.utils.save_and_load)
 def snapshot():
     return ([getattr(HfApi, n) for n in names] + [getattr(hf_api, n) for n in names]
             + [getattr(huggingface_hub, n, None) for n in names] + [list(trainer.DEFAULT_CALLBACKS)]
-            + [m.get_peft_model_state_dict for m in peft_modules])
+            + [m.get_peft_model_state_dict for m in peft_modules]
+            + [m.set_peft_model_state_dict for m in peft_modules])
 before = snapshot()
 """
 

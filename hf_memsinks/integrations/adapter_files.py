@@ -7,11 +7,13 @@ from the file and ``resume_from_checkpoint`` or ``PeftModel.from_pretrained`` st
 
 :func:`with_sinks` wraps PEFT's ``get_peft_model_state_dict`` so that the adapter state also holds
 the ``sink_*`` tensors of every module whose sinks train beside the adapter (the sinks with their
-deltas added, the checkpoint format of :mod:`hf_memsinks.checkpoints.sink_tensors`). Loading needs nothing
-more: PEFT loads an adapter with the model's ``load_state_dict``, whose hooks on the patched modules
-put the sinks back (their deltas start over at zero). An adapter folder with sinks in it is then
-what a memsink checkpoint is, memorized data: the upload gate refuses it
-(:mod:`hf_memsinks.publishing.upload_gate`). :mod:`hf_memsinks.global_patches` installs the wrapper.
+deltas added, the checkpoint format of :mod:`hf_memsinks.checkpoints.sink_tensors`). Loading needs
+nothing more: PEFT loads an adapter with the model's ``load_state_dict``, whose hooks on the patched
+modules put the sinks back (each delta set to the loaded sinks' difference from the frozen ones).
+Into a model without sinks PEFT leaves them out, and :func:`warning_without_sinks` says so. An
+adapter folder with sinks in it is what a memsink checkpoint is, memorized data: the upload gate
+refuses it (:mod:`hf_memsinks.publishing.upload_gate`). :mod:`hf_memsinks.global_patches` installs
+both wrappers.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import functools
 import sys
 import warnings
 
+from ..checkpoints.format import SINK_KEY_MARKERS
 from ..checkpoints.sink_tensors import SINK
 from ..layers import sink_deltas
 from ..layers.projections import is_patched_projection
 from ..publishing.hub_internals import uploads_gated
 
 NAME = "get_peft_model_state_dict"
+LOAD_NAME = "set_peft_model_state_dict"
 
 
 def trains_sinks_beside_an_adapter(module) -> bool:
@@ -70,21 +74,44 @@ def with_sinks(get_state):
     return get_peft_model_state_dict
 
 
+def warning_without_sinks(set_state):
+    """PEFT's ``set_peft_model_state_dict`` that warns when an adapter holding sinks is loaded into a
+    model without any: PEFT leaves their tensors out, and a run resumed so would train on without
+    them."""
+    if getattr(set_state, "_memsink_original", None) is not None:
+        return set_state
+
+    @functools.wraps(set_state)
+    def set_peft_model_state_dict(model, peft_model_state_dict, *args, **kwargs):
+        sinks = [k for k in peft_model_state_dict if k.endswith(SINK_KEY_MARKERS)]
+        if sinks and not any(is_patched_projection(m) for m in model.modules()):
+            warnings.warn(f"this adapter holds {len(sinks)} sink tensors of a MemSinks model ({sinks[0]}, ...), and "
+                          "the model it is loaded into has no sinks: they are left out, as remove_sinks() would. To "
+                          "resume training with them, load it onto hf_memsinks.get_memsink_model(base, config) (or "
+                          "AutoMemSinkModelForCausalLM) with the config it was trained with", stacklevel=3)
+        return set_state(model, peft_model_state_dict, *args, **kwargs)
+
+    set_peft_model_state_dict._memsink_original = set_state
+    return set_peft_model_state_dict
+
+
 def _peft_modules():
     return [m for n, m in list(sys.modules.items()) if m is not None and (n == "peft" or n.startswith("peft."))]
 
 
 def hold_sinks_in_adapters() -> None:
-    """Replace ``get_peft_model_state_dict`` wherever PEFT's modules hold it (``peft``,
-    ``peft.utils``, ``peft.peft_model``, ...); imports peft. Again: no effect."""
+    """Replace ``get_peft_model_state_dict`` (:func:`with_sinks`) and ``set_peft_model_state_dict``
+    (:func:`warning_without_sinks`) wherever PEFT's modules hold them (``peft``, ``peft.utils``,
+    ``peft.peft_model``, ...); imports peft. Again: no effect."""
     import peft.utils.save_and_load as save_and_load
 
-    original = getattr(save_and_load, NAME)
-    original = getattr(original, "_memsink_original", original)
-    wrapped = with_sinks(original)
-    for module in _peft_modules():
-        if getattr(module, NAME, None) is original:
-            setattr(module, NAME, wrapped)
+    for name, wrap in ((NAME, with_sinks), (LOAD_NAME, warning_without_sinks)):
+        original = getattr(save_and_load, name)
+        original = getattr(original, "_memsink_original", original)
+        wrapped = wrap(original)
+        for module in _peft_modules():
+            if getattr(module, name, None) is original:
+                setattr(module, name, wrapped)
 
 
 def hold_sinks_with_the_gate() -> None:
@@ -102,11 +129,12 @@ def hold_sinks_with_the_gate() -> None:
 
 
 def release_adapters() -> None:
-    """Put PEFT's own function back (when peft was imported)."""
+    """Put PEFT's own functions back (when peft was imported)."""
     for module in _peft_modules():
-        current = getattr(module, NAME, None)
-        if getattr(current, "_memsink_original", None) is not None:
-            setattr(module, NAME, current._memsink_original)
+        for name in (NAME, LOAD_NAME):
+            current = getattr(module, name, None)
+            if getattr(current, "_memsink_original", None) is not None:
+                setattr(module, name, current._memsink_original)
 
 
 def adapters_hold_sinks() -> bool:

@@ -163,3 +163,6 @@ def test_a_lora_runs_checkpoint_keeps_its_sinks_and_resumes_to_the_unbroken_run(
     with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as f:
         for key in sink_keys:
             assert torch.equal(loaded[key], f.get_tensor(key)), key
+    # onto a model without sinks PEFT leaves them out: said, not silent
+    with pytest.warns(UserWarning, match=r"holds \d+ sink tensors .* has no sinks: they are left out"):
+        PeftModel.from_pretrained(tiny_model("llama"), str(checkpoint))
