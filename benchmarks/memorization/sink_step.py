@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from hf_memsinks.integrations.rowwise_sinks import rowwise_update
 from hf_memsinks.layers.projections import trainable_neuron_tensors
 
 KINDS = ("rowwise", "rowwise_bf16", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows",
@@ -87,6 +88,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool, like: tor
     return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
 
 
+def _row_squares(grad: torch.Tensor, dim: int) -> torch.Tensor:
+    """``grad ** 2`` with one neuron per row."""
+    return grad.float().pow(2).movedim(dim, 0).reshape(grad.shape[dim], -1)
+
+
 def sink_targets(model) -> list[tuple]:
     """``(parameter, neuron dim, start, count)`` of every sink span of the model's trainable tensors."""
     return [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
@@ -129,21 +135,15 @@ class SinkStep:
             param, dim, start, n = self.targets[i]
             beta1, beta2 = group["betas"]
             shape = [n if d == dim else 1 for d in range(grad.dim())]
-            rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1)  # one neuron per row
-            touched = rows.amax(1) > 0
-            self.count[i].add_(touched.float())
             lr = group["lr"] * self.scale
             if self.kind == "sign":
                 update = grad.sign()
-            elif self.kind.startswith("rowwise"):
-                second = self.second[i]
-                second.copy_(torch.where(touched, beta2 * second + (1 - beta2) * rows.mean(1), second))
-                denom = (second / (1 - beta2 ** self.count[i].clamp_min(1))).sqrt_().add_(self.eps)
-                update = grad / denom.view(shape).to(grad.dtype)  # (untouched rows: zero)
+            elif self.kind.startswith("rowwise"):  # the product's rule (hf_memsinks.integrations.rowwise_sinks)
+                update = rowwise_update(grad, dim, self.second[i], self.count[i], beta2, self.eps)
             elif self.kind == "momentum":
                 first, second = self.first[i], self.second[i]
                 first.lerp_(grad, 1 - beta1)
-                second.mul_(beta2).add_(rows.mean(1), alpha=1 - beta2)
+                second.mul_(beta2).add_(_row_squares(grad, dim).mean(1), alpha=1 - beta2)
                 denom = (second / (1 - beta2 ** self.steps)).sqrt_().add_(self.eps)
                 update = first / denom.view(shape).to(first.dtype) / (1 - beta1 ** self.steps)
             elif self.kind.startswith("adam"):
@@ -164,6 +164,8 @@ class SinkStep:
                 # result is AdamW's own, decay before the update
                 lr = lr / (1 - lr * group["weight_decay"])
             else:  # lazy
+                touched = _row_squares(grad, dim).amax(1) > 0
+                self.count[i].add_(touched.float())
                 first, second, mask = self.first[i], self.second[i], touched.view(shape)
                 first.copy_(torch.where(mask, beta1 * first + (1 - beta1) * grad, first))
                 second.copy_(torch.where(mask, beta2 * second + (1 - beta2) * grad * grad, second))

@@ -27,6 +27,20 @@ from ..layers import sink_deltas
 from ..layers.projections import is_patched_projection
 
 
+def rowwise_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.Tensor, beta2: float,
+                   eps: float) -> torch.Tensor:
+    """The rule's update for ``grad`` (neurons along ``dim``): ``g / (sqrt(v) + eps)`` on the touched
+    neurons, zero on the others. Updates ``sq`` (each neuron's running mean of ``g ** 2``) and
+    ``count`` (its steps) in place, for the touched neurons only."""
+    n = grad.shape[dim]
+    rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1).mean(1)  # one neuron per row
+    touched = rows > 0
+    count.add_(touched.to(count.dtype))
+    sq.copy_(torch.where(touched, beta2 * sq + (1 - beta2) * rows, sq))
+    denom = (sq / (1 - beta2 ** count.clamp_min(1))).sqrt_().add_(eps)
+    return grad / denom.view([n if d == dim else 1 for d in range(grad.dim())]).to(grad.dtype)
+
+
 class RowwiseSinks:
     """The rule, as an optimizer pre-hook over every trainable sink delta of ``model``."""
 
@@ -55,16 +69,9 @@ class RowwiseSinks:
             state["step"] = state.get("step", torch.tensor(0.0)) + 1
             sq = state.setdefault("rowwise_sq", torch.zeros(n, device=delta.device))
             count = state.setdefault("rowwise_count", torch.zeros(n, device=delta.device))
-            grad = delta.grad
-            rows = grad.float().pow(2).movedim(dim, 0).reshape(n, -1).mean(1)  # one neuron per row
-            touched = rows > 0
-            count.add_(touched.to(count.dtype))
             beta2 = group.get("betas", (0.9, 0.999))[1]
-            sq.copy_(torch.where(touched, beta2 * sq + (1 - beta2) * rows, sq))
-            denom = (sq / (1 - beta2 ** count.clamp_min(1))).sqrt_().add_(self.eps)
-            shape = [n if d == dim else 1 for d in range(grad.dim())]
             lr = float(group["lr"]) * self.scale
-            delta.sub_(grad / denom.view(shape).to(grad.dtype), alpha=lr)  # (untouched rows: a zero step)
+            delta.sub_(rowwise_update(delta.grad, dim, sq, count, beta2, self.eps), alpha=lr)
             decay = float(group.get("weight_decay", 0.0))
             if decay:
                 delta.mul_(1 - lr * decay)
