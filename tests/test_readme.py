@@ -17,9 +17,10 @@ def test_readme_quickstarts_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) == 3 and all("path/or/hub-name" in b for b in blocks)
-    namespace = {}
-    for block in blocks:
-        exec(block.replace("path/or/hub-name", str(tmp_path / "base")), namespace)
+    namespace, scratch = {}, {}  # the SFT block goes on from the fine-tuning one; "train from scratch" stands alone
+    for block, space in zip(blocks, (namespace, namespace, scratch)):
+        exec(block.replace("path/or/hub-name", str(tmp_path / "base")), space)
+    namespace.update(scratch)
 
     from hf_memsinks.cli import audit
 
