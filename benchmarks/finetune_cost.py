@@ -117,7 +117,7 @@ def prepare(variant: str, shape: dict, dtype: torch.dtype, overrides: dict, devi
             train_sinks(model)
     if variant.endswith("+no_sink_grads"):
         for name, param in model.named_parameters():
-            if ".sink_delta_" in name:
+            if ".sink_part_" in name:
                 param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     return model, sinks is not None
 

@@ -6,10 +6,9 @@ module's own name (``weight``, ``bias``, ``gate_up_proj``, ...) holds the genera
 zeros where the sinks were when the model config cannot express a narrower MLP, and
 ``sink_<name>`` the sinks, so plain Transformers loads the sink-free model. A projection's
 layout and mask settings (:func:`memsink_layout`) go into the state dict's metadata and are
-compared on load, so weights never land on the wrong neurons. Sink deltas
-(:mod:`hf_memsinks.layers.sink_deltas`) are saved as part of the sinks; loading sinks into a model
-that has deltas leaves its frozen sink weights as they are and sets each delta to the difference,
-so a resumed run's optimizer (its moments, its weight decay) steps the delta it left off with.
+compared on load, so weights never land on the wrong neurons. Sinks stored apart from the general
+neurons (:mod:`hf_memsinks.layers.sink_parts`) are saved and loaded the same way, each part into
+its own parameter, so a resumed run's optimizer steps the parameters it left off with.
 
 The layers only compute. This format reaches them through torch's public state-dict hooks, which
 :func:`add_checkpoint_hooks` puts on each module as it is patched. The hooks sit in the module's
@@ -22,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import sink_deltas
+from ..layers import sink_parts
 from ..layers.experts import experts_layout, is_patched_experts
 from ..layers.neurons import copy_into_spans, pad_chunks, pick
 
@@ -52,12 +51,12 @@ def memsink_layout(projection: nn.Module) -> dict:
 
 
 def _save_projection(module: nn.Module, destination: dict, prefix: str, local_metadata: dict) -> None:
-    for name in sink_deltas.deltas(module):  # (saved as part of the sinks below)
-        destination.pop(prefix + sink_deltas.PREFIX + name, None)
+    for name in sink_parts.parts(module):  # (saved as the sinks below)
+        destination.pop(prefix + sink_parts.PREFIX + name, None)
     local_metadata["memsink"] = memsink_layout(module)
     m = module.memsink
     for name, dim in module.neuron_dims().items():
-        tensor = sink_deltas.effective(module, name).detach()
+        tensor = sink_parts.whole(module, name).detach()
         if hasattr(tensor, "full_tensor"):
             # Sharded (FSDP2 DTensor): general and sink rows interleave across shards, so the
             # split needs the whole tensor. Full-state-dict export is what this is for.
@@ -94,7 +93,7 @@ def _load_projection(module: nn.Module, state_dict: dict, prefix: str, local_met
         )
         _load_nothing(module, state_dict, prefix)
         return
-    m, deltas = module.memsink, sink_deltas.deltas(module)
+    m, apart = module.memsink, sink_parts.parts(module)
     for name, dim in dims.items():
         for part, spans in ((name, m.general_spans), (SINK + name, m.sink_spans)):
             key = prefix + part
@@ -106,8 +105,8 @@ def _load_projection(module: nn.Module, state_dict: dict, prefix: str, local_met
             if value is None:
                 continue
             with torch.no_grad():
-                if part != name and name in deltas:  # the frozen sinks stay; the delta takes the rest
-                    deltas[name].copy_(value.to(deltas[name].dtype) - pick(getattr(module, name), dim, spans))
+                if name in apart:  # each part has a parameter of its own
+                    (getattr(module, name) if part == name else apart[name]).copy_(value)
                 else:
                     copy_into_spans(getattr(module, name), dim, spans, value)
     _leave_as_they_are(module, state_dict, prefix, _split_names(dims))
@@ -134,14 +133,14 @@ def _load_experts(module: nn.Module, state_dict: dict, prefix: str, local_metada
 
 
 def _split_names(names) -> list[str]:
-    """The module's tensors this format loads itself: the split ones and their sink deltas."""
-    return [*names, *(sink_deltas.PREFIX + n for n in names)]
+    """The module's tensors this format loads itself: the split ones and their sinks stored apart."""
+    return [*names, *(sink_parts.PREFIX + n for n in names)]
 
 
 def _leave_as_they_are(module: nn.Module, state_dict: dict, prefix: str, names: list[str]) -> None:
     """Torch's own loader runs after these hooks, on what is left of ``state_dict``: give it the
     module's tensors ``names`` as they now are, so it copies each onto itself (a no-op) instead of
-    reporting it missing, and finds no state-dict entry of theirs (a sink delta's) to load."""
+    reporting it missing, and finds no state-dict entry of theirs (an apart sink part's) to load."""
     for name in names:
         state_dict.pop(prefix + name, None)
         tensor = getattr(module, name, None)
@@ -166,7 +165,7 @@ def _checked_part(module: nn.Module, key: str, value: torch.Tensor, name: str, d
     the module's layout, or None with the reason appended to ``errors``."""
     m, param = module.memsink, getattr(module, name)
     spans = m.general_spans if general else m.sink_spans
-    expected, full = sum(n for _, n in spans), param.shape[dim]
+    expected, full = sum(n for _, n in spans), (m.general + m.sinks) * m.neuron_chunks
     layout = f"general={m.general}, sinks={m.sinks}"
     others = lambda t: [d for i, d in enumerate(t.shape) if i != dim]  # noqa: E731
     if value.dim() != param.dim() or others(value) != others(param):

@@ -91,7 +91,7 @@ class MemSinkConfig:
         "what steps the sinks: 'adamw' (default), the training's own optimizer; 'rowwise', a rule that "
         "keeps one value per sink neuron and moves only the neurons a batch's IDs activated, so the "
         "optimizer keeps no state for the sinks (8 fewer bytes per sink weight than AdamW). It steps the "
-        "sink deltas of hf_memsinks.train_sinks (under LoRA); a full fine-tune's sinks share their "
+        "sinks that hf_memsinks.train_sinks stores apart (under LoRA); a full fine-tune's sinks share their "
         "tensors with the general neurons, and training one with it is an error "
         "(hf_memsinks.integrations.rowwise_sinks, docs/performance.md)."))
     general_sightings: int | None = setting(None, int_or_none(0, "must be a non-negative integer or None"),

@@ -6,10 +6,10 @@ trains beside them live in the base model's patched projections, so without this
 from the file and ``resume_from_checkpoint`` or ``PeftModel.from_pretrained`` starts them over.
 
 :func:`with_sinks` wraps PEFT's ``get_peft_model_state_dict`` so that the adapter state also holds
-the ``sink_*`` tensors of every module whose sinks train beside the adapter (the sinks with their
-deltas added, the checkpoint format of :mod:`hf_memsinks.checkpoints.sink_tensors`). Loading needs
-nothing more: PEFT loads an adapter with the model's ``load_state_dict``, whose hooks on the patched
-modules put the sinks back (each delta set to the loaded sinks' difference from the frozen ones).
+the ``sink_*`` tensors of every module whose sinks train beside the adapter (in the checkpoint
+format of :mod:`hf_memsinks.checkpoints.sink_tensors`). Loading needs nothing more: PEFT loads an
+adapter with the model's ``load_state_dict``, whose hooks on the patched modules put the sinks back
+into their own parameters.
 Into a model without sinks PEFT leaves them out, and :func:`warning_without_sinks` says so. An
 adapter folder with sinks in it is what a memsink checkpoint is, memorized data: the upload gate
 refuses it (:mod:`hf_memsinks.publishing.upload_gate`). :mod:`hf_memsinks.global_patches` installs
@@ -24,7 +24,7 @@ import warnings
 
 from ..checkpoints.format import SINK_KEY_MARKERS
 from ..checkpoints.sink_tensors import SINK
-from ..layers import sink_deltas
+from ..layers import sink_parts
 from ..layers.projections import is_patched_projection
 from ..publishing.hub_internals import uploads_gated
 
@@ -33,11 +33,11 @@ LOAD_NAME = "set_peft_model_state_dict"
 
 
 def trains_sinks_beside_an_adapter(module) -> bool:
-    """Whether :func:`hf_memsinks.train_sinks` made this patched module's sinks trainable: its sink
-    deltas, or a norm's weight with the general part's gradient zeroed."""
+    """Whether :func:`hf_memsinks.train_sinks` made this patched module's sinks trainable: its sinks
+    stored apart, or a norm's weight with the general part's gradient zeroed."""
     if not is_patched_projection(module):
         return False
-    return bool(sink_deltas.deltas(module)) or any(getattr(p, "_memsink_sink_hook", False)
+    return bool(sink_parts.parts(module)) or any(getattr(p, "_memsink_sink_hook", False)
                                                    for p in module.parameters(recurse=False))
 
 

@@ -13,7 +13,7 @@ Transformers' default callbacks); a training loop of one's own calls :func:`atta
 its optimizer state as they were on a step that trained only sinks.
 
 ``sink_optimizer="rowwise"``: :class:`hf_memsinks.integrations.rowwise_sinks.RowwiseSinks` steps the
-sink deltas itself, so the optimizer keeps no state for them.
+sinks stored apart itself, so the optimizer keeps no state for them.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
     optimizer of an accelerate / Trainer wrapper), once: the sinks' ``sink_lr_scale``
     (:class:`SinkLR`, returned; None when the scale is 1 or the model has no sinks), under
     ``general_sightings`` :class:`HoldGeneral`, and under ``sink_optimizer="rowwise"``
-    :class:`RowwiseSinks` (which steps the sink deltas at that scale itself; a ValueError where the
-    sinks have no deltas)."""
+    :class:`RowwiseSinks` (which steps the sinks stored apart at that scale itself; a ValueError where
+    they are not apart)."""
     inner = unwrap(model)
     patch = getattr(inner, "memsink", None)
     if patch is None:
@@ -136,7 +136,7 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
         return None
     if getattr(optimizer, "_memsink_sink_lr", None) is not None:
         return optimizer._memsink_sink_lr
-    skip = frozenset(id(delta) for delta, _ in rule.deltas) if rule is not None else frozenset()
+    skip = frozenset(id(part) for part, _ in rule.sinks) if rule is not None else frozenset()
     hook = SinkLR(inner, patch.config.sink_lr_scale, skip)
     optimizer.register_step_pre_hook(hook.before)
     optimizer.register_step_post_hook(hook.after)

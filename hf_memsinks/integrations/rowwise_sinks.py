@@ -9,10 +9,10 @@ running mean of ``g ** 2`` (the optimizer's ``beta2``, bias-corrected by the neu
 steps), at ``sink_lr_scale`` times the optimizer's learning rate; untouched neurons do not move; every
 sink then takes the optimizer's decoupled weight decay at that rate.
 
-The rule steps the sink deltas, the parameters :func:`hf_memsinks.train_sinks` gives the sinks under
-an adapter: before the optimizer's step it moves them and takes their gradient away, so the
+The rule steps the sinks stored apart, the parameters :func:`hf_memsinks.train_sinks` gives them
+under an adapter: before the optimizer's step it moves them and takes their gradient away, so the
 optimizer skips them and never allocates their state. ``v`` and the count live in the optimizer's
-state of each delta (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps, which
+state of each such parameter (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps, which
 torch's Adam expects in any state it loads), which checkpoints save with it. A full
 fine-tune's sinks are rows of the general neurons' tensors, whose optimizer state covers them
 anyway: there the setting is refused.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import sink_deltas
+from ..layers import sink_parts
 from ..layers.projections import is_patched_projection
 
 
@@ -42,13 +42,13 @@ def rowwise_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.
 
 
 class RowwiseSinks:
-    """The rule, as an optimizer pre-hook over every trainable sink delta of ``model``."""
+    """The rule, as an optimizer pre-hook over every trainable sink parameter of ``model`` (sinks stored apart)."""
 
     def __init__(self, model: nn.Module, scale: float, eps: float = 1e-8):
         self.scale, self.eps = float(scale), eps
-        self.deltas = [(delta, m.neuron_dims()[name]) for m in model.modules() if is_patched_projection(m)
-                       for name, delta in sink_deltas.deltas(m).items() if delta.requires_grad]
-        if not self.deltas:
+        self.sinks = [(part, m.neuron_dims()[name]) for m in model.modules() if is_patched_projection(m)
+                       for name, part in sink_parts.parts(m).items() if part.requires_grad]
+        if not self.sinks:
             raise ValueError(
                 "MemSinkConfig(sink_optimizer='rowwise') steps sinks that are parameters of their own, which "
                 "hf_memsinks.train_sinks(model) gives them under an adapter (LoRA); this model's sinks are rows "
@@ -60,19 +60,19 @@ class RowwiseSinks:
         # (the groups looked up at every step: loading a state dict, as accelerate's prepare does,
         # makes new group dicts, and only those follow the schedule's learning rate)
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        for delta, dim in self.deltas:
-            group = groups.get(id(delta))
-            if delta.grad is None or group is None:
+        for part, dim in self.sinks:
+            group = groups.get(id(part))
+            if part.grad is None or group is None:
                 continue
-            n = delta.shape[dim]
-            state = optimizer.state[delta]
+            n = part.shape[dim]
+            state = optimizer.state[part]
             state["step"] = state.get("step", torch.tensor(0.0)) + 1
-            sq = state.setdefault("rowwise_sq", torch.zeros(n, device=delta.device))
-            count = state.setdefault("rowwise_count", torch.zeros(n, device=delta.device))
+            sq = state.setdefault("rowwise_sq", torch.zeros(n, device=part.device))
+            count = state.setdefault("rowwise_count", torch.zeros(n, device=part.device))
             beta2 = group.get("betas", (0.9, 0.999))[1]
             lr = float(group["lr"]) * self.scale
-            delta.sub_(rowwise_update(delta.grad, dim, sq, count, beta2, self.eps), alpha=lr)
+            part.sub_(rowwise_update(part.grad, dim, sq, count, beta2, self.eps), alpha=lr)
             decay = float(group.get("weight_decay", 0.0))
             if decay:
-                delta.mul_(1 - lr * decay)
-            delta.grad = None
+                part.mul_(1 - lr * decay)
+            part.grad = None

@@ -14,8 +14,8 @@ rows are padded with sinks inactive in them), and
 
 Masked sinks add exact zeros in the dense computation, so the outputs are the same up to float
 summation order, and so are the gradients: a gathered weight's backward adds into the rows it
-came from, and a sink no row activates gets an exact zero, as when masked. The sink deltas
-(:mod:`.sink_deltas`) are gathered beside the weights' sink rows. Wherever the narrower hidden
+came from, and a sink no row activates gets an exact zero, as when masked. Sinks stored apart
+(:mod:`.sink_parts`) are gathered from their own parameters. Wherever the narrower hidden
 state could meet code that expects the full width, the projections take the dense path instead:
 see :func:`active_sinks_for`.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sink_deltas
+from . import sink_parts
 from .lora_parts import plain_lora
 from .mask_multiply import MaskSinks, maskable_in_place
 from .state import ActiveSinks, ForwardSinks
@@ -58,14 +58,9 @@ def _rows(tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
     return tensor.t() if tensor is not None and dim == 1 else tensor
 
 
-def _gather(rows: torch.Tensor, delta: torch.Tensor | None, first: int, count: int, chunk: int,
-            index: torch.Tensor) -> torch.Tensor:
-    """Rows ``first + index`` of ``rows`` plus rows ``chunk * count + index`` of the sink delta:
-    shape ``index.shape + rows.shape[1:]``."""
-    flat = index.reshape(-1)
-    out = rows.narrow(0, first, count).index_select(0, flat)
-    if delta is not None:
-        out = out + delta.narrow(0, chunk * count, count).index_select(0, flat)
+def _gather(rows: torch.Tensor, first: int, count: int, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``first + index`` of ``rows``: shape ``index.shape + rows.shape[1:]``."""
+    out = rows.narrow(0, first, count).index_select(0, index.reshape(-1))
     return out.view(*index.shape, *rows.shape[1:])
 
 
@@ -82,74 +77,84 @@ class GatheredInput(torch.autograd.Function):
     backward, so that the weight's gradient is one full-size tensor written in place (the general
     rows by the matmul itself, the sink rows zeroed then added into), as the dense matmul's is:
     slicing the weight in autograd gives one zero-filled full-size gradient per slice to add up,
-    most of the step this path saves, spent again on memory traffic."""
+    most of the step this path saves, spent again on memory traffic.
+
+    The sink rows are the weight's own (``sink_weight`` None) or, where the sinks are stored apart
+    (:mod:`.sink_parts`), ``sink_weight``'s (and ``sink_bias``'s); ``spans`` gives each chunk's
+    general span in ``weight`` and sink span in whichever holds the sinks."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_delta, bias_delta, dim: int, spans: list, index):
-        rows, delta = _rows(weight, dim), _rows(weight_delta, dim)
+    def forward(ctx, x, weight, bias, sink_weight, sink_bias, dim: int, spans: list, index):
+        rows = _rows(weight, dim)
+        sink_rows = rows if sink_weight is None else _rows(sink_weight, dim)
+        sink_bias_rows = bias if sink_weight is None else sink_bias
         outs, gathered = [], []
-        for chunk, ((ga, gn), (sa, sn)) in enumerate(spans):
+        for (ga, gn), (sa, sn) in spans:
             outs.append(F.linear(x, rows.narrow(0, ga, gn), None if bias is None else bias.narrow(0, ga, gn)))
-            gathered.append(_gather(rows, delta, sa, sn, chunk, index))  # (B, k, in)
+            gathered.append(_gather(sink_rows, sa, sn, index))  # (B, k, in)
             out = torch.bmm(x, gathered[-1].transpose(1, 2))
-            if bias is not None:
-                out = out + _gather(bias, bias_delta, sa, sn, chunk, index).unsqueeze(1)
+            if sink_bias_rows is not None:
+                out = out + _gather(sink_bias_rows, sa, sn, index).unsqueeze(1)
             outs.append(out)
-        ctx.save_for_backward(x, weight, bias, weight_delta, bias_delta, index, *gathered)
+        ctx.save_for_backward(x, weight, bias, sink_weight, sink_bias, index, *gathered)
         ctx.dim, ctx.spans = dim, spans
         return torch.cat(outs, dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, weight_delta, bias_delta, index, *gathered = ctx.saved_tensors
+        x, weight, bias, sink_weight, sink_bias, index, *gathered = ctx.saved_tensors
         need = ctx.needs_input_grad
         rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = None
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
         grad_b, _ = _grad_rows(bias, need[2], 0)
-        grad_wd, grad_wd_rows = _grad_rows(weight_delta, need[3], ctx.dim, zero=True)
-        grad_bd, _ = _grad_rows(bias_delta, need[4], 0, zero=True)
+        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3], ctx.dim)
+        grad_sb, _ = _grad_rows(sink_bias, need[4], 0)
+        apart = sink_weight is not None
+        # where each chunk's sink rows' gradient goes: the weight's own, or the apart sinks'
+        sink_grad_rows, sink_grad_bias = (grad_sw_rows, grad_sb) if apart else (grad_w_rows, grad_b)
+        needs_sink_w, needs_sink_b = (need[3], need[4]) if apart else (need[1], need[2])
         offset = 0
-        for chunk, (((ga, gn), (sa, sn)), sinks) in enumerate(zip(ctx.spans, gathered)):
+        for ((ga, gn), (sa, sn)), sinks in zip(ctx.spans, gathered):
             g_general, g_sinks = grad.narrow(-1, offset, gn), grad.narrow(-1, offset + gn, k)
             offset += gn + k
             if need[0]:
                 part = torch.baddbmm(g_general @ rows.narrow(0, ga, gn), g_sinks, sinks)
                 grad_x = part if grad_x is None else grad_x.add_(part)
-            if need[1] or need[3]:
-                g_rows = torch.bmm(g_sinks.transpose(1, 2), x).reshape(-1, x.shape[-1])  # (B * k, in)
             if need[1]:
                 torch.mm(g_general.reshape(-1, gn).t(), x2, out=grad_w_rows.narrow(0, ga, gn))
-                grad_w_rows.narrow(0, sa, sn).zero_().index_add_(0, flat, g_rows)
-            if need[3]:
-                grad_wd_rows.narrow(0, chunk * sn, sn).index_add_(0, flat, g_rows)
-            if need[2] or need[4]:
-                g_bias = g_sinks.sum(1).reshape(-1)
+            if needs_sink_w:
+                g_rows = torch.bmm(g_sinks.transpose(1, 2), x).reshape(-1, x.shape[-1])  # (B * k, in)
+                sink_grad_rows.narrow(0, sa, sn).zero_().index_add_(0, flat, g_rows)
             if need[2]:
                 grad_b.narrow(0, ga, gn).copy_(g_general.sum((0, 1)))
-                grad_b.narrow(0, sa, sn).zero_().index_add_(0, flat, g_bias)
-            if need[4]:
-                grad_bd.narrow(0, chunk * sn, sn).index_add_(0, flat, g_bias)
-        return grad_x, grad_w, grad_b, grad_wd, grad_bd, None, None, None
+            if needs_sink_b:
+                sink_grad_bias.narrow(0, sa, sn).zero_().index_add_(0, flat, g_sinks.sum(1).reshape(-1))
+        return grad_x, grad_w, grad_b, grad_sw, grad_sb, None, None, None
 
 
 class GatheredOutput(torch.autograd.Function):
     """The output projection of the general neurons and, per row, its gathered sinks (its own
-    backward for the reason :class:`GatheredInput` gives)."""
+    backward for the reason :class:`GatheredInput` gives); the sink columns are the weight's own
+    past ``general`` or, stored apart, ``sink_weight``'s."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, weight_delta, dim: int, general: int, index):
+    def forward(ctx, h, weight, bias, sink_weight, dim: int, general: int, index):
         rows = _rows(weight, dim)  # (neurons, out)
-        sinks = _gather(rows, _rows(weight_delta, dim), general, rows.shape[0] - general, 0, index)  # (B, k, out)
+        if sink_weight is None:
+            sinks = _gather(rows, general, rows.shape[0] - general, index)  # (B, k, out)
+        else:
+            sink_rows = _rows(sink_weight, dim)
+            sinks = _gather(sink_rows, 0, sink_rows.shape[0], index)
         out = torch.baddbmm(F.linear(h[..., :general], rows[:general].t(), bias), h[..., general:], sinks)
-        ctx.save_for_backward(h, weight, bias, weight_delta, index, sinks)
+        ctx.save_for_backward(h, weight, bias, sink_weight, index, sinks)
         ctx.dim, ctx.general = dim, general
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, bias, weight_delta, index, sinks = ctx.saved_tensors
+        h, weight, bias, sink_weight, index, sinks = ctx.saved_tensors
         need, g = ctx.needs_input_grad, ctx.general
         rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
         grad2, h2 = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
@@ -159,16 +164,17 @@ class GatheredOutput(torch.autograd.Function):
             torch.mm(grad2, rows[:g].t(), out=grad_h.view(-1, g + k).narrow(1, 0, g))
             grad_h.narrow(-1, g, k).copy_(torch.bmm(grad, sinks.transpose(1, 2)))
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
-        grad_wd, grad_wd_rows = _grad_rows(weight_delta, need[3], ctx.dim, zero=True)
-        if need[1] or need[3]:
-            g_rows = torch.bmm(h.narrow(-1, g, k).transpose(1, 2), grad).reshape(-1, grad.shape[-1])  # (B * k, out)
+        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3], ctx.dim)
+        apart = sink_weight is not None
+        needs_sinks = need[3] if apart else need[1]
         if need[1]:
             torch.mm(h2.narrow(1, 0, g).t(), grad2, out=grad_w_rows.narrow(0, 0, g))
-            grad_w_rows.narrow(0, g, rows.shape[0] - g).zero_().index_add_(0, flat, g_rows)
-        if need[3]:
-            grad_wd_rows.index_add_(0, flat, g_rows)
+        if needs_sinks:
+            g_rows = torch.bmm(h.narrow(-1, g, k).transpose(1, 2), grad).reshape(-1, grad.shape[-1])  # (B * k, out)
+            target = grad_sw_rows if apart else grad_w_rows.narrow(0, g, rows.shape[0] - g)
+            target.zero_().index_add_(0, flat, g_rows)
         grad_b = grad2.sum(0) if need[2] else None
-        return grad_h, grad_w, grad_b, grad_wd, None, None, None
+        return grad_h, grad_w, grad_b, grad_sw, None, None, None
 
 
 def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -183,20 +189,21 @@ def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def gather_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, spans: list,
-                index: torch.Tensor, weight_delta: torch.Tensor | None = None,
-                bias_delta: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` ``(B, T, in)`` times ``weight``'s general rows then, per row, its gathered sink rows,
-    per chunk of ``spans`` (``[(general span, sink span)]``), as autocast would compute a linear layer."""
-    tensors = _autocast(x, weight, bias, weight_delta, bias_delta)
+                index: torch.Tensor, sink_weight: torch.Tensor | None = None,
+                sink_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ``(B, T, in)`` times ``weight``'s general rows then, per row, its gathered sink rows
+    (``sink_weight``'s where the sinks are apart), per chunk of ``spans`` (``[(general span, sink
+    span)]``), as autocast would compute a linear layer."""
+    tensors = _autocast(x, weight, bias, sink_weight, sink_bias)
     with torch.autocast(x.device.type, enabled=False):
         return GatheredInput.apply(*tensors, dim, spans, index)
 
 
 def gather_columns(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, general: int,
-                   index: torch.Tensor, weight_delta: torch.Tensor | None = None) -> torch.Tensor:
+                   index: torch.Tensor, sink_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``h`` ``(B, T, general + k)`` times ``weight``'s general columns then, per row, its gathered
-    sink columns, as autocast would compute a linear layer."""
-    tensors = _autocast(h, weight, bias, weight_delta)
+    sink columns (``sink_weight``'s where the sinks are apart), as autocast would compute a linear layer."""
+    tensors = _autocast(h, weight, bias, sink_weight)
     with torch.autocast(h.device.type, enabled=False):
         return GatheredOutput.apply(*tensors, dim, general, index)
 
@@ -208,9 +215,12 @@ def by_row(x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
 
 def gathered_input(module: nn.Module, x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
     """An input projection's output: per chunk, the general neurons then the row's gathered sinks."""
-    m, parts = module.memsink, sink_deltas.deltas(module)
+    m, apart = module.memsink, sink_parts.parts(module)
+    spans = list(zip(m.general_spans, m.sink_spans))
+    if apart:  # (the weight holds the general rows, the sinks' own parameter the sink rows)
+        spans = [((k * m.general, m.general), (k * m.sinks, m.sinks)) for k in range(m.neuron_chunks)]
     out = gather_rows(by_row(x, active), module.weight, module.bias, module.neuron_dims()["weight"],
-                      list(zip(m.general_spans, m.sink_spans)), active.index, parts.get("weight"), parts.get("bias"))
+                      spans, active.index, apart.get("weight"), apart.get("bias"))
     return out if x.dim() == 3 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -227,5 +237,5 @@ def gathered_output(module: nn.Module, h: torch.Tensor, active: ActiveSinks,
     (:func:`masked_gathered`, or ``masked`` where the caller has it already)."""
     hb = masked_gathered(module, h, active) if masked is None else masked
     out = gather_columns(hb, module.weight, module.bias, module.neuron_dims()["weight"], module.memsink.general,
-                         active.index, sink_deltas.deltas(module).get("weight"))
+                         active.index, sink_parts.parts(module).get("weight"))
     return out if h.dim() == 3 else out.reshape(*h.shape[:-1], out.shape[-1])

@@ -1,5 +1,5 @@
 """Plain LoRA around a patched projection on the gathered path (``compute_active_sinks_only``):
-what the usual fine-tune runs (LoRA on every linear layer, the sinks trained through their deltas),
+what the usual fine-tune runs (LoRA on every linear layer, the sinks trained stored apart),
 so that an adapter on the MLP no longer makes every sink computed, then masked.
 
 The wrapper's output is its base's gathered output (:mod:`.active_sinks`) plus LoRA's contribution

@@ -10,7 +10,11 @@ sinks applied. A wrapped projection computes like the plain module (every neuron
 its own out), so nothing is applied twice. Where every adapter of the MLP is plain LoRA and the
 call computes only the active sinks, the wrapper's forward computes those instead
 (:mod:`.active_sinks_lora`), and the pre-hook leaves its gathered input alone. After
-``merge_and_unload()`` the next forward sees the projection back in place. Nothing imports
+``merge_and_unload()`` the next forward sees the projection back in place. PEFT merges an adapter
+into its base's whole weight: where :func:`hf_memsinks.train_sinks` stored the sinks apart, the
+wrapper's ``merge`` and ``unmerge`` see the weight whole for their duration, then the sinks go back
+apart into the same parameters (an optimizer holding them keeps stepping them), the adapter's share
+of the sink neurons now in them. Nothing imports
 ``peft``: a wrapper is recognised by ``get_base_layer`` / ``base_layer``. Training sinks under LoRA
 is :mod:`hf_memsinks.integrations.peft`.
 """
@@ -23,6 +27,7 @@ from torch import nn
 from .active_sinks_lora import active_sinks_of, lora_gathered
 from .lora_parts import base_of
 from .projections import is_patched_projection
+from .sink_parts import join, set_apart
 from .state import ActiveSinks
 
 Slot = tuple[nn.Module, str, nn.Module]  # (parent, attribute, patched projection)
@@ -84,6 +89,12 @@ class AdapterWrapper:
         active = _gathering(self, x, args, kwargs)
         return super().forward(x, *args, **kwargs) if active is None else lora_gathered(self, x, active)
 
+    def merge(self, *args, **kwargs):
+        return _on_whole_weight(self, super().merge, args, kwargs)
+
+    def unmerge(self, *args, **kwargs):
+        return _on_whole_weight(self, super().unmerge, args, kwargs)
+
     def __reduce_ex__(self, protocol):
         """Pickle by the wrapper's own class (this subclass is made when the wrapper is first seen)."""
         return _new_wrapper, (type(self).__bases__[1],), self.__dict__
@@ -100,6 +111,28 @@ def _adopt(wrapper: nn.Module, role: str) -> None:
     wrapper.__class__ = _subclass(type(wrapper))
     if role == "out":
         wrapper.register_forward_pre_hook(_sinks_applied_input, with_kwargs=True)
+
+
+def _on_whole_weight(wrapper: nn.Module, method, args: tuple, kwargs: dict):
+    """``method`` (the wrapper's merge or unmerge, which add to the base's whole weight) with the
+    base's sinks joined into its weight while it runs, then set apart again in the same parameters."""
+    proj = base_of(wrapper)
+    if not (is_patched_projection(proj) and proj.memsink.apart):
+        return method(*args, **kwargs)
+    kept = join(proj)
+    try:
+        return method(*args, **kwargs)
+    finally:
+        set_apart(proj, kept)
+
+
+def adopt_wrappers(model: nn.Module) -> None:
+    """Adopt every adapter wrapper around a patched projection of ``model`` now (as the next forward
+    would), so that a merge before any forward still finds the sinks' ``merge``."""
+    for module in model.modules():
+        proj = base_of(module)
+        if proj is not None and proj is not module and is_patched_projection(proj) and hasattr(module, "merge"):
+            _adopt(module, proj.memsink.role)
 
 
 def _subclass(base: type) -> type:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transformers_internals import NoHubKernel, drop_hub_kernel
-from . import sink_deltas
+from . import sink_parts
 from .active_sinks import active_sinks_for, gathered_input, gathered_output
 from .mask_multiply import MaskSinks, general_only, maskable_in_place
 from .neurons import ProjectionPatch, interleave, neuron_dim, pad_chunks, pick, replace_parameter
@@ -59,9 +59,9 @@ class SinkProjection(NoHubKernel):
         return pick(tensor, dim, self.memsink.general_spans), pick(tensor, dim, self.memsink.sink_spans)
 
     def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export);
-        the sinks include their delta (:mod:`hf_memsinks.layers.sink_deltas`)."""
-        return {name: self.split(sink_deltas.effective(self, name), dim) for name, dim in self.neuron_dims().items()}
+        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export),
+        also where the sinks are stored apart (:mod:`hf_memsinks.layers.sink_parts`)."""
+        return {name: self.split(sink_parts.whole(self, name), dim) for name, dim in self.neuron_dims().items()}
 
     # -- patch-time growth and removal --
 
@@ -90,7 +90,7 @@ class SinkProjection(NoHubKernel):
             width: neurons per chunk of the result (zero-padded up to it).
         """
         m = self.memsink
-        sink_deltas.fold_deltas(self)
+        sink_parts.join(self)
         for name, dim in self.neuron_dims().items():
             general, sinks = self.split(getattr(self, name), dim)
             if m.role == "out":
@@ -132,9 +132,12 @@ class SinkInProjection(SinkProjection):
         if not call.skip_sinks or m.inputs_wrapped:
             if not m.wrapped and (active := active_sinks_for(self, call, x)) is not None:  # (a wrapper gathers itself)
                 return gathered_input(self, x, active)
-            out = super().forward(x)  # every neuron: exactly the plain module's computation
-            return out if call.skip_sinks or not m.deltas else sink_deltas.input_delta(self, x, out)
+            if m.apart:
+                return sink_parts.dense_input(self, x)
+            return super().forward(x)  # every neuron: exactly the plain module's computation
         weight, bias = self._linear_weight(), self.bias
+        if m.apart:  # (the weight holds the general neurons only)
+            return F.linear(x, weight, bias)
         outs = [F.linear(x, weight[a : a + n], None if bias is None else bias[a : a + n]) for a, n in m.general_spans]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -144,17 +147,17 @@ class SinkOutProjection(SinkProjection):
         m = self.memsink
         call = m.state.call_for_projection(self.training)
         if m.wrapped:  # the adapter wrapper's pre-hook already applied the sinks (hf_memsinks.layers.adapters)
-            out = super().forward(h)
-            return out if call.skip_sinks or not m.deltas else sink_deltas.output_delta(self, h, out)
+            return sink_parts.dense_output(self, h) if m.apart else super().forward(h)
         if call.skip_sinks:
             h = h[..., : m.general] if h.shape[-1] != m.general else h
             scale = m.state.general_scale(call)
-            return F.linear(h * scale if scale != 1.0 else h, self._linear_weight()[:, : m.general], self.bias)
+            weight = self._linear_weight()
+            weight = weight if m.apart else weight[:, : m.general]
+            return F.linear(h * scale if scale != 1.0 else h, weight, self.bias)
         if (active := active_sinks_for(self, call, h)) is not None:
             return gathered_output(self, h, active)
         h = self.sink_input(h, call)
-        out = super().forward(h)
-        return sink_deltas.output_delta(self, h, out) if m.deltas else out
+        return sink_parts.dense_output(self, h) if m.apart else super().forward(h)
 
     def sink_input(self, h: torch.Tensor, call: ForwardSinks | None = None) -> torch.Tensor:
         """The full-width input the current call's sinks allow: sink part masked (training,
@@ -229,18 +232,25 @@ def is_patched_projection(module: nn.Module) -> bool:
 
 def trainable_neuron_tensors(model: nn.Module, part: str):
     """``(parameter, neuron dim, spans)`` of every trainable neuron-indexed tensor of the patched
-    projections, ``part`` "sink" or "general" choosing whose spans; the sink deltas
-    (:mod:`~hf_memsinks.layers.sink_deltas`) are sinks whole."""
+    projections, ``part`` "sink" or "general" choosing whose spans; where the sinks are stored
+    apart (:mod:`~hf_memsinks.layers.sink_parts`), their parameters are sinks whole and the
+    general neurons' tensors general whole."""
     out = []
     for m in model.modules():
         if not is_patched_projection(m):
             continue
+        apart = sink_parts.parts(m)
         for name, dim in m.neuron_dims().items():
-            if getattr(m, name).requires_grad:
-                out.append((getattr(m, name), dim, getattr(m.memsink, f"{part}_spans")))
+            param = getattr(m, name)
+            if not param.requires_grad:
+                continue
+            if name not in apart:
+                out.append((param, dim, getattr(m.memsink, f"{part}_spans")))
+            elif part == "general":
+                out.append((param, dim, [(0, param.shape[dim])]))
         if part == "sink":
-            out += [(d, dim, [(0, d.shape[dim])]) for name, d in sink_deltas.deltas(m).items()
-                    if d.requires_grad for dim in [m.neuron_dims()[name]]]
+            out += [(p, dim, [(0, p.shape[dim])]) for name, p in apart.items()
+                    if p.requires_grad for dim in [m.neuron_dims()[name]]]
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from ..ids.masks import sink_mask
 from ..ids.validation import check_id_list
 from ..layers.neurons import neuron_dim
-from ..layers.sink_deltas import deltas
+from ..layers.sink_parts import parts
 
 # Above this share of all sinks, deleting the given IDs' sinks is close to deleting every sink.
 COVERAGE_WARNING = 0.5
@@ -85,17 +85,20 @@ def forget_sinks(model, sequence_ids) -> float:
             continue
         width = site.general + site.sinks
         for module in site.in_proj:
+            apart = parts(module)  # (sinks stored apart: the weight holds general rows only)
             rows = torch.cat([k * width + site.general + gone for k in range(site.chunks)])
-            module.weight.index_fill_(neuron_dim(module, "in"), rows.to(module.weight.device), 0.0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.index_fill_(0, rows.to(module.bias.device), 0.0)
-            own = torch.cat([k * site.sinks + gone for k in range(site.chunks)])  # rows of the deltas
-            for name, delta in deltas(module).items():
-                delta.data.index_fill_(module.neuron_dims()[name], own.to(delta.device), 0.0)
+            if not apart:
+                module.weight.index_fill_(neuron_dim(module, "in"), rows.to(module.weight.device), 0.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.index_fill_(0, rows.to(module.bias.device), 0.0)
+            own = torch.cat([k * site.sinks + gone for k in range(site.chunks)])  # rows of the apart sinks
+            for name, part in apart.items():
+                part.data.index_fill_(module.neuron_dims()[name], own.to(part.device), 0.0)
         out = site.out_proj
-        out.weight.index_fill_(neuron_dim(out, "out"), (site.general + gone).to(out.weight.device), 0.0)
-        for delta in deltas(out).values():
-            delta.data.index_fill_(neuron_dim(out, "out"), gone.to(delta.device), 0.0)
+        if not parts(out):
+            out.weight.index_fill_(neuron_dim(out, "out"), (site.general + gone).to(out.weight.device), 0.0)
+        for part in parts(out).values():
+            part.data.index_fill_(neuron_dim(out, "out"), gone.to(part.device), 0.0)
         if site.norm is not None:  # a norm over the hidden neurons: its per-neuron weights of those sinks
             for param in site.norm.parameters(recurse=False):
                 param.index_fill_(0, (site.general + gone).to(param.device), 0.0)

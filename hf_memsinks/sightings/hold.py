@@ -33,7 +33,7 @@ class HoldGeneral:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.patch, self.optimizer = model.memsink, optimizer
         self.mixed = trainable_neuron_tensors(model, "general")
-        # (the sink deltas hold sinks only: they take their step)
+        # (sinks stored apart hold sinks only: they take their step)
         mixed = {id(p) for p, _, _ in self.mixed + trainable_neuron_tensors(model, "sink")}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in mixed]
         self._saved: list | None = None

@@ -33,7 +33,7 @@ import torch
 from ..ids.content_hash import token_content_ids
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
-from ..layers.sink_deltas import deltas
+from ..layers.sink_parts import parts
 from ..transformers_internals import get_checkpoint_func, set_checkpoint_func
 from .counts import Sightings
 
@@ -62,16 +62,17 @@ def sink_masks(model) -> dict[int, torch.Tensor]:
             raise NotImplementedError("general_sightings is not supported on mixture-of-experts MLPs yet")
         if not is_patched_projection(module):
             continue
+        apart = parts(module)
         for name, dim in module.neuron_dims().items():
             param = getattr(module, name)
             shape = [1] * param.dim()
             shape[dim] = param.shape[dim]
             mask = torch.zeros(shape[dim], dtype=torch.bool, device=param.device)
-            for start, n in module.memsink.sink_spans:
+            for start, n in [] if name in apart else module.memsink.sink_spans:  # (apart: general only)
                 mask[start:start + n] = True
             out[id(param)] = mask.reshape(shape)
-        for delta in deltas(module).values():  # sinks whole
-            out[id(delta)] = torch.ones([1] * delta.dim(), dtype=torch.bool, device=delta.device)
+        for part in apart.values():  # sinks whole
+            out[id(part)] = torch.ones([1] * part.dim(), dtype=torch.bool, device=part.device)
     return out
 
 

@@ -84,7 +84,7 @@ def test_the_no_sink_grads_bound_frees_only_the_sinks_gradients():
     tokens, ids = torch.randint(0, 512, (2, 16)), torch.tensor([3, 4])
     finetune_cost._timed_step(model, opt, tokens, ids, "cpu")
     after = dict(model.named_parameters())
-    deltas = [n for n in before if ".sink_delta_" in n]
+    deltas = [n for n in before if ".sink_part_" in n]
     assert deltas and all(torch.equal(after[n], before[n]) and after[n].grad is None for n in deltas)
     assert any(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
 

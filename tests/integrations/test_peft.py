@@ -12,7 +12,7 @@ from hf_memsinks.cli import audit
 from hf_memsinks.integrations.peft import train_sinks
 from hf_memsinks.layers.neurons import neuron_dim
 from hf_memsinks.layers.projections import is_patched_projection
-from hf_memsinks.layers.sink_deltas import effective
+from hf_memsinks.layers.sink_parts import whole
 
 TARGETS = {
     "gpt2": ["c_attn", "c_fc", "c_proj"],
@@ -49,8 +49,9 @@ def test_lora_with_sinks_then_merge_and_remove(model_type, tmp_path):
     active = sink_mask(torch.tensor([ID]), 32, 0.3)[0]
     for name, module in projections.items():
         dim = neuron_dim(module, module.memsink.role)
-        assert torch.equal(module.weight, before[name])  # frozen: the sinks move through their deltas
-        delta = effective(module, "weight") - before[name]
+        general_before = module.split(before[name], dim)[0]  # frozen: the sinks move in their own parameters
+        assert torch.equal(module.weight, general_before) and module.weight.shape == general_before.shape
+        delta = whole(module, "weight") - before[name]
         general, sinks = module.split(delta, dim)
         assert general.abs().max() == 0, f"{name}: general neurons moved outside LoRA"
         moved = sinks.abs().amax(dim=1 - dim) > 0
@@ -147,7 +148,7 @@ def test_a_lora_runs_checkpoint_keeps_its_sinks_and_resumes_to_the_unbroken_run(
         keys = list(f.keys())
     sink_keys = [k for k in keys if ".sink_" in k]
     assert sink_keys and all(k.endswith((".sink_weight", ".sink_bias")) for k in sink_keys)
-    assert not any("sink_delta" in k for k in keys)
+    assert not any("sink_part" in k for k in keys)
     assert audit(str(checkpoint))  # an adapter with sinks is memorized data: the audit flags it
     resumed = _lora_trainer_run(tmp_path / "b", resume=str(checkpoint), weight_decay=0.1)
     state, again = straight.state_dict(), resumed.state_dict()
@@ -166,3 +167,40 @@ def test_a_lora_runs_checkpoint_keeps_its_sinks_and_resumes_to_the_unbroken_run(
     # onto a model without sinks PEFT leaves them out: said, not silent
     with pytest.warns(UserWarning, match=r"holds \d+ sink tensors .* has no sinks: they are left out"):
         PeftModel.from_pretrained(tiny_model("llama"), str(checkpoint))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_merge_and_unmerge_keep_the_sinks_apart_in_the_same_parameters(model_type):
+    """PEFT merges into the base's whole weight; the sinks stored apart go back apart after it,
+    in the parameters an optimizer holds, with the adapter's share of the sink neurons in them."""
+    model = get_memsink_model(tiny_model(model_type), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[model_type],
+                                                  lora_dropout=0.0, init_lora_weights=False))
+    train_sinks(peft_model)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    projections = [m for m in peft_model.modules() if is_patched_projection(m)]
+    wholes = [whole(m, "weight").clone() for m in projections]
+    probe = batch(2, 9, seed=5)
+    peft_model.eval()
+    with torch.no_grad(), model.sink_mode("activate", [ID, ID]):
+        expected = peft_model(input_ids=probe).logits
+        peft_model.merge_adapter()
+        assert all(m.memsink.apart and m.weight.shape != w.shape for m, w in zip(projections, wholes))
+        assert all(not torch.equal(whole(m, "weight"), w) for m, w in zip(projections, wholes))  # (merged in)
+        torch.testing.assert_close(peft_model(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)
+        peft_model.unmerge_adapter()
+        torch.testing.assert_close(peft_model(input_ids=probe).logits, expected, atol=1e-5, rtol=1e-5)
+    for m, w in zip(projections, wholes):
+        torch.testing.assert_close(whole(m, "weight"), w, atol=1e-6, rtol=0)
+    assert {n: p for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
+    assert all(p.requires_grad for p in trainable.values())
+
+
+def test_train_sinks_refuses_dora_on_a_sink_patched_projection():
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA reads its base's weight whole"):
+        train_sinks(peft_model)
+    on_attention = get_peft_model(get_memsink_model(tiny_model("llama"), MemSinkConfig(sink_fraction=0.5)),
+                                  LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert train_sinks(on_attention)

@@ -14,7 +14,7 @@ from tiny_models import batch, tiny_model
 from transformers import Trainer, TrainingArguments
 
 from hf_memsinks import MemSinkConfig, MemSinkDataCollator, attach_sink_lr, get_memsink_model, train_sinks
-from hf_memsinks.layers.sink_deltas import deltas
+from hf_memsinks.layers.sink_parts import parts
 
 CFG = MemSinkConfig.for_finetuning(sink_fraction=0.5, sink_active_prob=0.3, sink_lr_scale=5.0,
                                    sink_optimizer="rowwise")
@@ -43,7 +43,7 @@ def backward(model, seed=1, ids=IDS):
 
 def out_delta(model):
     proj = model.transformer.h[0].mlp.c_proj  # Conv1D: its sinks along dim 0
-    return deltas(proj)["weight"]
+    return parts(proj)["weight"]
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1])
@@ -124,7 +124,7 @@ def test_trainer_with_lora_steps_the_sinks_by_the_rule(tmp_path):
                                                   fan_in_fan_out=True))
     names = train_sinks(peft_model)
     assert names
-    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "sink_delta" in n}
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "sink_part" in n}
     g = torch.Generator().manual_seed(0)
     ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
                             "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
@@ -137,6 +137,6 @@ def test_trainer_with_lora_steps_the_sinks_by_the_rule(tmp_path):
     assert model.memsink.sink_rule_attached
     inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     for name, p in peft_model.named_parameters():
-        if "sink_delta" in name:
+        if "sink_part" in name:
             assert "exp_avg" not in inner.state[p] and "rowwise_sq" in inner.state[p], name
     assert any(not torch.equal(p.detach(), before[n]) for n, p in peft_model.named_parameters() if n in before)

@@ -109,7 +109,7 @@ def test_sink_deltas_under_lora_on_attention(model_type, gathered_calls):
         assert names
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "sink_delta_" in name:
+                if "sink_part_" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
         models.append(model)
     assert_same_step(*models, batch(3, 12), PER_TOKEN)

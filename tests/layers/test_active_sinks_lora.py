@@ -174,7 +174,7 @@ def _merged():
     return model
 
 
-@pytest.mark.parametrize("build", [lambda: with_lora("llama", {"use_dora": True}), _two_active, _merged],
+@pytest.mark.parametrize("build", [lambda: with_lora("llama", {"use_dora": True}, sinks=False), _two_active, _merged],
                          ids=["dora", "two_active_adapters", "merged"])
 def test_other_adapter_setups_take_the_dense_path(build, gathered_weights):
     gathered = build()

@@ -1,6 +1,7 @@
-"""Sinks trained through deltas beside frozen weights (train_sinks, layers/sink_deltas.py): the same
-training as a trainable weight with its general gradient zeroed, at the sinks' size only, and every
-read of the weights (state dict, removal, forgetting, the optimizer hooks) sees the deltas."""
+"""Sinks stored apart from frozen general neurons (train_sinks, layers/sink_parts.py): the same
+training as a trainable weight with its general gradient zeroed, at the sinks' size only and with no
+frozen copy of them, and every read of the weights (state dict, removal, forgetting, the optimizer
+hooks) sees the sinks in their parameters."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from tiny_models import batch, tiny_model
 from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model, train_sinks
 from hf_memsinks.integrations.peft import _general_grad_hook
 from hf_memsinks.layers.projections import is_patched_projection
-from hf_memsinks.layers.sink_deltas import deltas, effective
+from hf_memsinks.layers.sink_parts import parts, whole
 
 CFG = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.5, sink_lr_scale=3.0)
 IDS = torch.tensor([5, 6, 7])
@@ -23,7 +24,7 @@ def frozen(model_type, cfg=CFG):
 
 
 def with_weight_hook(model):
-    """What train_sinks did before deltas: the whole weight trainable, its general gradient zeroed."""
+    """What train_sinks did before storing the sinks apart: the whole weight trainable, its general gradient zeroed."""
     for module in model.modules():
         if is_patched_projection(module):
             for name, dim in module.neuron_dims().items():
@@ -45,15 +46,20 @@ def train(model, steps=3, lr=0.05):
 
 
 def weights(model):
-    return {n: effective(m, name).detach().clone() for n, m in model.named_modules() if is_patched_projection(m)
+    return {n: whole(m, name).detach().clone() for n, m in model.named_modules() if is_patched_projection(m)
             for name in m.neuron_dims()}
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "phi3"])
-def test_deltas_train_the_sinks_as_a_trainable_weight_would(model_type):
+def test_sinks_apart_train_as_a_trainable_weight_would(model_type):
     a, b = frozen(model_type), frozen(model_type)
     names = train_sinks(a)
-    assert names and all(".sink_delta_" in n for n in names)
+    assert names and all(".sink_part_" in n for n in names)
+    for m in a.modules():  # no frozen copy of the sinks: the module holds each weight once
+        if is_patched_projection(m) and m.memsink.role != "norm":
+            assert sum(p.numel() for p in m.parameters(recurse=False)) == sum(
+                whole(m, n).numel() for n in m.neuron_dims()) + (0 if "bias" in m.neuron_dims() or m.bias is None
+                                                                 else m.bias.numel())
     with_weight_hook(b)
     before = weights(a)
     train(a), train(b)
@@ -70,17 +76,17 @@ def test_deltas_train_the_sinks_as_a_trainable_weight_would(model_type):
     a.eval(), b.eval()
     with torch.no_grad(), a.sink_mode("activate", [5, 6]), b.sink_mode("activate", [5, 6]):
         torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # removal folds the deltas in: the same plain model
+    with torch.no_grad():  # removal joins the sinks back: the same plain model
         torch.testing.assert_close(a.remove_sinks()(input_ids=x).logits, b.remove_sinks()(input_ids=x).logits,
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_state_dict_carries_the_sinks_with_their_deltas_and_loads_back():
+def test_state_dict_carries_the_sinks_apart_and_loads_back():
     model = frozen("llama")
     train_sinks(model)
     train(model)
     state = model.state_dict()
-    assert not any(".sink_delta_" in k for k in state)
+    assert not any(".sink_part_" in k for k in state)
     for n, m in model.named_modules():
         if is_patched_projection(m) and m.memsink.role == "out":
             assert torch.equal(state[f"{n}.sink_weight"], m.general_and_sink_parts()["weight"][1])
@@ -89,33 +95,34 @@ def test_state_dict_carries_the_sinks_with_their_deltas_and_loads_back():
     x = batch(2, 9, seed=12)
     with torch.no_grad(), model.eval().sink_mode("activate", [5, 6]), fresh.eval().sink_mode("activate", [5, 6]):
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6, rtol=1e-6)
-    # loading into the model that has deltas: its frozen sinks stay, the deltas take the difference
-    frozen_sinks = {n: m.weight.detach().clone() for n, m in model.named_modules() if is_patched_projection(m)}
-    model.load_state_dict(fresh.state_dict())
+    # loading into the model whose sinks are apart: each part into its own parameter, the same objects
+    own = {id(p) for p in model.parameters()}
     loaded = fresh.state_dict()
+    model.load_state_dict(loaded)
+    assert {id(p) for p in model.parameters()} == own
     for n, m in model.named_modules():
         if is_patched_projection(m):
-            assert torch.equal(m.weight, frozen_sinks[n])
-            torch.testing.assert_close(m.general_and_sink_parts()["weight"][1], loaded[f"{n}.sink_weight"],
-                                       atol=1e-7, rtol=0)
-    assert any(float(d.detach().abs().max()) > 0 for m in model.modules() if is_patched_projection(m)
-               for d in deltas(m).values())
+            assert torch.equal(m.weight, loaded[f"{n}.weight"])
+            assert torch.equal(parts(m)["weight"], loaded[f"{n}.sink_weight"])
     with torch.no_grad(), model.sink_mode("activate", [5, 6]), fresh.sink_mode("activate", [5, 6]):
         torch.testing.assert_close(fresh(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_sink_lr_and_forgetting_reach_the_deltas():
+def test_sink_lr_and_forgetting_reach_the_sinks_apart():
     model = frozen("gpt2")
     train_sinks(model)
+    start = [d.detach().clone() for m in model.modules() if is_patched_projection(m) for d in parts(m).values()]
     hooked = train(model, steps=1)
-    changed = [d for m in hooked.modules() if is_patched_projection(m) for d in deltas(m).values()]
-    assert any(float(d.detach().abs().max()) > 0 for d in changed)
-    # x3 step: the same run at sink_lr_scale 1 moves the deltas a third as far (SGD, one step)
+    changed = [d.detach() - s for d, s in zip(
+        [d for m in hooked.modules() if is_patched_projection(m) for d in parts(m).values()], start)]
+    assert any(float(d.abs().max()) > 0 for d in changed)
+    # x3 step: the same run at sink_lr_scale 1 moves the sinks a third as far (SGD, one step)
     slow = frozen("gpt2", MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.5, sink_lr_scale=1.0))
     train_sinks(slow)
     train(slow, steps=1)
-    slow_deltas = [d for m in slow.modules() if is_patched_projection(m) for d in deltas(m).values()]
-    for fast, one in zip(changed, slow_deltas):
+    slow_moves = [d.detach() - s for d, s in zip(
+        [d for m in slow.modules() if is_patched_projection(m) for d in parts(m).values()], start)]
+    for fast, one in zip(changed, slow_moves):
         torch.testing.assert_close(fast, 3 * one, atol=1e-7, rtol=1e-5)
     model.forget_sinks([5, 6, 7])
     from hf_memsinks.model.forgetting import forgotten_sinks
@@ -126,4 +133,4 @@ def test_sink_lr_and_forgetting_reach_the_deltas():
         sinks = out.general_and_sink_parts()["weight"][1]  # Conv1D: (sinks, hidden)
         assert float(sinks[gone].abs().max()) == 0
         assert bool((~gone).any()) and float(sinks[~gone].abs().max()) > 0  # only those
-        assert float(deltas(out)["weight"].detach()[gone].abs().max()) == 0  # (zeroed in the delta too)
+        assert float(parts(out)["weight"].detach()[gone].abs().max()) == 0  # (zeroed in the part itself)

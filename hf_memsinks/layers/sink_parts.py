@@ -1,0 +1,102 @@
+"""Sinks stored apart from the general neurons: what :func:`hf_memsinks.train_sinks` gives a patched
+projection under an adapter.
+
+Under LoRA the base weights are frozen. Making a patched weight trainable to train its sink rows
+would give the whole MLP weight a gradient and optimizer state (general neurons included, their
+gradient zeroed afterwards): the memory of a full fine-tune of every MLP. Instead the sinks move
+out of the projection's tensors: ``weight`` (and ``bias``) keep the general neurons only, still the
+same parameter objects, and ``sink_part_weight`` (and ``sink_part_bias``) hold the sinks, a
+parameter of their own. The gradient, the optimizer's state and the sink-LR hook then cover the
+sink neurons alone, the general neurons cannot move (weight decay included), and no frozen copy of
+the sinks is kept beside them.
+
+The projection's width does not change (``in_features`` / ``out_features``, what an adapter around
+it sees): its forward computes the two parts and lays them out as the joined tensor would
+(:func:`dense_input`, :func:`dense_output`). Every read of the whole tensor (state dict,
+``sink_parameters``, statistics) goes through :func:`whole`; removal, forgetting and an adapter's
+merge join the parts first (:func:`join`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .neurons import interleave
+
+PREFIX = "sink_part_"
+
+
+def parts(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``{"weight": parameter, "bias": ...}``: the module's sinks stored apart (empty when joined)."""
+    return {name: getattr(module, PREFIX + name) for name in module.neuron_dims()
+            if isinstance(getattr(module, PREFIX + name, None), nn.Parameter)}
+
+
+@torch.no_grad()
+def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None) -> list[str]:
+    """Move the module's sinks into parameters of their own (trainable) and freeze what is left,
+    its general neurons; returns the new parameters' names (none when they are apart already).
+    The general tensors stay the same parameter objects (an optimizer holding them keeps them),
+    and so do the sinks' where ``reuse`` gives the ones :func:`join` took away."""
+    if parts(module):
+        return []
+    added = []
+    for name, dim in module.neuron_dims().items():
+        param = getattr(module, name)
+        general, sinks = module.split(param.detach(), dim)
+        param.data = general.contiguous()
+        param.requires_grad_(False)
+        part = (reuse or {}).get(name)
+        if part is None:
+            part = nn.Parameter(sinks.contiguous())
+        else:
+            part.data = sinks.contiguous()
+        module.register_parameter(PREFIX + name, part)
+        added.append(PREFIX + name)
+    module.memsink.apart = True
+    return added
+
+
+def whole(module: nn.Module, name: str) -> torch.Tensor:
+    """Parameter ``name`` of a patched projection with every neuron, general and sinks laid out as
+    patching lays them out: the parameter itself where the sinks are not apart, else a new tensor."""
+    param = getattr(module, name)
+    part = parts(module).get(name)
+    if part is None:
+        return param
+    return interleave(param.detach(), part.detach(), module.neuron_dims()[name], module.memsink.neuron_chunks)
+
+
+@torch.no_grad()
+def join(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Put the sinks back into the general neurons' tensors (before removal, forgetting or a merge);
+    returns the parameters that held them."""
+    taken = parts(module)
+    for name in taken:
+        getattr(module, name).data = whole(module, name)
+        delattr(module, PREFIX + name)
+    module.memsink.apart = False
+    return taken
+
+
+def _linear(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A weight (or weight part) as ``F.linear`` takes it (Conv1D stores ``(in, out)``)."""
+    transposed = module.neuron_dims()["weight"] == (1 if module.memsink.role == "in" else 0)
+    return tensor.t() if transposed else tensor
+
+
+def dense_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An input projection's output with every neuron: per chunk its general neurons, then its sinks."""
+    sinks = parts(module)
+    general = F.linear(x, _linear(module, module.weight), module.bias)
+    own = F.linear(x, _linear(module, sinks["weight"]), sinks.get("bias"))
+    return interleave(general, own, -1, module.memsink.neuron_chunks)
+
+
+def dense_output(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The output projection of ``h``, every neuron wide (the sinks already applied to it)."""
+    g = module.memsink.general
+    out = F.linear(h.narrow(-1, 0, g), _linear(module, module.weight), module.bias)
+    return out + F.linear(h.narrow(-1, g, h.shape[-1] - g), _linear(module, parts(module)["weight"]))
