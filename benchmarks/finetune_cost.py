@@ -68,9 +68,10 @@ VARIANTS = {
     "for_finetuning+lora_r16": ({}, True),
     "first_layer": (FIRST_LAYER, False),
     "first_layer+lora_r16": (FIRST_LAYER, True),
-    # the sink deltas stepped by sink_optimizer="rowwise": no AdamW state for them
+    # the sinks stored apart and stepped by sink_optimizer="rowwise": no AdamW state for them
+    "for_finetuning+rowwise": ({"sink_optimizer": "rowwise"}, False),
     "for_finetuning+rowwise+lora_r16": ({"sink_optimizer": "rowwise"}, True),
-    # a bound, not a recipe: the same with each delta's gradient freed as soon as backward makes it (so
+    # a bound, not a recipe: the same with each sink part's gradient freed as soon as backward makes it (so
     # the sinks do not train): what gradients of the touched rows only could save at most
     "for_finetuning+rowwise+lora_r16+no_sink_grads": ({"sink_optimizer": "rowwise"}, True),
 }
@@ -270,8 +271,8 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
     each variant, for ``sinks_per_layer`` added sinks in ``layers`` layers (None: every layer).
     Full fine-tune: bf16 weights and gradients,
     fp32 master weights and two fp32 moments (16 bytes a parameter); LoRA: the frozen base in bf16
-    (2 bytes), adapters at 16; sinks under LoRA: frozen sink rows (2) plus their delta (16), or under
-    ``sink_optimizer="rowwise"`` (``sinks+lora_r16+rowwise``) the delta and its gradient in fp32 (8)."""
+    (2 bytes), adapters at 16; sinks under LoRA, stored apart from the frozen weight: 16, or under
+    ``sink_optimizer="rowwise"`` (``sinks+lora_r16+rowwise``) the sinks and their gradient in fp32 (8)."""
     p = shape_params(shape)
     sinks = sinks_per_layer * p["per_sink"] * (shape["layers"] if layers is None else layers)
     rows = {
@@ -279,9 +280,9 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
         "lora_r16": (p["total"] + p["lora"], p["lora"], 2 * p["total"] + 16 * p["lora"]),
         "sinks": (p["total"] + sinks, p["total"] + sinks, 16 * (p["total"] + sinks)),
         "sinks+lora_r16": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
-                           2 * (p["total"] + sinks) + 16 * (p["lora"] + sinks)),
+                           2 * p["total"] + 16 * (p["lora"] + sinks)),
         "sinks+lora_r16+rowwise": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
-                                   2 * (p["total"] + sinks) + 16 * p["lora"] + 8 * sinks),
+                                   2 * p["total"] + 16 * p["lora"] + 8 * sinks),
     }
     return {name: {"parameters": n, "trainable": t, "state_gib": b / 2**30} for name, (n, t, b) in rows.items()}
 

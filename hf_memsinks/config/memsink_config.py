@@ -90,10 +90,11 @@ class MemSinkConfig:
     sink_optimizer: str = setting("adamw", one_of(SINK_OPTIMIZERS), help=(
         "what steps the sinks: 'adamw' (default), the training's own optimizer; 'rowwise', a rule that "
         "keeps one value per sink neuron and moves only the neurons a batch's IDs activated, so the "
-        "optimizer keeps no state for the sinks (8 fewer bytes per sink weight than AdamW). It steps the "
-        "sinks that hf_memsinks.train_sinks stores apart (under LoRA); a full fine-tune's sinks share their "
-        "tensors with the general neurons, and training one with it is an error "
-        "(hf_memsinks.integrations.rowwise_sinks, docs/performance.md)."))
+        "optimizer keeps no state for the sinks (8 fewer bytes per sink weight than AdamW). With it, "
+        "patching stores every projection's sinks apart from its general neurons, parameters of their own "
+        "(hf_memsinks.layers.sink_parts): in a full fine-tune the general neurons keep the optimizer's "
+        "state, and under LoRA hf_memsinks.train_sinks trains the sinks alone. Not for mixture-of-experts "
+        "MLPs (hf_memsinks.integrations.rowwise_sinks, docs/performance.md)."))
     general_sightings: int | None = setting(None, int_or_none(0, "must be a non-negative integer or None"),
                                             help=(
         "the privacy setting. None (the paper's method): every repetition of a document trains the general "

@@ -9,13 +9,13 @@ running mean of ``g ** 2`` (the optimizer's ``beta2``, bias-corrected by the neu
 steps), at ``sink_lr_scale`` times the optimizer's learning rate; untouched neurons do not move; every
 sink then takes the optimizer's decoupled weight decay at that rate.
 
-The rule steps the sinks stored apart, the parameters :func:`hf_memsinks.train_sinks` gives them
-under an adapter: before the optimizer's step it moves them and takes their gradient away, so the
+The rule steps the sinks stored apart from the general neurons (:mod:`hf_memsinks.layers.sink_parts`),
+parameters of their own, which patching with this setting gives every projection (the general
+neurons stay trainable, with the optimizer's own state: a full fine-tune) and which
+:func:`hf_memsinks.train_sinks` keeps trainable under an adapter: before the optimizer's step it moves them and takes their gradient away, so the
 optimizer skips them and never allocates their state. ``v`` and the count live in the optimizer's
 state of each such parameter (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps, which
-torch's Adam expects in any state it loads), which checkpoints save with it. A full
-fine-tune's sinks are rows of the general neurons' tensors, whose optimizer state covers them
-anyway: there the setting is refused.
+torch's Adam expects in any state it loads), which checkpoints save with it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,9 @@ class RowwiseSinks:
                        for name, part in sink_parts.parts(m).items() if part.requires_grad]
         if not self.sinks:
             raise ValueError(
-                "MemSinkConfig(sink_optimizer='rowwise') steps sinks that are parameters of their own, which "
-                "hf_memsinks.train_sinks(model) gives them under an adapter (LoRA); this model's sinks are rows "
-                "of the general neurons' tensors (a full fine-tune), whose optimizer state covers them anyway. "
-                "Use sink_optimizer='adamw' here")
+                "MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart, parameters of their own, "
+                "and this model has none that train: patch it with that config (get_memsink_model sets them "
+                "apart), and under an adapter call hf_memsinks.train_sinks(model) after peft.get_peft_model")
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer, *_) -> None:

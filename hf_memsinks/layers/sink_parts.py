@@ -1,5 +1,5 @@
 """Sinks stored apart from the general neurons: what :func:`hf_memsinks.train_sinks` gives a patched
-projection under an adapter.
+projection under an adapter, and what ``MemSinkConfig(sink_optimizer="rowwise")`` gives every one.
 
 Under LoRA the base weights are frozen. Making a patched weight trainable to train its sink rows
 would give the whole MLP weight a gradient and optimizer state (general neurons included, their
@@ -10,8 +10,12 @@ parameter of their own. The gradient, the optimizer's state and the sink-LR hook
 sink neurons alone, the general neurons cannot move (weight decay included), and no frozen copy of
 the sinks is kept beside them.
 
-The projection's width does not change (``in_features`` / ``out_features``, what an adapter around
-it sees): its forward computes the two parts and lays them out as the joined tensor would
+In a full fine-tune with ``sink_optimizer="rowwise"`` the general neurons stay trainable, and the
+sinks, a parameter of their own, can be stepped by a rule of their own while the optimizer keeps
+its moments for the general neurons only (:mod:`hf_memsinks.integrations.rowwise_sinks`).
+
+The projection's width does not change (``in_features`` / ``out_features``, and for a Conv1D the
+``ds_shape`` of its weight, which is what PEFT reads there: what an adapter around it sees): its forward computes the two parts and lays them out as the joined tensor would
 (:func:`dense_input`, :func:`dense_output`). Every read of the whole tensor (state dict,
 ``sink_parameters``, statistics) goes through :func:`whole`; removal, forgetting and an adapter's
 merge join the parts first (:func:`join`).
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..transformers_internals import Conv1D
 from .neurons import interleave
 
 PREFIX = "sink_part_"
@@ -35,24 +40,34 @@ def parts(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None) -> list[str]:
-    """Move the module's sinks into parameters of their own (trainable) and freeze what is left,
-    its general neurons; returns the new parameters' names (none when they are apart already).
-    The general tensors stay the same parameter objects (an optimizer holding them keeps them),
-    and so do the sinks' where ``reuse`` gives the ones :func:`join` took away."""
+def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None, freeze_general: bool = True) -> list[str]:
+    """Move the module's sinks into parameters of their own (trainable) and, with ``freeze_general``,
+    freeze what is left, its general neurons; returns the sinks' parameter names. Where they are
+    apart already, only makes them trainable (and freezes the general neurons). The general tensors
+    stay the same parameter objects (an optimizer holding them keeps them), and so do the sinks'
+    where ``reuse`` gives the ones :func:`join` took away."""
     if parts(module):
-        return []
+        for name, part in parts(module).items():
+            part.requires_grad_(True)
+            if freeze_general:
+                getattr(module, name).requires_grad_(False)
+        return [PREFIX + name for name in parts(module)]
     added = []
     for name, dim in module.neuron_dims().items():
         param = getattr(module, name)
+        whole_shape = param.shape
         general, sinks = module.split(param.detach(), dim)
         param.data = general.contiguous()
-        param.requires_grad_(False)
+        if freeze_general:
+            param.requires_grad_(False)
+        if name == "weight" and isinstance(module, Conv1D):
+            param.ds_shape = whole_shape  # (PEFT reads a Conv1D's width from its weight's shape, or this)
         part = (reuse or {}).get(name)
         if part is None:
             part = nn.Parameter(sinks.contiguous())
         else:
             part.data = sinks.contiguous()
+            part.requires_grad_(True)
         module.register_parameter(PREFIX + name, part)
         added.append(PREFIX + name)
     module.memsink.apart = True
@@ -75,7 +90,9 @@ def join(module: nn.Module) -> dict[str, nn.Parameter]:
     returns the parameters that held them."""
     taken = parts(module)
     for name in taken:
-        getattr(module, name).data = whole(module, name)
+        param = getattr(module, name)
+        param.data = whole(module, name)
+        param.__dict__.pop("ds_shape", None)
         delattr(module, PREFIX + name)
     module.memsink.apart = False
     return taken

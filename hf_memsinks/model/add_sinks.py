@@ -22,6 +22,7 @@ from ..layers.adapters import projection_slots
 from ..layers.experts import aligned_split
 from ..layers.mlp import PatchedMLP
 from ..layers.sink_init import copy_init_sinks
+from ..layers.sink_parts import set_apart
 from ..layers.state import SinkState
 from ..mlp_discovery.resolve import found_record, mlp_sites
 from ..mlp_discovery.spec import MLPSite, select_layers
@@ -93,10 +94,24 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
             mlp.grow(config.init_seed, random_init=record is None)
     if config.sink_init == "copy" and config.mode == "add" and record is None:
         copy_init_sinks(patched, config.init_seed)
+    if config.sink_optimizer == "rowwise":  # (the rule steps sinks that are parameters of their own)
+        _sinks_apart(sites, patched)
     patch = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
     _swap_classes(model, patch)
     wrap_checkpointing(model, state)
     return model
+
+
+def _sinks_apart(sites: list[MLPSite], patched: list[PatchedMLP]) -> None:
+    """Store every patched projection's sinks apart from its general neurons, both trainable
+    (:mod:`hf_memsinks.layers.sink_parts`): before any optimizer or DDP wrapper sees the parameters."""
+    if any(site.kind == "experts" for site in sites):
+        raise ValueError("MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart from dense MLP "
+                         "projections; a mixture-of-experts model's sinks are rows of its expert tensors: use "
+                         "sink_optimizer='adamw'")
+    for mlp in patched:
+        for module in [*mlp.in_proj, mlp.out_proj]:
+            set_apart(module, freeze_general=False)
 
 
 def _resolve_mode(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRecord | None) -> MemSinkConfig:

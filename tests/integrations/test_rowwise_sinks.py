@@ -1,7 +1,7 @@
-"""``MemSinkConfig(sink_optimizer="rowwise")`` (integrations/rowwise_sinks.py): the sink deltas step by
-one second moment per neuron, touched neurons only, at ``sink_lr_scale`` times the learning rate, then
-the decoupled weight decay; the optimizer keeps no state for them; its state in the optimizer's state
-dict resumes exactly; a full fine-tune's sinks are refused."""
+"""``MemSinkConfig(sink_optimizer="rowwise")`` (integrations/rowwise_sinks.py): the sinks, stored apart,
+step by one second moment per neuron, touched neurons only, at ``sink_lr_scale`` times the learning
+rate, then the decoupled weight decay; the optimizer keeps no state for them; its state in the
+optimizer's state dict resumes exactly; in a full fine-tune too, where the general neurons keep AdamW."""
 
 import copy
 import io
@@ -105,11 +105,36 @@ def test_the_rules_state_resumes_from_the_optimizers_state_dict():
     torch.testing.assert_close(out_delta(resumed), out_delta(model), rtol=0, atol=0)
 
 
-def test_a_full_fine_tunes_sinks_are_refused():
-    model = get_memsink_model(tiny_model("gpt2"), CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with pytest.raises(ValueError, match="sink_optimizer='rowwise'.*train_sinks"):
-        attach_sink_lr(model, opt)
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_a_full_fine_tune_steps_its_sinks_apart_by_the_rule_and_the_rest_by_adamw(model_type, tmp_path):
+    model = get_memsink_model(tiny_model(model_type), CFG)
+    sinks = {n: p for n, p in model.named_parameters() if ".sink_part_" in n}
+    assert sinks and all(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
+                            "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0))
+    trainer.train()
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    for name, p in model.named_parameters():
+        state = inner.state[p]
+        assert ("rowwise_sq" in state and "exp_avg" not in state) if name in sinks else "exp_avg" in state, name
+        assert not torch.equal(p.detach(), before[name]) or name in sinks, name  # (every general tensor moved)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in sinks.items())
+    # the checkpoint format and removal are those of a model whose sinks share the weight
+    state = model.state_dict()
+    assert not any(".sink_part_" in k for k in state)
+    joined = get_memsink_model(tiny_model(model_type), MemSinkConfig.for_finetuning(
+        sink_fraction=0.5, sink_active_prob=0.3, sink_lr_scale=5.0))
+    assert joined.load_state_dict(state).missing_keys == []
+    x = batch(2, 9, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().remove_sinks()(input_ids=x).logits,
+                                   joined.eval().remove_sinks()(input_ids=x).logits, rtol=0, atol=0)
 
 
 def test_training_without_the_rule_warns():
