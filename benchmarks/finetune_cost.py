@@ -76,7 +76,7 @@ VARIANTS = {
     "for_finetuning+rowwise+lora_r16+no_sink_grads": ({"sink_optimizer": "rowwise"}, True),
 }
 # run when named in --variants (docs/performance.md has their own command), not in make bench's table
-ON_REQUEST = ("for_finetuning+rowwise+lora_r16", "for_finetuning+rowwise+lora_r16+no_sink_grads")
+ON_REQUEST = ("first_layer", "first_layer+lora_r16", "for_finetuning+rowwise+lora_r16+no_sink_grads")
 
 
 def build(shape: dict, dtype: torch.dtype, device: str = "cpu"):
@@ -271,14 +271,17 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
     each variant, for ``sinks_per_layer`` added sinks in ``layers`` layers (None: every layer).
     Full fine-tune: bf16 weights and gradients,
     fp32 master weights and two fp32 moments (16 bytes a parameter); LoRA: the frozen base in bf16
-    (2 bytes), adapters at 16; sinks under LoRA, stored apart from the frozen weight: 16, or under
-    ``sink_optimizer="rowwise"`` (``sinks+lora_r16+rowwise``) the sinks and their gradient in fp32 (8)."""
+    (2 bytes), adapters at 16; sinks under LoRA, stored apart from the frozen weight: 16; under
+    ``sink_optimizer="rowwise"`` (``sinks+rowwise``, ``sinks+lora_r16+rowwise``) no moments for the
+    sinks: 8 bytes each (full fine-tune: bf16 weight and gradient and an fp32 master weight; LoRA:
+    the weight and its gradient in fp32)."""
     p = shape_params(shape)
     sinks = sinks_per_layer * p["per_sink"] * (shape["layers"] if layers is None else layers)
     rows = {
         "full": (p["total"], p["total"], 16 * p["total"]),
         "lora_r16": (p["total"] + p["lora"], p["lora"], 2 * p["total"] + 16 * p["lora"]),
         "sinks": (p["total"] + sinks, p["total"] + sinks, 16 * (p["total"] + sinks)),
+        "sinks+rowwise": (p["total"] + sinks, p["total"] + sinks, 16 * p["total"] + 8 * sinks),
         "sinks+lora_r16": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
                            2 * p["total"] + 16 * (p["lora"] + sinks)),
         "sinks+lora_r16+rowwise": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
@@ -350,7 +353,7 @@ def arithmetic_table(recipes: dict[str, tuple[float, int | None]] = RECIPES) -> 
             rows = arithmetic(shape, sinks, layers)
             out[f"{shape_name}/{recipe}"] = {"sinks_per_layer": sinks, **rows}
             full, lora = rows["full"]["state_gib"], rows["lora_r16"]["state_gib"]
-            for name in ("sinks", "sinks+lora_r16", "sinks+lora_r16+rowwise") if recipe != "none" else (
+            for name in ("sinks", "sinks+rowwise", "sinks+lora_r16", "sinks+lora_r16+rowwise") if recipe != "none" else (
                     "full", "lora_r16"):
                 r = rows[name]
                 lines.append(f"| {shape_name} | {recipe} ({sinks}) | {name} | {r['parameters'] / 1e9:.2f}B | "

@@ -124,6 +124,10 @@ class SinkProjection(NoHubKernel):
         ``__dict__``, hook tables (the checkpoint format's hooks) included."""
         return _new_patched_projection, (self.memsink.base_class, self.memsink.role), self.__dict__
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        sink_parts.mark_width(self)  # (deep copies and pickles: see sink_parts.mark_width)
+
 
 class SinkInProjection(SinkProjection):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

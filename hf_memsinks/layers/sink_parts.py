@@ -55,13 +55,10 @@ def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None, f
     added = []
     for name, dim in module.neuron_dims().items():
         param = getattr(module, name)
-        whole_shape = param.shape
         general, sinks = module.split(param.detach(), dim)
         param.data = general.contiguous()
         if freeze_general:
             param.requires_grad_(False)
-        if name == "weight" and isinstance(module, Conv1D):
-            param.ds_shape = whole_shape  # (PEFT reads a Conv1D's width from its weight's shape, or this)
         part = (reuse or {}).get(name)
         if part is None:
             part = nn.Parameter(sinks.contiguous())
@@ -71,7 +68,20 @@ def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None, f
         module.register_parameter(PREFIX + name, part)
         added.append(PREFIX + name)
     module.memsink.apart = True
+    mark_width(module)
     return added
+
+
+def mark_width(module: nn.Module) -> None:
+    """A Conv1D whose sinks are apart: its weight's ``ds_shape`` is the whole weight's shape, which is
+    what PEFT reads a Conv1D's width from when it is there (else from the weight's own shape). A
+    parameter's attributes do not survive ``copy.deepcopy``: the projection sets it again then."""
+    if isinstance(module, Conv1D) and module.memsink.apart:
+        weight, part = module.weight, parts(module)["weight"]
+        dim = module.neuron_dims()["weight"]
+        shape = list(weight.shape)
+        shape[dim] += part.shape[dim]
+        weight.ds_shape = torch.Size(shape)
 
 
 def whole(module: nn.Module, name: str) -> torch.Tensor:

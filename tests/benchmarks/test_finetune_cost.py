@@ -24,6 +24,8 @@ def test_arithmetic_matches_published_sizes_and_sink_counts():
     sink_params = 32 * 3 * 4096 * 11008  # under rowwise: no AdamW moments for them, 8 bytes fewer each
     saved = rows["sinks+lora_r16"]["state_gib"] - rows["sinks+lora_r16+rowwise"]["state_gib"]
     assert abs(saved * 2**30 - 8 * sink_params) < 1
+    saved = rows["sinks"]["state_gib"] - rows["sinks+rowwise"]["state_gib"]  # (a full fine-tune alike)
+    assert abs(saved * 2**30 - 8 * sink_params) < 1
     first = finetune_cost.arithmetic(finetune_cost.ARITHMETIC_SHAPES["llama-2-7b"], 2 * 11008, layers=1)
     assert first["sinks"]["parameters"] - first["full"]["parameters"] == 3 * 4096 * 2 * 11008
 

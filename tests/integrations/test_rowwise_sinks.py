@@ -165,3 +165,17 @@ def test_trainer_with_lora_steps_the_sinks_by_the_rule(tmp_path):
         if "sink_part" in name:
             assert "exp_avg" not in inner.state[p] and "rowwise_sq" in inner.state[p], name
     assert any(not torch.equal(p.detach(), before[n]) for n, p in peft_model.named_parameters() if n in before)
+
+
+def test_peft_sees_a_conv1d_projections_whole_width_with_its_sinks_apart_also_in_a_deep_copy():
+    """PEFT reads a Conv1D's width from its weight (or the weight's ``ds_shape``): with the sinks apart
+    the weight holds the general neurons only, so the patched projection keeps ``ds_shape`` whole."""
+    model = copy.deepcopy(get_memsink_model(tiny_model("gpt2"), CFG))
+    fc = model.transformer.h[0].mlp.c_fc
+    width = fc.memsink.general + fc.memsink.sinks
+    assert fc.weight.shape[1] < width  # (apart: the weight holds the general neurons)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_fc", "c_proj"], fan_in_fan_out=True))
+    train_sinks(peft_model)
+    assert peft_model.base_model.model.transformer.h[0].mlp.c_fc.lora_B["default"].weight.shape[0] == width
+    assert peft_model.base_model.model.transformer.h[0].mlp.c_proj.lora_A["default"].weight.shape[1] == width
+    backward(peft_model)
