@@ -353,8 +353,8 @@ def arithmetic_table(recipes: dict[str, tuple[float, int | None]] = RECIPES) -> 
             rows = arithmetic(shape, sinks, layers)
             out[f"{shape_name}/{recipe}"] = {"sinks_per_layer": sinks, **rows}
             full, lora = rows["full"]["state_gib"], rows["lora_r16"]["state_gib"]
-            for name in ("sinks", "sinks+rowwise", "sinks+lora_r16", "sinks+lora_r16+rowwise") if recipe != "none" else (
-                    "full", "lora_r16"):
+            names = ("sinks", "sinks+rowwise", "sinks+lora_r16", "sinks+lora_r16+rowwise")
+            for name in names if recipe != "none" else ("full", "lora_r16"):
                 r = rows[name]
                 lines.append(f"| {shape_name} | {recipe} ({sinks}) | {name} | {r['parameters'] / 1e9:.2f}B | "
                              f"{r['trainable'] / 1e9:.3f}B | {r['state_gib']:.1f} | {r['state_gib'] / full:.2f} | "

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers.projections import is_patched_projection
 from ..layers.adapters import adopt_wrappers
+from ..layers.projections import is_patched_projection
 from ..layers.sink_parts import set_apart
 from .adapter_files import hold_sinks_with_the_gate
 
@@ -36,11 +36,12 @@ def train_sinks(model: nn.Module) -> list[str]:
     projection's sinks move out of its frozen weight into ``sink_part_weight`` (and
     ``sink_part_bias``), trainable parameters of their own, so the gradient and the optimizer's
     state are the sinks' size, the general neurons cannot move (weight decay included), and no
-    frozen copy of the sinks stays behind. A norm over
-    the hidden neurons (BitNet's) is small: its weight becomes trainable with the general part's
-    gradient zeroed. Checkpoints, ``merge_and_unload()`` (which puts the sinks back into the
-    weight first) and ``remove_sinks()`` see the sinks as they train, and so do PEFT's adapter files from here on (``save_pretrained``, ``Trainer``
-    checkpoints: :mod:`hf_memsinks.integrations.adapter_files`), so a resumed run keeps its sinks.
+    frozen copy of the sinks stays behind. A norm over the hidden neurons (BitNet's) is small: its
+    weight becomes trainable with the general part's gradient zeroed. Checkpoints,
+    ``merge_and_unload()`` (which sees the weight whole while it merges) and ``remove_sinks()`` see
+    the sinks as they train, and so do PEFT's adapter files from here on (``save_pretrained``,
+    ``Trainer`` checkpoints: :mod:`hf_memsinks.integrations.adapter_files`), so a resumed run keeps
+    its sinks. DoRA on a patched projection is refused: it reads its base's weight whole.
 
     Args:
         model: a patched model, typically wrapped by ``peft.get_peft_model``.

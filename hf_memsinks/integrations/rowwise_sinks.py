@@ -12,10 +12,11 @@ sink then takes the optimizer's decoupled weight decay at that rate.
 The rule steps the sinks stored apart from the general neurons (:mod:`hf_memsinks.layers.sink_parts`),
 parameters of their own, which patching with this setting gives every projection (the general
 neurons stay trainable, with the optimizer's own state: a full fine-tune) and which
-:func:`hf_memsinks.train_sinks` keeps trainable under an adapter: before the optimizer's step it moves them and takes their gradient away, so the
-optimizer skips them and never allocates their state. ``v`` and the count live in the optimizer's
-state of each such parameter (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps, which
-torch's Adam expects in any state it loads), which checkpoints save with it.
+:func:`hf_memsinks.train_sinks` keeps trainable under an adapter: before the optimizer's step it
+moves them and takes their gradient away, so the optimizer skips them and never allocates their
+state. ``v`` and the count live in the optimizer's
+state of each such parameter (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps,
+which torch's Adam expects in any state it loads), which checkpoints save with it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class ProjectionPatch:
     state: SinkState  # the model's sink state: eval mode and the current forward call
     base_class: type  # the module's class before patching
     behind_norm: bool = False  # an output projection reading a norm over the hidden neurons (sinks applied there)
-    apart: bool = False  # the sinks are parameters of their own, the tensors general only (hf_memsinks.layers.sink_parts)
+    apart: bool = False  # the sinks are parameters of their own (hf_memsinks.layers.sink_parts)
     # set by hf_memsinks.layers.adapters.sync_adapters:
     adapter: nn.Module | None = field(default=None, repr=False, compare=False)  # the adapter wrapping this module
     inputs_wrapped: bool = False  # an adapter wraps one of this MLP's input projections: all compute every neuron

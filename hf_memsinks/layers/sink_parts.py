@@ -15,8 +15,9 @@ sinks, a parameter of their own, can be stepped by a rule of their own while the
 its moments for the general neurons only (:mod:`hf_memsinks.integrations.rowwise_sinks`).
 
 The projection's width does not change (``in_features`` / ``out_features``, and for a Conv1D the
-``ds_shape`` of its weight, which is what PEFT reads there: what an adapter around it sees): its forward computes the two parts and lays them out as the joined tensor would
-(:func:`dense_input`, :func:`dense_output`). Every read of the whole tensor (state dict,
+``ds_shape`` of its weight, which PEFT reads there: what an adapter around it sees): its forward
+computes the two parts and lays them out as the joined tensor would (:func:`dense_input`,
+:func:`dense_output`). Every read of the whole tensor (state dict,
 ``sink_parameters``, statistics) goes through :func:`whole`; removal, forgetting and an adapter's
 merge join the parts first (:func:`join`).
 """
@@ -40,7 +41,8 @@ def parts(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None, freeze_general: bool = True) -> list[str]:
+def set_apart(module: nn.Module, reuse: dict[str, nn.Parameter] | None = None,
+              freeze_general: bool = True) -> list[str]:
     """Move the module's sinks into parameters of their own (trainable) and, with ``freeze_general``,
     freeze what is left, its general neurons; returns the sinks' parameter names. Where they are
     apart already, only makes them trainable (and freezes the general neurons). The general tensors
