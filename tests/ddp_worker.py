@@ -116,10 +116,10 @@ def lora_with_rowwise_sinks(model):
 
 
 def rowwise_state(trainer, found: dict) -> None:
-    """Whether the rule stepped every sink delta and the optimizer kept no moments for them."""
-    deltas = [p for n, p in trainer.model.named_parameters() if "sink_part_" in n]
-    states = [trainer.optimizer.state.get(p, {}) for p in deltas]
-    found["rowwise"] = bool(deltas) and all("rowwise_sq" in s and "exp_avg" not in s for s in states)
+    """Whether the rule stepped every sink parameter and the optimizer kept no moments for them."""
+    sinks = [p for n, p in trainer.model.named_parameters() if "sink_part_" in n]
+    states = [trainer.optimizer.state.get(p, {}) for p in sinks]
+    found["rowwise"] = bool(sinks) and all("rowwise_sq" in s and "exp_avg" not in s for s in states)
 
 
 def main():

@@ -69,8 +69,8 @@ def test_two_processes_count_every_sighting_alike(tmp_path):
 
 
 def test_two_processes_step_lora_sinks_by_the_rowwise_rule_alike(tmp_path):
-    """sink_optimizer="rowwise" under DDP (Trainer, torchrun, LoRA): the rule steps the sink deltas
-    on both processes from the averaged gradient, AdamW keeps no moments for them, and the ranks
+    """sink_optimizer="rowwise" under DDP (Trainer, torchrun, LoRA): the rule steps the sinks (stored
+    apart) on both processes from the averaged gradient, AdamW keeps no moments for them, and the ranks
     end equal with the sinks moved."""
     r0, r1 = launch("torchrun", "trainer", tmp_path, False, "--lora-rowwise")
     assert r0["rowwise"] and r1["rowwise"]

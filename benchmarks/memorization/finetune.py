@@ -125,7 +125,7 @@ def fine_tune(spec: FinetuneRun, base, setting: TwoDomainSetting, cfg, accelerat
 def _weight_decay(spec: FinetuneRun, cfg) -> float:
     """The run's weight decay; 0 with LoRA + sinks, as the rows in docs/finetune.md were measured (the
     sinks then trained through their whole weight, whose frozen general part AdamW's decay would shrink;
-    their deltas now keep it out of reach)."""
+    with the sinks stored apart it is out of reach)."""
     if spec.lora_r and spec.method == "memsinks":
         return 0.0
     return cfg.train.weight_decay if spec.weight_decay is None else spec.weight_decay

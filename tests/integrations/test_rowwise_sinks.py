@@ -21,7 +21,7 @@ CFG = MemSinkConfig.for_finetuning(sink_fraction=0.5, sink_active_prob=0.3, sink
 IDS = torch.tensor([3, 4])
 
 
-def with_deltas(cfg=CFG):
+def with_sinks_apart(cfg=CFG):
     model = get_memsink_model(tiny_model("gpt2"), cfg)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -41,51 +41,64 @@ def backward(model, seed=1, ids=IDS):
     model(input_ids=x, labels=x, sequence_ids=ids).loss.backward()
 
 
-def out_delta(model):
+def trained_by_trainer(model, tmp_path):
+    """Two Trainer steps on 8 rows of two IDs; the optimizer it stepped with."""
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
+                            "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0))
+    trainer.train()
+    return trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+
+
+def out_sinks(model):
     proj = model.transformer.h[0].mlp.c_proj  # Conv1D: its sinks along dim 0
     return parts(proj)["weight"]
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1])
 def test_the_first_step_moves_touched_neurons_by_their_normalised_gradient(decay):
-    model = with_deltas()
+    model = with_sinks_apart()
     opt = optimizer(model, decay)
     backward(model)
-    delta = out_delta(model)
-    before, grad = delta.detach().clone(), delta.grad.clone()
+    sinks = out_sinks(model)
+    before, grad = sinks.detach().clone(), sinks.grad.clone()
     rms = grad.pow(2).mean(1, keepdim=True).sqrt()
     touched = rms[:, 0] > 0
     assert 0 < touched.sum() < len(touched)  # (the IDs' sinks only)
     opt.step()
     lr = 1e-2 * 5.0
     want = (before - lr * grad / (rms + 1e-8)) * (1 - lr * decay)
-    torch.testing.assert_close(delta.detach(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sinks.detach(), want, rtol=1e-5, atol=1e-7)
     if decay == 0:
-        assert torch.equal(delta.detach()[~touched], before[~touched])
-    state = opt.state[delta]
+        assert torch.equal(sinks.detach()[~touched], before[~touched])
+    state = opt.state[sinks]
     assert set(state) == {"step", "rowwise_sq", "rowwise_count"}  # AdamW kept nothing for the sinks
-    assert torch.equal(state["rowwise_count"].bool(), touched) and delta.grad is None
+    assert torch.equal(state["rowwise_count"].bool(), touched) and sinks.grad is None
 
 
 def test_a_neuron_moves_only_on_steps_that_touched_it():
-    model = with_deltas()
+    model = with_sinks_apart()
     opt = optimizer(model, decay=0.0)
     backward(model, ids=torch.tensor([3, 3]))
     opt.step()
     opt.zero_grad()
-    delta = out_delta(model)
-    first = opt.state[delta]["rowwise_count"].clone()
-    before = delta.detach().clone()
+    sinks = out_sinks(model)
+    first = opt.state[sinks]["rowwise_count"].clone()
+    before = sinks.detach().clone()
     backward(model, seed=2, ids=torch.tensor([4, 4]))
     opt.step()
-    count = opt.state[delta]["rowwise_count"]
-    moved = (delta.detach() - before).abs().amax(1) > 0
+    count = opt.state[sinks]["rowwise_count"]
+    moved = (sinks.detach() - before).abs().amax(1) > 0
     assert torch.equal(moved, count > first)  # this step's neurons, and no other
     assert (count <= 2).all() and moved.any()
 
 
 def test_the_rules_state_resumes_from_the_optimizers_state_dict():
-    model = with_deltas()
+    model = with_sinks_apart()
     opt = optimizer(model)
     for seed in (1, 2):
         backward(model, seed=seed)
@@ -102,7 +115,7 @@ def test_the_rules_state_resumes_from_the_optimizers_state_dict():
     for m, o in ((model, opt), (resumed, opt2)):
         backward(m, seed=3)
         o.step()
-    torch.testing.assert_close(out_delta(resumed), out_delta(model), rtol=0, atol=0)
+    torch.testing.assert_close(out_sinks(resumed), out_sinks(model), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -111,15 +124,7 @@ def test_a_full_fine_tune_steps_its_sinks_apart_by_the_rule_and_the_rest_by_adam
     sinks = {n: p for n, p in model.named_parameters() if ".sink_part_" in n}
     assert sinks and all(p.requires_grad for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    g = torch.Generator().manual_seed(0)
-    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
-                            "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0))
-    trainer.train()
-    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    inner = trained_by_trainer(model, tmp_path)
     for name, p in model.named_parameters():
         state = inner.state[p]
         assert ("rowwise_sq" in state and "exp_avg" not in state) if name in sinks else "exp_avg" in state, name
@@ -138,7 +143,7 @@ def test_a_full_fine_tune_steps_its_sinks_apart_by_the_rule_and_the_rest_by_adam
 
 
 def test_training_without_the_rule_warns():
-    model = with_deltas(MemSinkConfig.for_finetuning(sink_optimizer="rowwise", sink_lr_scale=1.0))
+    model = with_sinks_apart(MemSinkConfig.for_finetuning(sink_optimizer="rowwise", sink_lr_scale=1.0))
     with pytest.warns(UserWarning, match="sink_optimizer='rowwise'"):
         backward(model)
 
@@ -150,17 +155,8 @@ def test_trainer_with_lora_steps_the_sinks_by_the_rule(tmp_path):
     names = train_sinks(peft_model)
     assert names
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "sink_part" in n}
-    g = torch.Generator().manual_seed(0)
-    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (8, 12), generator=g).tolist(),
-                            "sequence_ids": [int(IDS[i % 2]) for i in range(8)]})
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=3e-3, report_to=[], use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
-                      data_collator=MemSinkDataCollator(pad_token_id=0))
-    trainer.train()
+    inner = trained_by_trainer(peft_model, tmp_path)
     assert model.memsink.sink_rule_attached
-    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     for name, p in peft_model.named_parameters():
         if "sink_part" in name:
             assert "exp_avg" not in inner.state[p] and "rowwise_sq" in inner.state[p], name

@@ -1,6 +1,6 @@
 """MemSinkConfig.compute_active_sinks_only (layers/active_sinks.py): a training forward that computes
 only each row's active sinks gives the dense path's logits and every gradient (masked sinks add exact
-zeros there), for per-sequence and per-token IDs, rows without an ID, sink deltas and the routed
+zeros there), for per-sequence and per-token IDs, rows without an ID, sinks stored apart and the routed
 forward of general_sightings; wherever it cannot apply, the dense path runs. LoRA on the MLP:
 tests/layers/test_active_sinks_lora.py."""
 
@@ -97,9 +97,9 @@ def test_a_batch_without_ids_gathers_no_sink(gathered_calls):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_sink_deltas_under_lora_on_attention(model_type, gathered_calls):
-    """train_sinks: the sinks train through deltas; the gathered rows include them (made nonzero
-    here) and the deltas' and adapters' gradients match."""
+def test_sinks_apart_under_lora_on_attention(model_type, gathered_calls):
+    """train_sinks: the sinks train stored apart; the gathered rows are theirs (randomised here) and
+    their and the adapters' gradients match."""
     targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[model_type]
     models = []
     for model in pair(lambda: tiny_model(model_type)):

@@ -1,6 +1,6 @@
 """Plain LoRA around the MLP's projections computes only the active sinks too
-(layers/active_sinks_lora.py): with LoRA on every linear layer and the sinks trained through their
-deltas (train_sinks), the logits and every gradient equal the dense path's (the same model, deep-copied,
+(layers/active_sinks_lora.py): with LoRA on every linear layer and the sinks trained stored apart
+(train_sinks), the logits and every gradient equal the dense path's (the same model, deep-copied,
 with compute_active_sinks_only off); any other adapter setup keeps the dense path."""
 
 import copy
