@@ -25,6 +25,7 @@ import warnings
 from ..checkpoints.format import SINK_KEY_MARKERS
 from ..checkpoints.sink_tensors import SINK
 from ..layers import sink_parts
+from ..layers.adapters import adopt_wrappers
 from ..layers.projections import is_patched_projection
 from ..publishing.hub_internals import uploads_gated
 
@@ -33,12 +34,13 @@ LOAD_NAME = "set_peft_model_state_dict"
 
 
 def trains_sinks_beside_an_adapter(module) -> bool:
-    """Whether :func:`hf_memsinks.train_sinks` made this patched module's sinks trainable: its sinks
-    stored apart, or a norm's weight with the general part's gradient zeroed."""
+    """Whether this patched module's sinks train beside an adapter: its sinks stored apart and
+    trainable (:func:`hf_memsinks.train_sinks`), or a norm's weight with the general part's gradient
+    zeroed."""
     if not is_patched_projection(module):
         return False
-    return bool(sink_parts.parts(module)) or any(getattr(p, "_memsink_sink_hook", False)
-                                                   for p in module.parameters(recurse=False))
+    apart = any(p.requires_grad for p in sink_parts.parts(module).values())
+    return apart or any(getattr(p, "_memsink_sink_hook", False) for p in module.parameters(recurse=False))
 
 
 def sink_state(model, state_dict: dict | None = None) -> dict:
@@ -77,14 +79,18 @@ def with_sinks(get_state):
 def warning_without_sinks(set_state):
     """PEFT's ``set_peft_model_state_dict`` that warns when an adapter holding sinks is loaded into a
     model without any: PEFT leaves their tensors out, and a run resumed so would train on without
-    them."""
+    them. Into a model with sinks it adopts the adapter's wrappers at once, so that a merge before any
+    forward sees the weights whole (:func:`hf_memsinks.layers.adapters.adopt_wrappers`)."""
     if getattr(set_state, "_memsink_original", None) is not None:
         return set_state
 
     @functools.wraps(set_state)
     def set_peft_model_state_dict(model, peft_model_state_dict, *args, **kwargs):
         sinks = [k for k in peft_model_state_dict if k.endswith(SINK_KEY_MARKERS)]
-        if sinks and not any(is_patched_projection(m) for m in model.modules()):
+        patched = any(is_patched_projection(m) for m in model.modules())
+        if patched:  # (so that a merge before any forward sees the weights whole: layers/adapters.py)
+            adopt_wrappers(model)
+        if sinks and not patched:
             warnings.warn(f"this adapter holds {len(sinks)} sink tensors of a MemSinks model ({sinks[0]}, ...), and "
                           "the model it is loaded into has no sinks: they are left out, as remove_sinks() would. To "
                           "resume training with them, load it onto hf_memsinks.get_memsink_model(base, config) (or "

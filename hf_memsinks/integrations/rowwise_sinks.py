@@ -54,6 +54,9 @@ class RowwiseSinks:
                 "MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart, parameters of their own, "
                 "and this model has none that train: patch it with that config (get_memsink_model sets them "
                 "apart), and under an adapter call hf_memsinks.train_sinks(model) after peft.get_peft_model")
+        if any(hasattr(p, "full_tensor") for p, _ in self.sinks):
+            raise ValueError("MemSinkConfig(sink_optimizer='rowwise') does not step sharded sinks (FSDP) yet: its "
+                             "per-neuron state is not sharded with them. Use sink_optimizer='adamw' under FSDP")
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer, *_) -> None:

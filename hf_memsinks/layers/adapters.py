@@ -119,11 +119,16 @@ def _on_whole_weight(wrapper: nn.Module, method, args: tuple, kwargs: dict):
     proj = base_of(wrapper)
     if not (is_patched_projection(proj) and proj.memsink.apart):
         return method(*args, **kwargs)
+    general = {name: getattr(proj, name).requires_grad for name in proj.neuron_dims()}
     kept = join(proj)
+    sinks = {name: part.requires_grad for name, part in kept.items()}
     try:
         return method(*args, **kwargs)
     finally:
         set_apart(proj, kept)
+        for name in general:  # (which parts train, as before)
+            getattr(proj, name).requires_grad_(general[name])
+            kept[name].requires_grad_(sinks[name])
 
 
 def adopt_wrappers(model: nn.Module) -> None:

@@ -2,7 +2,8 @@
 that layout that patching, checkpoints and removal share.
 
 A patched MLP keeps each neuron-indexed tensor whole: general neurons first, then sinks, per
-chunk (a fused gate+up projection has two chunks, each ``G + S`` long). A span is ``(start,
+chunk (a fused gate+up projection has two chunks, each ``G + S`` long); where the sinks are stored
+apart (:mod:`.sink_parts`), that is the layout of the whole tensor its two parameters make. A span is ``(start,
 length)`` along the neuron dimension. Each patched module records its layout, and how to undo
 the patch, in one :class:`ProjectionPatch`.
 """

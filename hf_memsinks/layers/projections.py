@@ -141,7 +141,7 @@ class SinkInProjection(SinkProjection):
             return super().forward(x)  # every neuron: exactly the plain module's computation
         weight, bias = self._linear_weight(), self.bias
         if m.apart:  # (the weight holds the general neurons only)
-            return F.linear(x, weight, bias)
+            return sink_parts.connected(self, F.linear(x, weight, bias))
         outs = [F.linear(x, weight[a : a + n], None if bias is None else bias[a : a + n]) for a, n in m.general_spans]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
@@ -156,8 +156,9 @@ class SinkOutProjection(SinkProjection):
             h = h[..., : m.general] if h.shape[-1] != m.general else h
             scale = m.state.general_scale(call)
             weight = self._linear_weight()
-            weight = weight if m.apart else weight[:, : m.general]
-            return F.linear(h * scale if scale != 1.0 else h, weight, self.bias)
+            if m.apart:
+                return sink_parts.connected(self, F.linear(h * scale if scale != 1.0 else h, weight, self.bias))
+            return F.linear(h * scale if scale != 1.0 else h, weight[:, : m.general], self.bias)
         if (active := active_sinks_for(self, call, h)) is not None:
             return gathered_output(self, h, active)
         h = self.sink_input(h, call)

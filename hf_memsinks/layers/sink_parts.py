@@ -110,6 +110,18 @@ def join(module: nn.Module) -> dict[str, nn.Parameter]:
     return taken
 
 
+def connected(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``out`` of a training call that skips the sinks, with the trainable sink parameters in its
+    graph (times 0), as the whole weight would be: under DDP every parameter must get a gradient
+    each step (its default ``find_unused_parameters=False``). Only while a process group runs."""
+    import torch.distributed as dist
+
+    if not (module.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+        return out
+    trainable = [p for p in parts(module).values() if p.requires_grad]
+    return out + sum(p.sum() for p in trainable) * 0.0 if trainable else out
+
+
 def _linear(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """A weight (or weight part) as ``F.linear`` takes it (Conv1D stores ``(in, out)``)."""
     transposed = module.neuron_dims()["weight"] == (1 if module.memsink.role == "in" else 0)

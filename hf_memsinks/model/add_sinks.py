@@ -95,20 +95,17 @@ def patch_model(model: PreTrainedModel, config: MemSinkConfig, record: LayoutRec
     if config.sink_init == "copy" and config.mode == "add" and record is None:
         copy_init_sinks(patched, config.init_seed)
     if config.sink_optimizer == "rowwise":  # (the rule steps sinks that are parameters of their own)
-        _sinks_apart(sites, patched)
+        _sinks_apart(patched)
     patch = ModelPatch(config, state, patched, width_attrs, original_widths, found_record(all_sites), type(model))
     _swap_classes(model, patch)
     wrap_checkpointing(model, state)
     return model
 
 
-def _sinks_apart(sites: list[MLPSite], patched: list[PatchedMLP]) -> None:
+def _sinks_apart(patched: list[PatchedMLP]) -> None:
     """Store every patched projection's sinks apart from its general neurons, both trainable
-    (:mod:`hf_memsinks.layers.sink_parts`): before any optimizer or DDP wrapper sees the parameters."""
-    if any(site.kind == "experts" for site in sites):
-        raise ValueError("MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart from dense MLP "
-                         "projections; a mixture-of-experts model's sinks are rows of its expert tensors: use "
-                         "sink_optimizer='adamw'")
+    (:mod:`hf_memsinks.layers.sink_parts`): before any optimizer or DDP wrapper sees the parameters
+    (mixture-of-experts MLPs were refused by :func:`_check_addable`)."""
     for mlp in patched:
         for module in [*mlp.in_proj, mlp.out_proj]:
             set_apart(module, freeze_general=False)
@@ -154,7 +151,12 @@ def _swap_classes(model: PreTrainedModel, record: ModelPatch) -> None:
 
 def _check_addable(model: PreTrainedModel, sites: list[MLPSite], config: MemSinkConfig, restoring: bool) -> None:
     """``"add"`` mode must leave the model's outputs unchanged, which a norm over the hidden
-    neurons does not allow (new neurons change every neuron's scale)."""
+    neurons does not allow (new neurons change every neuron's scale); ``sink_optimizer="rowwise"``
+    stores sinks apart from dense projections only. Checked before anything is changed."""
+    if config.sink_optimizer == "rowwise" and any(site.kind == "experts" for site in sites):
+        raise ValueError("MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart from dense MLP "
+                         "projections; a mixture-of-experts model's sinks are rows of its expert tensors: use "
+                         "sink_optimizer='adamw'")
     normed = [s for s in sites if s.norm is not None]
     if normed and not restoring and config.mode == "add":
         raise NotImplementedError(

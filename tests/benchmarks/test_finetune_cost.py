@@ -42,7 +42,7 @@ def test_variants_count_what_they_train():
     assert general == sinks == shape["mlp"]
     sink_params = shape["layers"] * 3 * shape["hidden"] * sinks
     assert counts["for_finetuning"] == (full + sink_params, full + sink_params)
-    # under LoRA the sinks train through their deltas: the sinks' size, not the MLP's (the adapters
+    # under LoRA the sinks train stored apart: the sinks' size, not the MLP's (the adapters
     # on the widened MLP projections grow by r per sink neuron)
     wider_lora = lora + shape["layers"] * 3 * finetune_cost.LORA_R * sinks
     assert counts["for_finetuning+lora_r16"][1] == wider_lora + sink_params

@@ -139,7 +139,7 @@ def _lora_trainer_run(out, resume=None, weight_decay=0.0):
 def test_a_lora_runs_checkpoint_keeps_its_sinks_and_resumes_to_the_unbroken_run(tmp_path):
     """PEFT's adapter file holds the LoRA matrices only; with hf_memsinks it holds the sinks too,
     so resume_from_checkpoint continues the sinks instead of starting them over: to the unbroken run,
-    weight decay on the deltas included."""
+    weight decay on the sinks included."""
     from safetensors import safe_open
 
     straight = _lora_trainer_run(tmp_path / "a", weight_decay=0.1)

@@ -175,3 +175,52 @@ def test_peft_sees_a_conv1d_projections_whole_width_with_its_sinks_apart_also_in
     assert peft_model.base_model.model.transformer.h[0].mlp.c_fc.lora_B["default"].weight.shape[0] == width
     assert peft_model.base_model.model.transformer.h[0].mlp.c_proj.lora_A["default"].weight.shape[1] == width
     backward(peft_model)
+
+
+def test_a_mixture_of_experts_model_is_refused_before_anything_changes():
+    model = tiny_model("mixtral")
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    width = model.config.intermediate_size
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        get_memsink_model(model, CFG)
+    assert model.config.intermediate_size == width and not hasattr(model, "memsink")
+    assert not any(hasattr(m, "memsink") for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert get_memsink_model(model, MemSinkConfig.for_finetuning(sink_optimizer="adamw"))  # (patchable as it was)
+
+
+def test_frozen_sinks_stay_out_of_adapter_files_and_a_merge_keeps_what_trains():
+    """With LoRA on attention and no train_sinks, the sinks (apart since patching) stay frozen: PEFT's
+    adapter state leaves them out, as it leaves out the frozen base; merge and unmerge keep which
+    parameters train."""
+    from peft import get_peft_model_state_dict
+
+    model = get_memsink_model(tiny_model("llama"), CFG)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and not any("sink_" in n for n in trainable)
+    assert not any("sink_" in k for k in get_peft_model_state_dict(peft_model))
+    backward(peft_model)  # (the first forward adopts the wrappers)
+    peft_model.merge_adapter()
+    peft_model.unmerge_adapter()
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
+    train_sinks(peft_model)
+    assert any("sink_" in k for k in get_peft_model_state_dict(peft_model))
+
+
+def test_an_adapter_loaded_from_a_folder_merges_before_any_forward(tmp_path):
+    from peft import PeftModel
+
+    model = get_memsink_model(tiny_model("llama"), CFG)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    train_sinks(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    x = batch(2, 9, seed=6)
+    with torch.no_grad(), model.eval().sink_mode("activate", [3, 4]):
+        expected = peft_model(input_ids=x).logits
+    loaded = PeftModel.from_pretrained(get_memsink_model(tiny_model("llama"), CFG), tmp_path)
+    merged = loaded.merge_and_unload()  # (no forward before it)
+    with torch.no_grad(), merged.eval().sink_mode("activate", [3, 4]):
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)

@@ -134,3 +134,17 @@ def test_sink_lr_and_forgetting_reach_the_sinks_apart():
         assert float(sinks[gone].abs().max()) == 0
         assert bool((~gone).any()) and float(sinks[~gone].abs().max()) > 0  # only those
         assert float(parts(out)["weight"].detach()[gone].abs().max()) == 0  # (zeroed in the part itself)
+
+
+def test_a_training_call_without_sinks_keeps_them_in_the_graph_under_a_process_group(monkeypatch):
+    """DDP (find_unused_parameters=False) needs a gradient for every trainable parameter each step: a
+    call that skips the sinks gives the sinks stored apart a zero one, as the whole weight would get."""
+    model = get_memsink_model(tiny_model("llama"), MemSinkConfig.for_finetuning(
+        sink_optimizer="rowwise", require_sequence_ids=False)).train()
+    sinks = [p for n, p in model.named_parameters() if ".sink_part_" in n]
+    x = batch(2, 9, seed=2)
+    model(input_ids=x, labels=x).loss.backward()  # (no process group: nothing added)
+    assert all(p.grad is None for p in sinks)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in sinks)
