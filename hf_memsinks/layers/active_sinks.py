@@ -72,6 +72,16 @@ def _grad_rows(like: torch.Tensor | None, needed: bool, dim: int, zero: bool = F
     return grad, _rows(grad, dim)
 
 
+def _gathered_columns(rows: torch.Tensor, sink_weight: torch.Tensor | None, dim: int, general: int,
+                      index: torch.Tensor) -> torch.Tensor:
+    """An output projection's sink columns at ``index``, ``(B, k, out)``: the weight's own past
+    ``general`` (``rows``: one neuron per row) or, stored apart, ``sink_weight``'s."""
+    if sink_weight is None:
+        return _gather(rows, general, rows.shape[0] - general, index)
+    sink_rows = _rows(sink_weight, dim)
+    return _gather(sink_rows, 0, sink_rows.shape[0], index)
+
+
 class GatheredInput(torch.autograd.Function):
     """An input projection over the general neurons and, per row, its gathered sinks. Its own
     backward, so that the weight's gradient is one full-size tensor written in place (the general
@@ -88,23 +98,25 @@ class GatheredInput(torch.autograd.Function):
         rows = _rows(weight, dim)
         sink_rows = rows if sink_weight is None else _rows(sink_weight, dim)
         sink_bias_rows = bias if sink_weight is None else sink_bias
-        outs, gathered = [], []
+        outs = []
         for (ga, gn), (sa, sn) in spans:
             outs.append(F.linear(x, rows.narrow(0, ga, gn), None if bias is None else bias.narrow(0, ga, gn)))
-            gathered.append(_gather(sink_rows, sa, sn, index))  # (B, k, in)
-            out = torch.bmm(x, gathered[-1].transpose(1, 2))
+            out = torch.bmm(x, _gather(sink_rows, sa, sn, index).transpose(1, 2))  # (the gathered rows: (B, k, in))
             if sink_bias_rows is not None:
                 out = out + _gather(sink_bias_rows, sa, sn, index).unsqueeze(1)
             outs.append(out)
-        ctx.save_for_backward(x, weight, bias, sink_weight, sink_bias, index, *gathered)
+        # (the gathered rows are gathered again in backward, not kept: a copy of k rows per batch row
+        # and chunk in every layer until backward, for one index_select)
+        ctx.save_for_backward(x, weight, bias, sink_weight, sink_bias, index)
         ctx.dim, ctx.spans = dim, spans
         return torch.cat(outs, dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, sink_weight, sink_bias, index, *gathered = ctx.saved_tensors
+        x, weight, bias, sink_weight, sink_bias, index = ctx.saved_tensors
         need = ctx.needs_input_grad
         rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
+        sink_rows = rows if sink_weight is None else _rows(sink_weight, ctx.dim)
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = None
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
@@ -116,11 +128,11 @@ class GatheredInput(torch.autograd.Function):
         sink_grad_rows, sink_grad_bias = (grad_sw_rows, grad_sb) if apart else (grad_w_rows, grad_b)
         needs_sink_w, needs_sink_b = (need[3], need[4]) if apart else (need[1], need[2])
         offset = 0
-        for ((ga, gn), (sa, sn)), sinks in zip(ctx.spans, gathered):
+        for (ga, gn), (sa, sn) in ctx.spans:
             g_general, g_sinks = grad.narrow(-1, offset, gn), grad.narrow(-1, offset + gn, k)
             offset += gn + k
             if need[0]:
-                part = torch.baddbmm(g_general @ rows.narrow(0, ga, gn), g_sinks, sinks)
+                part = torch.baddbmm(g_general @ rows.narrow(0, ga, gn), g_sinks, _gather(sink_rows, sa, sn, index))
                 grad_x = part if grad_x is None else grad_x.add_(part)
             if need[1]:
                 torch.mm(g_general.reshape(-1, gn).t(), x2, out=grad_w_rows.narrow(0, ga, gn))
@@ -142,19 +154,15 @@ class GatheredOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, sink_weight, dim: int, general: int, index):
         rows = _rows(weight, dim)  # (neurons, out)
-        if sink_weight is None:
-            sinks = _gather(rows, general, rows.shape[0] - general, index)  # (B, k, out)
-        else:
-            sink_rows = _rows(sink_weight, dim)
-            sinks = _gather(sink_rows, 0, sink_rows.shape[0], index)
-        out = torch.baddbmm(F.linear(h[..., :general], rows[:general].t(), bias), h[..., general:], sinks)
-        ctx.save_for_backward(h, weight, bias, sink_weight, index, sinks)
+        out = torch.baddbmm(F.linear(h[..., :general], rows[:general].t(), bias), h[..., general:],
+                            _gathered_columns(rows, sink_weight, dim, general, index))
+        ctx.save_for_backward(h, weight, bias, sink_weight, index)  # (gathered again in backward)
         ctx.dim, ctx.general = dim, general
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, bias, sink_weight, index, sinks = ctx.saved_tensors
+        h, weight, bias, sink_weight, index = ctx.saved_tensors
         need, g = ctx.needs_input_grad, ctx.general
         rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
         grad2, h2 = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
@@ -162,6 +170,7 @@ class GatheredOutput(torch.autograd.Function):
         if need[0]:
             grad_h = grad.new_empty(h.shape)
             torch.mm(grad2, rows[:g].t(), out=grad_h.view(-1, g + k).narrow(1, 0, g))
+            sinks = _gathered_columns(rows, sink_weight, ctx.dim, g, index)
             grad_h.narrow(-1, g, k).copy_(torch.bmm(grad, sinks.transpose(1, 2)))
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
         grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3], ctx.dim)
