@@ -51,16 +51,19 @@ def memsink_layout(projection: nn.Module) -> dict:
 
 
 def _save_projection(module: nn.Module, destination: dict, prefix: str, local_metadata: dict) -> None:
-    for name in sink_parts.parts(module):  # (saved as the sinks below)
+    apart = sink_parts.parts(module)
+    for name in apart:  # (saved as the sinks below)
         destination.pop(prefix + sink_parts.PREFIX + name, None)
     local_metadata["memsink"] = memsink_layout(module)
     m = module.memsink
     for name, dim in module.neuron_dims().items():
-        tensor = sink_parts.whole(module, name).detach()
-        if hasattr(tensor, "full_tensor"):
-            # Sharded (FSDP2 DTensor): general and sink rows interleave across shards, so the
-            # split needs the whole tensor. Full-state-dict export is what this is for.
-            tensor = tensor.full_tensor()
+        if name in apart and m.external_width == m.general:  # the two parts as they are stored
+            general, sinks = (_full(t.detach()) for t in (getattr(module, name), apart[name]))
+            destination[prefix + name] = general.contiguous()
+            destination[prefix + SINK + name] = sinks.contiguous()
+            continue
+        # (sharded, general and sink rows interleave across shards: the split needs the whole tensor)
+        tensor = _full(sink_parts.whole(module, name).detach())
         general, sinks = module.split(tensor, dim)
         if m.external_width != m.general:  # zero-padded: the full tensor with its sinks zeroed
             general = tensor.clone()
@@ -68,6 +71,12 @@ def _save_projection(module: nn.Module, destination: dict, prefix: str, local_me
                 general.narrow(dim, start, n).zero_()
         destination[prefix + name] = general.contiguous()
         destination[prefix + SINK + name] = sinks.contiguous()
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (FSDP2 DTensor) gathered whole, else ``tensor``: full-state-dict export is
+    what the checkpoint format is for."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _save_experts(module: nn.Module, destination: dict, prefix: str, local_metadata: dict) -> None:

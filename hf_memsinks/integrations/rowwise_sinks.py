@@ -14,9 +14,9 @@ parameters of their own, which patching with this setting gives every projection
 neurons stay trainable, with the optimizer's own state: a full fine-tune) and which
 :func:`hf_memsinks.train_sinks` keeps trainable under an adapter: before the optimizer's step it
 moves them and takes their gradient away, so the optimizer skips them and never allocates their
-state. ``v`` and the count live in the optimizer's
-state of each such parameter (``rowwise_sq``, ``rowwise_count``, and ``step``, the rule's steps,
-which torch's Adam expects in any state it loads), which checkpoints save with it.
+state. ``v`` and the count live in the optimizer's state of each such parameter (``rowwise_sq``,
+``rowwise_count``, and ``step``, the rule's steps, which torch's Adam expects in any state it
+loads), which checkpoints save with it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class RowwiseSinks:
     def __init__(self, model: nn.Module, scale: float, eps: float = 1e-8):
         self.scale, self.eps = float(scale), eps
         self.sinks = [(part, m.neuron_dims()[name]) for m in model.modules() if is_patched_projection(m)
-                       for name, part in sink_parts.parts(m).items() if part.requires_grad]
+                      for name, part in sink_parts.parts(m).items() if part.requires_grad]
         if not self.sinks:
             raise ValueError(
                 "MemSinkConfig(sink_optimizer='rowwise') steps sinks stored apart, parameters of their own, "

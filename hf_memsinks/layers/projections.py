@@ -59,9 +59,11 @@ class SinkProjection(NoHubKernel):
         return pick(tensor, dim, self.memsink.general_spans), pick(tensor, dim, self.memsink.sink_spans)
 
     def general_and_sink_parts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export),
-        also where the sinks are stored apart (:mod:`hf_memsinks.layers.sink_parts`)."""
-        return {name: self.split(sink_parts.whole(self, name), dim) for name, dim in self.neuron_dims().items()}
+        """``{"weight": (general, sinks), "bias": (...)}`` as new tensors (for tests and export); where
+        the sinks are stored apart (:mod:`hf_memsinks.layers.sink_parts`), copies of the two parameters."""
+        apart = sink_parts.parts(self)
+        return {name: (getattr(self, name).detach().clone(), apart[name].detach().clone()) if name in apart
+                else self.split(getattr(self, name), dim) for name, dim in self.neuron_dims().items()}
 
     # -- patch-time growth and removal --
 
@@ -155,10 +157,10 @@ class SinkOutProjection(SinkProjection):
         if call.skip_sinks:
             h = h[..., : m.general] if h.shape[-1] != m.general else h
             scale = m.state.general_scale(call)
-            weight = self._linear_weight()
-            if m.apart:
-                return sink_parts.connected(self, F.linear(h * scale if scale != 1.0 else h, weight, self.bias))
-            return F.linear(h * scale if scale != 1.0 else h, weight[:, : m.general], self.bias)
+            h = h * scale if scale != 1.0 else h
+            if m.apart:  # (the weight holds the general neurons only)
+                return sink_parts.connected(self, F.linear(h, self._linear_weight(), self.bias))
+            return F.linear(h, self._linear_weight()[:, : m.general], self.bias)
         if (active := active_sinks_for(self, call, h)) is not None:
             return gathered_output(self, h, active)
         h = self.sink_input(h, call)

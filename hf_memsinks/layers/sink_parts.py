@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transformers_internals import Conv1D
+from .ddp_graph import zero_of
 from .neurons import interleave
 
 PREFIX = "sink_part_"
@@ -112,14 +113,12 @@ def join(module: nn.Module) -> dict[str, nn.Parameter]:
 
 def connected(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """``out`` of a training call that skips the sinks, with the trainable sink parameters in its
-    graph (times 0), as the whole weight would be: under DDP every parameter must get a gradient
-    each step (its default ``find_unused_parameters=False``). Only while a process group runs."""
-    import torch.distributed as dist
-
-    if not (module.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+    graph (times 0) while a process group runs, as the whole weight would be
+    (:func:`~.ddp_graph.zero_of`)."""
+    if not (module.training and torch.is_grad_enabled()):
         return out
-    trainable = [p for p in parts(module).values() if p.requires_grad]
-    return out + sum(p.sum() for p in trainable) * 0.0 if trainable else out
+    zero = zero_of(parts(module).values())
+    return out if zero is None else out + zero
 
 
 def _linear(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:

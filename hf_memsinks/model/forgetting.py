@@ -86,8 +86,8 @@ def forget_sinks(model, sequence_ids) -> float:
         width = site.general + site.sinks
         for module in site.in_proj:
             apart = parts(module)  # (sinks stored apart: the weight holds general rows only)
-            rows = torch.cat([k * width + site.general + gone for k in range(site.chunks)])
             if not apart:
+                rows = torch.cat([k * width + site.general + gone for k in range(site.chunks)])
                 module.weight.index_fill_(neuron_dim(module, "in"), rows.to(module.weight.device), 0.0)
                 if getattr(module, "bias", None) is not None:
                     module.bias.index_fill_(0, rows.to(module.bias.device), 0.0)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..ids.content_hash import token_content_ids
+from ..layers.ddp_graph import zero_of
 from ..layers.experts import is_patched_experts
 from ..layers.projections import is_patched_projection
 from ..layers.sink_parts import parts
@@ -316,10 +317,7 @@ def _sliced(args: tuple, kwargs: dict, index: torch.Tensor, batch: int) -> tuple
 
 def _connected(out, model):
     """Under DDP every parameter must get a gradient each step: with no first sighting in the
-    batch, the general parameters get a zero one (a sum over them times 0)."""
-    import torch.distributed as dist
-
-    if out.loss is not None and dist.is_available() and dist.is_initialized():
-        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    batch, the general parameters get a zero one (:func:`~hf_memsinks.layers.ddp_graph.zero_of`)."""
+    if out.loss is not None and (zero := zero_of(model.parameters())) is not None:
         out.loss = out.loss + zero
     return out
