@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import sink_parts
+from ..layers import sink_parts, touched_rows
 from ..layers.projections import is_patched_projection
 
 
@@ -42,6 +42,20 @@ def rowwise_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.
     return grad / denom.view([n if d == dim else 1 for d in range(grad.dim())]).to(grad.dtype)
 
 
+def touched_update(index: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor, count: torch.Tensor, beta2: float,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rowwise_update` of a gradient given as rows ``index`` (each once) and their gradient
+    ``grads`` (one neuron per row), every other row zero: ``(the touched rows, their update)``."""
+    rows = grads.float().pow(2).mean(1)
+    touched = rows > 0
+    if not bool(touched.all()):
+        index, grads, rows = index[touched], grads[touched], rows[touched]
+    count.index_add_(0, index, torch.ones_like(rows, dtype=count.dtype))
+    sq.index_copy_(0, index, beta2 * sq.index_select(0, index) + (1 - beta2) * rows)
+    denom = (sq.index_select(0, index) / (1 - beta2 ** count.index_select(0, index))).sqrt_().add_(eps)
+    return index, grads / denom.unsqueeze(1).to(grads.dtype)
+
+
 class RowwiseSinks:
     """The rule, as an optimizer pre-hook over every trainable sink parameter of ``model`` (sinks stored apart)."""
 
@@ -57,6 +71,10 @@ class RowwiseSinks:
         if any(hasattr(p, "full_tensor") for p, _ in self.sinks):
             raise ValueError("MemSinkConfig(sink_optimizer='rowwise') does not step sharded sinks (FSDP) yet: its "
                              "per-neuron state is not sharded with them. Use sink_optimizer='adamw' under FSDP")
+        for m in model.modules():  # (a full fine-tune: the gathered sink rows kept as rows, not a dense gradient)
+            part = sink_parts.parts(m).get("weight") if is_patched_projection(m) else None
+            if part is not None and part.requires_grad and m.weight.requires_grad:
+                touched_rows.keep_touched_rows(part, part.shape[m.neuron_dims()["weight"]], m.weight)
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer, *_) -> None:
@@ -65,7 +83,9 @@ class RowwiseSinks:
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for part, dim in self.sinks:
             group = groups.get(id(part))
-            if part.grad is None or group is None:
+            touched = touched_rows.kept(part)
+            rows = touched.take() if touched is not None else None
+            if group is None or (part.grad is None and rows is None):
                 continue
             n = part.shape[dim]
             state = optimizer.state[part]
@@ -74,7 +94,13 @@ class RowwiseSinks:
             count = state.setdefault("rowwise_count", torch.zeros(n, device=part.device))
             beta2 = group.get("betas", (0.9, 0.999))[1]
             lr = float(group["lr"]) * self.scale
-            part.sub_(rowwise_update(part.grad, dim, sq, count, beta2, self.eps), alpha=lr)
+            if part.grad is None:  # (only rows kept: .touched_rows)
+                index, update = touched_update(*rows, sq, count, beta2, self.eps)
+                (part.t() if dim == 1 else part).index_add_(0, index, update, alpha=-lr)
+            else:
+                if rows is not None:  # (a dense gradient beside them: a call on the dense path)
+                    (part.grad.t() if dim == 1 else part.grad).index_add_(0, *rows)
+                part.sub_(rowwise_update(part.grad, dim, sq, count, beta2, self.eps), alpha=lr)
             decay = float(group.get("weight_decay", 0.0))
             if decay:
                 part.mul_(1 - lr * decay)

@@ -15,7 +15,8 @@ rows are padded with sinks inactive in them), and
 Masked sinks add exact zeros in the dense computation, so the outputs are the same up to float
 summation order, and so are the gradients: a gathered weight's backward adds into the rows it
 came from, and a sink no row activates gets an exact zero, as when masked. Sinks stored apart
-(:mod:`.sink_parts`) are gathered from their own parameters. Wherever the narrower hidden
+(:mod:`.sink_parts`) are gathered from their own parameters; where the rowwise rule steps them in
+a full fine-tune, their backward keeps the rows it computed instead (:mod:`.touched_rows`). Wherever the narrower hidden
 state could meet code that expects the full width, the projections take the dense path instead:
 see :func:`active_sinks_for`.
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import sink_parts
+from . import sink_parts, touched_rows
 from .lora_parts import plain_lora
 from .mask_multiply import MaskSinks, maskable_in_place
 from .state import ActiveSinks, ForwardSinks
@@ -94,7 +95,7 @@ class GatheredInput(torch.autograd.Function):
     general span in ``weight`` and sink span in whichever holds the sinks."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sink_weight, sink_bias, dim: int, spans: list, index):
+    def forward(ctx, x, weight, bias, sink_weight, sink_bias, dim: int, spans: list, index, touched):
         rows = _rows(weight, dim)
         sink_rows = rows if sink_weight is None else _rows(sink_weight, dim)
         sink_bias_rows = bias if sink_weight is None else sink_bias
@@ -108,7 +109,7 @@ class GatheredInput(torch.autograd.Function):
         # (the gathered rows are gathered again in backward, not kept: a copy of k rows per batch row
         # and chunk in every layer until backward, for one index_select)
         ctx.save_for_backward(x, weight, bias, sink_weight, sink_bias, index)
-        ctx.dim, ctx.spans = dim, spans
+        ctx.dim, ctx.spans, ctx.touched = dim, spans, touched
         return torch.cat(outs, dim=-1)
 
     @staticmethod
@@ -121,7 +122,8 @@ class GatheredInput(torch.autograd.Function):
         grad_x = None
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
         grad_b, _ = _grad_rows(bias, need[2], 0)
-        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3], ctx.dim)
+        touched = ctx.touched if need[3] else None  # (the apart sink rows kept as rows: .touched_rows)
+        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         grad_sb, _ = _grad_rows(sink_bias, need[4], 0)
         apart = sink_weight is not None
         # where each chunk's sink rows' gradient goes: the weight's own, or the apart sinks'
@@ -138,12 +140,15 @@ class GatheredInput(torch.autograd.Function):
                 torch.mm(g_general.reshape(-1, gn).t(), x2, out=grad_w_rows.narrow(0, ga, gn))
             if needs_sink_w:
                 g_rows = torch.bmm(g_sinks.transpose(1, 2), x).reshape(-1, x.shape[-1])  # (B * k, in)
-                sink_grad_rows.narrow(0, sa, sn).zero_().index_add_(0, flat, g_rows)
+                if touched is not None:
+                    touched.add(flat + sa, g_rows)
+                else:
+                    sink_grad_rows.narrow(0, sa, sn).zero_().index_add_(0, flat, g_rows)
             if need[2]:
                 grad_b.narrow(0, ga, gn).copy_(g_general.sum((0, 1)))
             if needs_sink_b:
                 sink_grad_bias.narrow(0, sa, sn).zero_().index_add_(0, flat, g_sinks.sum(1).reshape(-1))
-        return grad_x, grad_w, grad_b, grad_sw, grad_sb, None, None, None
+        return grad_x, grad_w, grad_b, grad_sw, grad_sb, None, None, None, None
 
 
 class GatheredOutput(torch.autograd.Function):
@@ -152,12 +157,12 @@ class GatheredOutput(torch.autograd.Function):
     past ``general`` or, stored apart, ``sink_weight``'s."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, sink_weight, dim: int, general: int, index):
+    def forward(ctx, h, weight, bias, sink_weight, dim: int, general: int, index, touched):
         rows = _rows(weight, dim)  # (neurons, out)
         out = torch.baddbmm(F.linear(h[..., :general], rows[:general].t(), bias), h[..., general:],
                             _gathered_columns(rows, sink_weight, dim, general, index))
         ctx.save_for_backward(h, weight, bias, sink_weight, index)  # (gathered again in backward)
-        ctx.dim, ctx.general = dim, general
+        ctx.dim, ctx.general, ctx.touched = dim, general, touched
         return out
 
     @staticmethod
@@ -173,17 +178,21 @@ class GatheredOutput(torch.autograd.Function):
             sinks = _gathered_columns(rows, sink_weight, ctx.dim, g, index)
             grad_h.narrow(-1, g, k).copy_(torch.bmm(grad, sinks.transpose(1, 2)))
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
-        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3], ctx.dim)
+        touched = ctx.touched if need[3] else None
+        grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         apart = sink_weight is not None
         needs_sinks = need[3] if apart else need[1]
         if need[1]:
             torch.mm(h2.narrow(1, 0, g).t(), grad2, out=grad_w_rows.narrow(0, 0, g))
         if needs_sinks:
             g_rows = torch.bmm(h.narrow(-1, g, k).transpose(1, 2), grad).reshape(-1, grad.shape[-1])  # (B * k, out)
-            target = grad_sw_rows if apart else grad_w_rows.narrow(0, g, rows.shape[0] - g)
-            target.zero_().index_add_(0, flat, g_rows)
+            if touched is not None:
+                touched.add(flat, g_rows)
+            else:
+                target = grad_sw_rows if apart else grad_w_rows.narrow(0, g, rows.shape[0] - g)
+                target.zero_().index_add_(0, flat, g_rows)
         grad_b = grad2.sum(0) if need[2] else None
-        return grad_h, grad_w, grad_b, grad_sw, None, None, None
+        return grad_h, grad_w, grad_b, grad_sw, None, None, None, None
 
 
 def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -203,18 +212,20 @@ def gather_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``x`` ``(B, T, in)`` times ``weight``'s general rows then, per row, its gathered sink rows
     (``sink_weight``'s where the sinks are apart), per chunk of ``spans`` (``[(general span, sink
     span)]``), as autocast would compute a linear layer."""
+    touched = touched_rows.for_call(sink_weight)  # (before autocast's copy hides the parameter)
     tensors = _autocast(x, weight, bias, sink_weight, sink_bias)
     with torch.autocast(x.device.type, enabled=False):
-        return GatheredInput.apply(*tensors, dim, spans, index)
+        return GatheredInput.apply(*tensors, dim, spans, index, touched)
 
 
 def gather_columns(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dim: int, general: int,
                    index: torch.Tensor, sink_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``h`` ``(B, T, general + k)`` times ``weight``'s general columns then, per row, its gathered
     sink columns (``sink_weight``'s where the sinks are apart), as autocast would compute a linear layer."""
+    touched = touched_rows.for_call(sink_weight)
     tensors = _autocast(h, weight, bias, sink_weight)
     with torch.autocast(h.device.type, enabled=False):
-        return GatheredOutput.apply(*tensors, dim, general, index)
+        return GatheredOutput.apply(*tensors, dim, general, index, touched)
 
 
 def by_row(x: torch.Tensor, active: ActiveSinks) -> torch.Tensor:
