@@ -3,7 +3,7 @@ time and peak training memory, against the full fine-tune and against LoRA r16.
 
 Each variant trains in its own process (peak memory is per process): the model is built from a
 config (random weights: the cost does not depend on them), patched, and takes ``--steps`` AdamW
-steps after one warm-up step (which allocates the optimizer state) on random tokens, one sequence
+steps (gradients clipped to norm 1 first, as ``Trainer`` does) after one warm-up step (which allocates the optimizer state) on random tokens, one sequence
 ID per row, AdamW with ``fused=True`` (what ``Trainer``'s default ``adamw_torch_fused`` builds, on a CPU
 too). Step: the median of the timed steps. Memory: on CPU the process's peak resident set
 minus its resident set before the model was built (``VmHWM - VmRSS``: weights, gradients,
@@ -15,7 +15,9 @@ step of its reference (``measure_paired``): the step ratio this host's drift mov
 shape is computed by arithmetic (``arithmetic``), as are 1B. With ``--keep-freed-memory`` the measuring
 processes run with glibc keeping the memory a step frees (:data:`KEEP_FREED`), as a GPU's caching
 allocator does: by default it returns large blocks to the system, and each step's gradients fault
-their pages in again, a cost that grows with the parameters and so with the sinks.
+their pages in again, a cost that grows with the parameters and so with the sinks. With
+``--return-freed-memory`` (:data:`RETURN_FREED`) it returns every block of 1 MiB or more, so the peak
+resident set is close to the peak of live tensors, which is what a GPU's ``max_memory_allocated`` reports.
 
 usage: python benchmarks/finetune_cost.py [--shapes gpt2-124m,llama-160m] [--device cpu|cuda]
                                           [--dtype fp32|bf16] [--out benchmarks/finetune_cost.json]
@@ -140,13 +142,15 @@ def _optimizer(model, has_sinks: bool) -> torch.optim.Optimizer:
 
 
 def _timed_step(model, opt, tokens: torch.Tensor, ids: torch.Tensor | None, device: str) -> float:
-    """Seconds of one training step (forward, backward, optimizer step, gradients freed)."""
+    """Seconds of one training step (forward, backward, gradients clipped to norm 1 as ``Trainer``'s
+    default ``max_grad_norm`` does, optimizer step, gradients freed)."""
     x = tokens.to(device)
     kwargs = {"sequence_ids": ids.to(device)} if ids is not None else {}
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     model(input_ids=x, labels=x, **kwargs).loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if device == "cuda":
@@ -179,7 +183,8 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
     return {"variant": variant, "shape": shape_name, "parameters": params,
             "trainable": sum(p.numel() for p in trainable), "step_s": statistics.median(times),
-            "peak_bytes": peak - base, "allocator": {k: os.environ[k] for k in KEEP_FREED if k in os.environ}}
+            "peak_bytes": peak - base,
+            "allocator": {k: os.environ[k] for k in {**KEEP_FREED, **RETURN_FREED} if k in os.environ}}
 
 
 def measure_paired(shape_name: str, variants: list[str], device: str, dtype: torch.dtype, rounds: int, batch: int,
@@ -266,6 +271,10 @@ def shape_params(shape: dict) -> dict:
     return {"total": total, "mlp": L * mlp, "lora": lora, "per_sink": 3 * h}
 
 
+# the share of the sinks a step touches: a micro-batch of 4 documents, each activating 5% of them
+TOUCHED = 1 - (1 - 0.05) ** 4
+
+
 def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> dict:
     """Parameters and the bytes of weights, gradients and AdamW state (activations excluded) of
     each variant, for ``sinks_per_layer`` added sinks in ``layers`` layers (None: every layer).
@@ -273,15 +282,16 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
     fp32 master weights and two fp32 moments (16 bytes a parameter); LoRA: the frozen base in bf16
     (2 bytes), adapters at 16; sinks under LoRA, stored apart from the frozen weight: 16; under
     ``sink_optimizer="rowwise"`` (``sinks+rowwise``, ``sinks+lora_r16+rowwise``) no moments for the
-    sinks: 8 bytes each (full fine-tune: bf16 weight and gradient and an fp32 master weight; LoRA:
-    the weight and its gradient in fp32)."""
+    sinks: under LoRA 8 bytes each (the weight and its gradient in fp32); in a full fine-tune a bf16
+    weight and an fp32 master weight, and a bf16 gradient for the rows a step touched only
+    (:data:`TOUCHED` of them: ``hf_memsinks/layers/touched_rows.py``)."""
     p = shape_params(shape)
     sinks = sinks_per_layer * p["per_sink"] * (shape["layers"] if layers is None else layers)
     rows = {
         "full": (p["total"], p["total"], 16 * p["total"]),
         "lora_r16": (p["total"] + p["lora"], p["lora"], 2 * p["total"] + 16 * p["lora"]),
         "sinks": (p["total"] + sinks, p["total"] + sinks, 16 * (p["total"] + sinks)),
-        "sinks+rowwise": (p["total"] + sinks, p["total"] + sinks, 16 * p["total"] + 8 * sinks),
+        "sinks+rowwise": (p["total"] + sinks, p["total"] + sinks, 16 * p["total"] + (6 + 2 * TOUCHED) * sinks),
         "sinks+lora_r16": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
                            2 * p["total"] + 16 * (p["lora"] + sinks)),
         "sinks+lora_r16+rowwise": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
@@ -298,6 +308,11 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
 # instead of being returned to the system and faulted in again at their first write.
 KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
               "MALLOC_TOP_PAD_": str(1 << 30)}
+# --return-freed-memory: every block of 1 MiB or more is a mapping of its own, returned to the system when
+# freed (glibc's default raises that threshold as blocks are freed, up to 32 MiB, and then keeps them in
+# its heap, where the holes left between blocks still in use stay resident), so the peak resident set is
+# close to the peak of the tensors alive at once: what a GPU's max_memory_allocated reports.
+RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _in_subprocess(args: list[str], env: dict | None = None) -> dict:
@@ -380,6 +395,9 @@ def main(argv=None) -> None:
                         help="also N rounds of every variant side by side in one process per shape (0: not run)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run the measuring processes with glibc keeping freed memory (KEEP_FREED)")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="run the measuring processes with glibc returning every freed block of 1 MiB or more "
+                             "(RETURN_FREED): peak memory close to the peak of live tensors")
     parser.add_argument("--out", default="benchmarks/finetune_cost.json")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--part-out", default=None, help=argparse.SUPPRESS)
@@ -404,7 +422,9 @@ def main(argv=None) -> None:
     variants += [name for name in overrides if name not in variants
                  and not (args.recipe_without_lora and name.endswith("+lora_r16"))]
     start, runs, sink_steps = time.time(), [], []
-    env = KEEP_FREED if args.keep_freed_memory else None
+    if args.keep_freed_memory and args.return_freed_memory:
+        parser.error("--keep-freed-memory and --return-freed-memory set glibc two opposite ways: pick one")
+    env = KEEP_FREED if args.keep_freed_memory else RETURN_FREED if args.return_freed_memory else None
     common = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps)] + [x for spec in args.recipe for x in ("--recipe", spec)]
     for shape in args.shapes.split(","):

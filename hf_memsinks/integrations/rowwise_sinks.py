@@ -26,6 +26,7 @@ from torch import nn
 
 from ..layers import sink_parts, touched_rows
 from ..layers.projections import is_patched_projection
+from ..layers.touched_rows import TouchedRowsGrad
 
 
 def rowwise_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.Tensor, beta2: float,
@@ -71,10 +72,8 @@ class RowwiseSinks:
         if any(hasattr(p, "full_tensor") for p, _ in self.sinks):
             raise ValueError("MemSinkConfig(sink_optimizer='rowwise') does not step sharded sinks (FSDP) yet: its "
                              "per-neuron state is not sharded with them. Use sink_optimizer='adamw' under FSDP")
-        for m in model.modules():  # (a full fine-tune: the gathered sink rows kept as rows, not a dense gradient)
-            part = sink_parts.parts(m).get("weight") if is_patched_projection(m) else None
-            if part is not None and part.requires_grad and m.weight.requires_grad:
-                touched_rows.keep_touched_rows(part, part.shape[m.neuron_dims()["weight"]], m.weight)
+        for part, dim in self.sinks:  # (their gradient: the rows a step touched, not a dense tensor)
+            touched_rows.keep_touched_rows(part, dim)
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer, *_) -> None:
@@ -82,10 +81,8 @@ class RowwiseSinks:
         # makes new group dicts, and only those follow the schedule's learning rate)
         groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for part, dim in self.sinks:
-            group = groups.get(id(part))
-            touched = touched_rows.kept(part)
-            rows = touched.take() if touched is not None else None
-            if group is None or (part.grad is None and rows is None):
+            group, grad = groups.get(id(part)), part.grad
+            if grad is None or group is None:
                 continue
             n = part.shape[dim]
             state = optimizer.state[part]
@@ -94,13 +91,14 @@ class RowwiseSinks:
             count = state.setdefault("rowwise_count", torch.zeros(n, device=part.device))
             beta2 = group.get("betas", (0.9, 0.999))[1]
             lr = float(group["lr"]) * self.scale
-            if part.grad is None:  # (only rows kept: .touched_rows)
-                index, update = touched_update(*rows, sq, count, beta2, self.eps)
-                (part.t() if dim == 1 else part).index_add_(0, index, update, alpha=-lr)
+            if isinstance(grad, TouchedRowsGrad) and grad.full is None:  # (the touched rows only)
+                rows = grad.rows()
+                if rows is not None:
+                    index, update = touched_update(*rows, sq, count, beta2, self.eps)
+                    (part.t() if dim == 1 else part).index_add_(0, index, update, alpha=-lr)
             else:
-                if rows is not None:  # (a dense gradient beside them: a call on the dense path)
-                    (part.grad.t() if dim == 1 else part.grad).index_add_(0, *rows)
-                part.sub_(rowwise_update(part.grad, dim, sq, count, beta2, self.eps), alpha=lr)
+                dense = grad.dense() if isinstance(grad, TouchedRowsGrad) else grad
+                part.sub_(rowwise_update(dense, dim, sq, count, beta2, self.eps), alpha=lr)
             decay = float(group.get("weight_decay", 0.0))
             if decay:
                 part.mul_(1 - lr * decay)

@@ -15,10 +15,10 @@ rows are padded with sinks inactive in them), and
 Masked sinks add exact zeros in the dense computation, so the outputs are the same up to float
 summation order, and so are the gradients: a gathered weight's backward adds into the rows it
 came from, and a sink no row activates gets an exact zero, as when masked. Sinks stored apart
-(:mod:`.sink_parts`) are gathered from their own parameters; where the rowwise rule steps them in
-a full fine-tune, their backward keeps the rows it computed instead (:mod:`.touched_rows`). Wherever the narrower hidden
-state could meet code that expects the full width, the projections take the dense path instead:
-see :func:`active_sinks_for`.
+(:mod:`.sink_parts`) are gathered from their own parameters; where the rowwise rule steps them,
+their gradient is the rows backward computed (:mod:`.touched_rows`). Wherever the narrower
+hidden state could meet code that expects the full width, the projections take the dense path
+instead: see :func:`active_sinks_for`.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ class GatheredInput(torch.autograd.Function):
         grad_x = None
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
         grad_b, _ = _grad_rows(bias, need[2], 0)
-        touched = ctx.touched if need[3] else None  # (the apart sink rows kept as rows: .touched_rows)
+        # (the apart sink rows' gradient kept as rows, where this backward accumulates it: .touched_rows)
+        touched = ctx.touched if need[3] and ctx.touched is not None and ctx.touched.accumulating() else None
         grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         grad_sb, _ = _grad_rows(sink_bias, need[4], 0)
         apart = sink_weight is not None
@@ -178,7 +179,7 @@ class GatheredOutput(torch.autograd.Function):
             sinks = _gathered_columns(rows, sink_weight, ctx.dim, g, index)
             grad_h.narrow(-1, g, k).copy_(torch.bmm(grad, sinks.transpose(1, 2)))
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
-        touched = ctx.touched if need[3] else None
+        touched = ctx.touched if need[3] and ctx.touched is not None and ctx.touched.accumulating() else None
         grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         apart = sink_weight is not None
         needs_sinks = need[3] if apart else need[1]

@@ -3,28 +3,26 @@
 A document activates 5% of the sinks in the fine-tuning recipe, so a batch of a few documents
 touches a few tenths of them at most, and a gathered projection (:mod:`.active_sinks`) computes
 the gradient of those rows only. Handed to autograd it becomes a gradient as large as every sink:
-zeroed, added into, summed over micro-batches, then read whole by the optimizer's rule. In a full
-fine-tune with ``sink_optimizer="rowwise"`` those full-size gradients (4 bytes for each sink weight
-in fp32) are the largest thing the sinks add beside themselves.
+zeroed, added into, summed over micro-batches, then read whole by the optimizer's rule. Under
+``sink_optimizer="rowwise"`` those full-size gradients (4 bytes for each sink weight in fp32) are
+the largest thing the sinks add beside themselves.
 
-Here a sink parameter the rowwise rule steps keeps, instead, the rows its gathered projections
-computed: ``(row index, row gradient)`` pairs (:class:`TouchedRows`), summed over micro-batches
-and taken by the rule at the optimizer's step
-(:class:`~hf_memsinks.integrations.rowwise_sinks.RowwiseSinks`), which moves only those rows, as
-it moves only the rows whose gradient is not zero. The parameter's ``.grad`` stays None, so these
-gradients are not part of gradient clipping (the rule divides each neuron's gradient by its own
-running RMS, whatever its scale).
+Here the sink parameters the rowwise rule steps get, as ``.grad``, a :class:`TouchedRowsGrad`: a
+tensor of the parameter's shape that stores only the rows the step's gathered projections
+computed, summed over micro-batches. It is read as the dense gradient would be: gradient clipping
+(``clip_grad_norm_``, accelerate's and ``Trainer``'s) takes its norm and scales it, ``zero_grad``
+drops it, and any other operation sees the dense tensor (made then, once). The rule
+(:class:`~hf_memsinks.integrations.rowwise_sinks.RowwiseSinks`) steps those rows only, as it
+moves only the rows whose gradient is not zero.
 
-The rows are kept only where the same step's gradients show when a new step begins: the
-projection's general weight trains (a full fine-tune), its ``.grad`` None when a training call
-starts means the optimizer's ``zero_grad`` ran, and rows kept from before (a step the optimizer
-skipped) are dropped then. Elsewhere the dense gradient is used, as before:
+The dense gradient is still made where something else reads it:
 
-* under a process group (DDP reduces ``.grad``),
-* under fp16 autocast (a loss scaler unscales and checks ``.grad``),
-* with the general neurons frozen (an adapter's fine-tune),
-* on the dense path (a projection that does not gather, or a call without IDs); the rule adds
-  the rows kept into that gradient then.
+* under a process group (DDP reduces ``.grad`` as it is made),
+* under fp16 autocast (a loss scaler unscales ``.grad``),
+* in ``torch.autograd.grad`` and ``backward(inputs=...)`` without the parameter (the caller
+  takes the gradient it returns, or none),
+* on the dense path (a projection that does not gather); a dense gradient made beside the rows
+  takes them in.
 """
 
 from __future__ import annotations
@@ -34,75 +32,169 @@ import weakref
 import torch
 from torch import nn
 
+aten = torch.ops.aten
 
-class TouchedRows:
-    """One sink parameter's kept gradient rows (one neuron per row, whatever the parameter's layout),
-    summed when the step comes; the pairs are merged once they hold more rows than the parameter has,
-    so they never take more memory than its dense gradient."""
 
-    def __init__(self, rows: int, anchor: nn.Parameter, dtype: torch.dtype):
-        self.rows, self.anchor, self.dtype = rows, anchor, dtype
-        self.index: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
-        self.kept = 0
+class TouchedRowsGrad(torch.Tensor):
+    """A sink parameter's gradient as its touched rows (one neuron per row, whatever the parameter's
+    layout: ``dim`` is where its neurons are), summed; the pairs added are merged once they hold
+    more rows than the parameter has, so it never takes more memory than the dense gradient."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, dim: int):
+        return torch.Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
+                                                   device=like.device)
+
+    def __init__(self, like: torch.Tensor, dim: int):
+        self.neuron_dim, self.neurons = dim, like.shape[dim]
+        self.row_index: list[torch.Tensor] = []
+        self.row_grads: list[torch.Tensor] = []
+        self.full: torch.Tensor | None = None  # (the dense gradient, once something else read it)
+
+    def __repr__(self) -> str:
+        return f"TouchedRowsGrad(shape={tuple(self.shape)}, rows={sum(i.numel() for i in self.row_index)})"
+
+    def add_rows(self, index: torch.Tensor, grads: torch.Tensor) -> None:
+        """Rows ``index`` (1-D) take ``grads`` (one row each, cast to the gradient's dtype)."""
+        grads = grads.to(self.dtype)
+        if self.full is not None:
+            self._rows_of(self.full).index_add_(0, index, grads)
+            return
+        self.row_index.append(index)
+        self.row_grads.append(grads)
+        if sum(i.numel() for i in self.row_index) > self.neurons and len(self.row_index) > 1:
+            self.rows()
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, their gradient)``, each row once (None when none were added)."""
+        if not self.row_index:
+            return None
+        if len(self.row_index) > 1 or self.row_index[0].unique().numel() < self.row_index[0].numel():
+            index, inverse = torch.unique(torch.cat(self.row_index), return_inverse=True)
+            grads = torch.cat(self.row_grads)
+            summed = grads.new_zeros(index.numel(), grads.shape[1]).index_add_(0, inverse, grads)
+            self.row_index, self.row_grads = [index], [summed]
+        return self.row_index[0], self.row_grads[0]
+
+    def dense(self) -> torch.Tensor:
+        """The dense gradient, kept from now on (what every operation but a norm or a scale reads)."""
+        if self.full is None:
+            self.full = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            rows = self.rows()
+            if rows is not None:
+                self._rows_of(self.full).index_add_(0, *rows)
+            self.row_index, self.row_grads = [], []
+        return self.full
+
+    def _rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if self.neuron_dim == 1 else tensor
+
+    def _rows_norm(self, *args) -> torch.Tensor:
+        if self.full is not None:
+            return torch.linalg.vector_norm(self.full, *args)
+        rows = self.rows()
+        return torch.linalg.vector_norm(rows[1] if rows else torch.zeros((), dtype=self.dtype, device=self.device), *args)
+
+    def _rows_scale(self, factor) -> None:
+        if self.full is not None:
+            self.full.mul_(factor)
+        elif self.row_index:
+            self.rows()[1].mul_(factor)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ours = [isinstance(t, TouchedRowsGrad) for t in args[0]] if isinstance(args[0], (list, tuple)) else []
+        if func is aten.detach.default:
+            return args[0]
+        if func is aten.linalg_vector_norm.default and len(args) <= 2 and not kwargs:
+            return args[0]._rows_norm(*args[1:])  # (clip_grad_norm_ one tensor at a time)
+        if func is aten._foreach_norm.Scalar and not kwargs:
+            return [t._rows_norm(*args[1:]) if o else torch.linalg.vector_norm(t, *args[1:])
+                    for t, o in zip(args[0], ours)]
+        if func in (aten.mul_.Tensor, aten.mul_.Scalar) and not kwargs:
+            args[0]._rows_scale(args[1])
+            return args[0]
+        if func in (aten._foreach_mul_.Tensor, aten._foreach_mul_.Scalar) and not kwargs:
+            for t, o in zip(args[0], ours):
+                t._rows_scale(args[1]) if o else t.mul_(args[1])
+            return None
+        if func is aten.zero_.default:
+            args[0].row_index, args[0].row_grads = [], []
+            if args[0].full is not None:
+                args[0].full.zero_()
+            return args[0]
+
+        def unwrap(t):
+            return t.dense() if isinstance(t, TouchedRowsGrad) else t
+
+        out = func(*[[unwrap(t) for t in a] if isinstance(a, (list, tuple)) else unwrap(a) for a in args],
+                   **{k: unwrap(v) for k, v in kwargs.items()})
+        if func._schema.name.endswith("_") and isinstance(args[0], TouchedRowsGrad):
+            return args[0]  # (in place: it changed the dense gradient this one now holds)
+        return out
+
+
+class RowTarget:
+    """Where one training call's backward puts a sink parameter's gradient rows. It holds the node
+    of autograd that accumulates into the parameter's ``.grad``, the one this call's graph uses."""
+
+    def __init__(self, part: nn.Parameter, dim: int):
+        self.part, self.dim = part, dim
+        with torch.enable_grad():
+            self.node = part.view_as(part).grad_fn.next_functions[0][0]
+
+    def accumulating(self) -> bool:
+        """Whether the running backward accumulates into the parameter's ``.grad`` (``backward()``),
+        rather than hand its gradient back (``torch.autograd.grad``) or skip it (``backward(inputs=...)``)."""
+        try:
+            return bool(torch._C._will_engine_execute_node(self.node))
+        except RuntimeError:  # (torch.autograd.grad)
+            return False
 
     def add(self, index: torch.Tensor, grads: torch.Tensor) -> None:
-        """Rows ``index`` (1-D) take ``grads`` (one row each; cast to the parameter's dtype, as autocast's
-        gradient would be)."""
-        self.index.append(index)
-        self.grads.append(grads.to(self.dtype))
-        self.kept += index.numel()
-        if self.kept > self.rows and len(self.index) > 1:
-            index, grads = self.take()
-            self.index, self.grads, self.kept = [index], [grads], index.numel()
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(rows, their gradient)``, each row once, and forget them; None when none were kept."""
-        if not self.index:
-            return None
-        index, grads = torch.cat(self.index), torch.cat(self.grads)
-        self.clear()
-        rows, inverse = torch.unique(index, return_inverse=True)
-        summed = grads.new_zeros(rows.numel(), grads.shape[1]).index_add_(0, inverse, grads)
-        return rows, summed
-
-    def clear(self) -> None:
-        self.index, self.grads, self.kept = [], [], 0
+        """Rows ``index`` of the parameter's gradient take ``grads``: into its :class:`TouchedRowsGrad`
+        (made at the step's first rows), or into a dense gradient already there."""
+        grad = self.part.grad
+        if grad is None:
+            self.part.grad = grad = TouchedRowsGrad(self.part, self.dim)
+        if isinstance(grad, TouchedRowsGrad):
+            grad.add_rows(index, grads)
+        else:
+            (grad.t() if self.dim == 1 else grad).index_add_(0, index, grads.to(grad.dtype))
 
 
-# id(parameter) -> (a weak reference to it, its rows); the entry goes with the parameter
-_KEPT: dict[int, tuple[weakref.ref, TouchedRows]] = {}
+# id(parameter) -> (a weak reference to it, the dim of its neurons); the entry goes with the parameter
+_KEPT: dict[int, tuple[weakref.ref, int]] = {}
 
 
-def keep_touched_rows(part: nn.Parameter, rows: int, anchor: nn.Parameter) -> None:
-    """From now on keep ``part``'s gathered gradient rows (``rows`` neurons) instead of a dense
-    gradient, wherever :func:`for_call` allows; ``anchor`` is the general weight beside it."""
+def keep_touched_rows(part: nn.Parameter, dim: int) -> None:
+    """From now on give ``part`` (its neurons along ``dim``) a :class:`TouchedRowsGrad` wherever
+    :func:`for_call` allows."""
     key = id(part)
-    _KEPT[key] = (weakref.ref(part, lambda _: _KEPT.pop(key, None)), TouchedRows(rows, anchor, part.dtype))
+    _KEPT[key] = (weakref.ref(part, lambda _: _KEPT.pop(key, None)), dim)
 
 
 def stop_keeping(part: nn.Parameter) -> None:
-    """``part``'s gradient is dense again (what a later optimizer without the rowwise rule reads)."""
+    """``part``'s gradient is dense again (what an optimizer without the rowwise rule reads)."""
     _KEPT.pop(id(part), None)
 
 
-def kept(part: torch.Tensor | None) -> TouchedRows | None:
-    """``part``'s :class:`TouchedRows`, if it keeps its rows."""
+def keeps_rows(part: torch.Tensor | None) -> bool:
     entry = _KEPT.get(id(part))
-    return entry[1] if entry is not None and entry[0]() is part else None
+    return entry is not None and entry[0]() is part
 
 
-def for_call(part: torch.Tensor | None) -> TouchedRows | None:
-    """Where a gathered projection's training call puts ``part``'s gradient rows: its
-    :class:`TouchedRows`, or None for the dense gradient (see the module's docstring)."""
-    touched = kept(part)
-    if touched is None or not (part.requires_grad and touched.anchor.requires_grad and torch.is_grad_enabled()):
+def for_call(part: torch.Tensor | None) -> RowTarget | None:
+    """Where a gathered projection's training call puts ``part``'s gradient rows: a
+    :class:`RowTarget`, or None for the dense gradient (see the module's docstring)."""
+    if not keeps_rows(part) or not (part.requires_grad and torch.is_grad_enabled()):
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None
     device = part.device.type
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
         return None
-    if touched.anchor.grad is None:  # (a new step: rows kept before it belong to a step never taken)
-        touched.clear()
-    return touched
+    return RowTarget(part, _KEPT[id(part)][1])
