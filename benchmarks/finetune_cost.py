@@ -3,11 +3,12 @@ time and peak training memory, against the full fine-tune and against LoRA r16.
 
 Each variant trains in its own process (peak memory is per process): the model is built from a
 config (random weights: the cost does not depend on them), patched, and takes ``--steps`` AdamW
-steps (gradients clipped to norm 1 first, as ``Trainer`` does) after one warm-up step (which allocates the optimizer state) on random tokens, one sequence
-ID per row, AdamW with ``fused=True`` (what ``Trainer``'s default ``adamw_torch_fused`` builds, on a CPU
-too). Step: the median of the timed steps. Memory: on CPU the process's peak resident set
-minus its resident set before the model was built (``VmHWM - VmRSS``: weights, gradients,
-optimizer state, activations, allocator slack); on CUDA ``max_memory_allocated``. Every variant
+steps (gradients clipped to norm 1 first, as ``Trainer`` does) after one warm-up step (which
+allocates the optimizer state) on random tokens, one sequence ID per row, AdamW with ``fused=True``
+(what ``Trainer``'s default ``adamw_torch_fused`` builds, on a CPU too). Step: the median of the
+timed steps. Memory: on CPU the process's peak resident set minus its resident set before the
+model was built (``VmHWM - VmRSS``: weights, gradients, optimizer state, activations, allocator
+slack); on CUDA ``max_memory_allocated``. Every variant
 runs ``--rounds`` times, the order reversed each round (this host's speed drifts), and the ratios
 use the medians over rounds. Then, with ``--paired-rounds N`` (not in ``make bench``), every variant of a
 shape trains side by side in one process, and each round's step is divided by the same round's
@@ -282,9 +283,9 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
     fp32 master weights and two fp32 moments (16 bytes a parameter); LoRA: the frozen base in bf16
     (2 bytes), adapters at 16; sinks under LoRA, stored apart from the frozen weight: 16; under
     ``sink_optimizer="rowwise"`` (``sinks+rowwise``, ``sinks+lora_r16+rowwise``) no moments for the
-    sinks: under LoRA 8 bytes each (the weight and its gradient in fp32); in a full fine-tune a bf16
-    weight and an fp32 master weight, and a bf16 gradient for the rows a step touched only
-    (:data:`TOUCHED` of them: ``hf_memsinks/layers/touched_rows.py``)."""
+    sinks, and a gradient for the rows a step touched only (:data:`TOUCHED` of them:
+    ``hf_memsinks/layers/touched_rows.py``): under LoRA the weight and that gradient in fp32, in a
+    full fine-tune a bf16 weight, an fp32 master weight and that gradient in bf16."""
     p = shape_params(shape)
     sinks = sinks_per_layer * p["per_sink"] * (shape["layers"] if layers is None else layers)
     rows = {
@@ -295,7 +296,7 @@ def arithmetic(shape: dict, sinks_per_layer: int, layers: int | None = None) -> 
         "sinks+lora_r16": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
                            2 * p["total"] + 16 * (p["lora"] + sinks)),
         "sinks+lora_r16+rowwise": (p["total"] + sinks + p["lora"], p["lora"] + sinks,
-                                   2 * p["total"] + 16 * p["lora"] + 8 * sinks),
+                                   2 * p["total"] + 16 * p["lora"] + (4 + 4 * TOUCHED) * sinks),
     }
     return {name: {"parameters": n, "trainable": t, "state_gib": b / 2**30} for name, (n, t, b) in rows.items()}
 

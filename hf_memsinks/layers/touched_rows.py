@@ -37,8 +37,8 @@ aten = torch.ops.aten
 
 class TouchedRowsGrad(torch.Tensor):
     """A sink parameter's gradient as its touched rows (one neuron per row, whatever the parameter's
-    layout: ``dim`` is where its neurons are), summed; the pairs added are merged once they hold
-    more rows than the parameter has, so it never takes more memory than the dense gradient."""
+    layout: ``neuron_dim`` is where its neurons are), summed; the rows added are merged once they
+    are more than the parameter has, so it never takes more memory than the dense gradient."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -51,6 +51,7 @@ class TouchedRowsGrad(torch.Tensor):
         self.neuron_dim, self.neurons = dim, like.shape[dim]
         self.row_index: list[torch.Tensor] = []
         self.row_grads: list[torch.Tensor] = []
+        self.merged = True  # (each row once in row_index)
         self.full: torch.Tensor | None = None  # (the dense gradient, once something else read it)
 
     def __repr__(self) -> str:
@@ -64,6 +65,7 @@ class TouchedRowsGrad(torch.Tensor):
             return
         self.row_index.append(index)
         self.row_grads.append(grads)
+        self.merged = False
         if sum(i.numel() for i in self.row_index) > self.neurons and len(self.row_index) > 1:
             self.rows()
 
@@ -71,11 +73,11 @@ class TouchedRowsGrad(torch.Tensor):
         """``(rows, their gradient)``, each row once (None when none were added)."""
         if not self.row_index:
             return None
-        if len(self.row_index) > 1 or self.row_index[0].unique().numel() < self.row_index[0].numel():
+        if not self.merged:  # (a row that several documents touched adds up)
             index, inverse = torch.unique(torch.cat(self.row_index), return_inverse=True)
             grads = torch.cat(self.row_grads)
             summed = grads.new_zeros(index.numel(), grads.shape[1]).index_add_(0, inverse, grads)
-            self.row_index, self.row_grads = [index], [summed]
+            self.row_index, self.row_grads, self.merged = [index], [summed], True
         return self.row_index[0], self.row_grads[0]
 
     def dense(self) -> torch.Tensor:
@@ -85,7 +87,7 @@ class TouchedRowsGrad(torch.Tensor):
             rows = self.rows()
             if rows is not None:
                 self._rows_of(self.full).index_add_(0, *rows)
-            self.row_index, self.row_grads = [], []
+            self.row_index, self.row_grads, self.merged = [], [], True
         return self.full
 
     def _rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,9 @@ class TouchedRowsGrad(torch.Tensor):
         if self.full is not None:
             return torch.linalg.vector_norm(self.full, *args)
         rows = self.rows()
-        return torch.linalg.vector_norm(rows[1] if rows else torch.zeros((), dtype=self.dtype, device=self.device), *args)
+        if rows is None:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.linalg.vector_norm(rows[1], *args)
 
     def _rows_scale(self, factor) -> None:
         if self.full is not None:
@@ -111,7 +115,7 @@ class TouchedRowsGrad(torch.Tensor):
             return args[0]
         if func is aten.linalg_vector_norm.default and len(args) <= 2 and not kwargs:
             return args[0]._rows_norm(*args[1:])  # (clip_grad_norm_ one tensor at a time)
-        if func is aten._foreach_norm.Scalar and not kwargs:
+        if func is aten._foreach_norm.Scalar and len(args) <= 2 and not kwargs:
             return [t._rows_norm(*args[1:]) if o else torch.linalg.vector_norm(t, *args[1:])
                     for t, o in zip(args[0], ours)]
         if func in (aten.mul_.Tensor, aten.mul_.Scalar) and not kwargs:
@@ -122,7 +126,7 @@ class TouchedRowsGrad(torch.Tensor):
                 t._rows_scale(args[1]) if o else t.mul_(args[1])
             return None
         if func is aten.zero_.default:
-            args[0].row_index, args[0].row_grads = [], []
+            args[0].row_index, args[0].row_grads, args[0].merged = [], [], True
             if args[0].full is not None:
                 args[0].full.zero_()
             return args[0]
