@@ -2,15 +2,18 @@
 a sink parameter's ``.grad`` holds the rows its gathered projections computed, and the rule steps
 those, to the same parameters as with the dense gradient, through gradient accumulation, gradient
 clipping (torch's and accelerate's way), ``zero_grad`` either way and a dense-path call in the same
-step; where the dense gradient is needed (fp16 autocast, ``torch.autograd.grad``) it is made."""
+step, and in a ``Trainer`` run; where the dense gradient is needed (fp16 autocast,
+``torch.autograd.grad``) it is made."""
 
 import copy
 
 import pytest
 import torch
+from datasets import Dataset
 from tiny_models import batch, tiny_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
+from hf_memsinks import MemSinkConfig, MemSinkDataCollator, attach_sink_lr, get_memsink_model
 from hf_memsinks.layers import touched_rows
 from hf_memsinks.layers.projections import is_patched_projection
 from hf_memsinks.layers.sink_parts import parts
@@ -131,3 +134,36 @@ def test_the_dense_gradient_where_a_loss_scaler_or_autograd_grad_reads_it():
     for a, b in zip(*got):
         assert type(a) is torch.Tensor
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class GradTypes(TrainerCallback):
+    """The sinks' gradient types at each optimizer step (after Trainer's clipping)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen.append({type(p.grad).__name__ for p in weight_parts(model)})
+
+
+def test_a_trainer_run_ends_where_the_dense_gradient_takes_it(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(3, 97, (12, 12), generator=g).tolist(),
+                            "sequence_ids": [3 + i % 3 for i in range(12)]})
+    runs = []
+    for keep in (True, False):
+        if not keep:  # (the rule steps the dense gradient)
+            monkeypatch.setattr(touched_rows, "keep_touched_rows", lambda *args: None)
+        model, types = patched("llama"), GradTypes()
+        args = TrainingArguments(str(tmp_path / str(keep)), max_steps=3, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, learning_rate=1e-2, optim="sgd", max_grad_norm=0.5,
+                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=MemSinkDataCollator(pad_token_id=0),
+                          callbacks=[types])
+        trainer.train()
+        runs.append((model, [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h], types.seen))
+    (kept, norms, seen), (dense_model, dense_norms, dense_seen) = runs
+    assert seen == [{"TouchedRowsGrad"}] * 3 and dense_seen == [{"Tensor"}] * 3
+    assert min(norms) > 0.5 and norms == pytest.approx(dense_norms, rel=1e-5)  # (clipped, the sinks counted)
+    for (name, p), q in zip(kept.named_parameters(), dense_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
