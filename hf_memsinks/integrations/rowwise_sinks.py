@@ -48,12 +48,11 @@ def touched_update(index: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor, c
     """:func:`rowwise_update` of a gradient given as rows ``index`` (each once) and their gradient
     ``grads`` (one neuron per row), every other row zero: ``(the touched rows, their update)``."""
     rows = grads.float().pow(2).mean(1)
-    touched = rows > 0
-    if not bool(touched.all()):
-        index, grads, rows = index[touched], grads[touched], rows[touched]
-    count.index_add_(0, index, torch.ones_like(rows, dtype=count.dtype))
-    sq.index_copy_(0, index, beta2 * sq.index_select(0, index) + (1 - beta2) * rows)
-    denom = (sq.index_select(0, index) / (1 - beta2 ** count.index_select(0, index))).sqrt_().add_(eps)
+    touched = rows > 0  # (a row whose gradient is zero: its update is zero and its state stays)
+    count.index_add_(0, index, touched.to(count.dtype))
+    old = sq.index_select(0, index)
+    sq.index_copy_(0, index, torch.where(touched, beta2 * old + (1 - beta2) * rows, old))
+    denom = (sq.index_select(0, index) / (1 - beta2 ** count.index_select(0, index).clamp_min(1))).sqrt_().add_(eps)
     return index, grads / denom.unsqueeze(1).to(grads.dtype)
 
 
@@ -72,8 +71,9 @@ class RowwiseSinks:
         if any(hasattr(p, "full_tensor") for p, _ in self.sinks):
             raise ValueError("MemSinkConfig(sink_optimizer='rowwise') does not step sharded sinks (FSDP) yet: its "
                              "per-neuron state is not sharded with them. Use sink_optimizer='adamw' under FSDP")
-        for part, dim in self.sinks:  # (their gradient: the rows a step touched, not a dense tensor)
-            touched_rows.keep_touched_rows(part, dim)
+        for part, dim in self.sinks:  # (the weights' gradient: the rows a step touched, not a dense tensor;
+            if part.dim() == 2:       # a bias's is one value a neuron, made whole by the gathered projection)
+                touched_rows.keep_touched_rows(part, dim)
 
     @torch.no_grad()
     def before(self, optimizer: torch.optim.Optimizer, *_) -> None:

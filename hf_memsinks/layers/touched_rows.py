@@ -21,6 +21,7 @@ The dense gradient is still made where something else reads it:
 * under fp16 autocast (a loss scaler unscales ``.grad``),
 * in ``torch.autograd.grad`` and ``backward(inputs=...)`` without the parameter (the caller
   takes the gradient it returns, or none),
+* where a hook on the parameter (``register_hook``) takes its gradient as autograd makes it,
 * on the dense path (a projection that does not gather); a dense gradient made beside the rows
   takes them in.
 """
@@ -55,7 +56,8 @@ class TouchedRowsGrad(torch.Tensor):
         self.full: torch.Tensor | None = None  # (the dense gradient, once something else read it)
 
     def __repr__(self) -> str:
-        return f"TouchedRowsGrad(shape={tuple(self.shape)}, rows={sum(i.numel() for i in self.row_index)})"
+        held = "dense" if self.full is not None else f"rows={sum(i.numel() for i in self.row_index)}"
+        return f"TouchedRowsGrad(shape={tuple(self.shape)}, {held})"
 
     def add_rows(self, index: torch.Tensor, grads: torch.Tensor) -> None:
         """Rows ``index`` (1-D) take ``grads`` (one row each, cast to the gradient's dtype)."""
@@ -66,8 +68,8 @@ class TouchedRowsGrad(torch.Tensor):
         self.row_index.append(index)
         self.row_grads.append(grads)
         self.merged = False
-        if sum(i.numel() for i in self.row_index) > self.neurons and len(self.row_index) > 1:
-            self.rows()
+        if sum(i.numel() for i in self.row_index) > self.neurons:
+            self.rows()  # (merged: at most one row per neuron)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(rows, their gradient)``, each row once (None when none were added)."""
@@ -107,29 +109,37 @@ class TouchedRowsGrad(torch.Tensor):
         elif self.row_index:
             self.rows()[1].mul_(factor)
 
+    def _clear(self) -> None:
+        self.row_index, self.row_grads, self.merged = [], [], True
+        if self.full is not None:
+            self.full.zero_()
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        ours = [isinstance(t, TouchedRowsGrad) for t in args[0]] if isinstance(args[0], (list, tuple)) else []
-        if func is aten.detach.default:
-            return args[0]
-        if func is aten.linalg_vector_norm.default and len(args) <= 2 and not kwargs:
-            return args[0]._rows_norm(*args[1:])  # (clip_grad_norm_ one tensor at a time)
-        if func is aten._foreach_norm.Scalar and len(args) <= 2 and not kwargs:
-            return [t._rows_norm(*args[1:]) if o else torch.linalg.vector_norm(t, *args[1:])
-                    for t, o in zip(args[0], ours)]
-        if func in (aten.mul_.Tensor, aten.mul_.Scalar) and not kwargs:
-            args[0]._rows_scale(args[1])
-            return args[0]
-        if func in (aten._foreach_mul_.Tensor, aten._foreach_mul_.Scalar) and not kwargs:
-            for t, o in zip(args[0], ours):
-                t._rows_scale(args[1]) if o else t.mul_(args[1])
-            return None
-        if func is aten.zero_.default:
-            args[0].row_index, args[0].row_grads, args[0].merged = [], [], True
-            if args[0].full is not None:
-                args[0].full.zero_()
-            return args[0]
+        # on the rows: a norm of order >= 0 (the untouched rows are zero), a scale by one number, a zero;
+        # everything else reads the dense gradient
+        if not kwargs and func in _ROW_OPS:
+            many = isinstance(args[0], (list, tuple))
+            tensors, rest = (args[0] if many else [args[0]]), args[1:]
+            if func in _NORMS and len(rest) <= 1 and _order(rest) >= 0:
+                norms = [t._rows_norm(*rest) if isinstance(t, TouchedRowsGrad) else torch.linalg.vector_norm(t, *rest)
+                         for t in tensors]
+                return norms if many else norms[0]
+            if func in _SCALES and _one_number(rest[0]):
+                for t in tensors:
+                    if isinstance(t, TouchedRowsGrad):
+                        t._rows_scale(rest[0])
+                    else:
+                        t.mul_(rest[0])
+                return None if many else args[0]
+            if func in _ZEROS:
+                for t in tensors:
+                    if isinstance(t, TouchedRowsGrad):
+                        t._clear()
+                    else:
+                        t.zero_()
+                return None if many else args[0]
 
         def unwrap(t):
             return t.dense() if isinstance(t, TouchedRowsGrad) else t
@@ -141,14 +151,29 @@ class TouchedRowsGrad(torch.Tensor):
         return out
 
 
+_NORMS = (aten.linalg_vector_norm.default, aten._foreach_norm.Scalar)
+_SCALES = (aten.mul_.Tensor, aten.mul_.Scalar, aten._foreach_mul_.Tensor, aten._foreach_mul_.Scalar)
+_ZEROS = (aten.zero_.default, aten._foreach_zero_.default)
+_ROW_OPS = _NORMS + _SCALES + _ZEROS
+
+
+def _order(rest: tuple) -> float:
+    return 2.0 if not rest else float(rest[0])
+
+
+def _one_number(factor) -> bool:
+    """A factor that scales every value alike (clipping's): a number, or a tensor of one value."""
+    return isinstance(factor, (int, float)) or (
+        isinstance(factor, torch.Tensor) and not isinstance(factor, TouchedRowsGrad) and factor.numel() == 1)
+
+
 class RowTarget:
     """Where one training call's backward puts a sink parameter's gradient rows. It holds the node
     of autograd that accumulates into the parameter's ``.grad``, the one this call's graph uses."""
 
     def __init__(self, part: nn.Parameter, dim: int):
         self.part, self.dim = part, dim
-        with torch.enable_grad():
-            self.node = part.view_as(part).grad_fn.next_functions[0][0]
+        self.node = torch.autograd.graph.get_gradient_edge(part).node
 
     def accumulating(self) -> bool:
         """Whether the running backward accumulates into the parameter's ``.grad`` (``backward()``),
@@ -194,8 +219,8 @@ def keeps_rows(part: torch.Tensor | None) -> bool:
 def for_call(part: torch.Tensor | None) -> RowTarget | None:
     """Where a gathered projection's training call puts ``part``'s gradient rows: a
     :class:`RowTarget`, or None for the dense gradient (see the module's docstring)."""
-    if not keeps_rows(part) or not (part.requires_grad and torch.is_grad_enabled()):
-        return None
+    if not keeps_rows(part) or not (part.requires_grad and torch.is_grad_enabled()) or part._backward_hooks:
+        return None  # (a hook on the parameter takes its gradient as autograd makes it: dense)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return None
     device = part.device.type

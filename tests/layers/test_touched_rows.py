@@ -77,6 +77,7 @@ def test_touched_rows_step_the_sinks_as_the_dense_gradient_does(model_type):
         assert all(0 < g.rows()[0].numel() < g.neurons for g in grads)  # (the IDs' rows only)
         assert not any(isinstance(p.grad, TouchedRowsGrad) for p in weight_parts(other))
         norms = [clip(m, step) for m in (model, other)]
+        assert all(p.grad.full is None for p in weight_parts(model))  # (clipped as rows: no dense tensor made)
         torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
         assert norms[0] > 0.5  # (clipped)
         for o in (opt, opt_dense):
@@ -110,9 +111,14 @@ def test_zero_grad_either_way_and_a_dense_path_call_in_the_same_step():
 def test_the_rows_never_outgrow_a_dense_gradient():
     model = patched("llama")
     optimizer(model)
-    for seed in range(12):
-        backward(model, seed=seed, ids=(seed, seed + 100))
-    assert all(sum(i.numel() for i in p.grad.row_index) <= p.grad.neurons for p in weight_parts(model))
+    for seed in range(3):  # (micro-batches, and in each more rows than the sinks have neurons)
+        x = batch(16, 8, seed=seed)
+        model(input_ids=x, labels=x, sequence_ids=torch.arange(16) + 100 * seed).loss.backward()
+        grads = [p.grad for p in weight_parts(model)]
+        assert all(isinstance(g, TouchedRowsGrad) and g.full is None for g in grads)
+        assert all(sum(i.numel() for i in g.row_index) <= g.neurons for g in grads)
+    torch._foreach_zero_(grads)  # (a foreach optimizer's zero_grad(set_to_none=False))
+    assert all(g.full is None and not g.row_index for g in grads)
 
 
 def test_the_dense_gradient_where_a_loss_scaler_or_autograd_grad_reads_it():
@@ -143,7 +149,8 @@ class GradTypes(TrainerCallback):
         self.seen = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.seen.append({type(p.grad).__name__ for p in weight_parts(model)})
+        self.seen.append({type(p.grad).__name__ + ("" if getattr(p.grad, "full", None) is None else " made dense")
+                          for p in weight_parts(model)})
 
 
 def test_a_trainer_run_ends_where_the_dense_gradient_takes_it(tmp_path, monkeypatch):
@@ -163,7 +170,33 @@ def test_a_trainer_run_ends_where_the_dense_gradient_takes_it(tmp_path, monkeypa
         trainer.train()
         runs.append((model, [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h], types.seen))
     (kept, norms, seen), (dense_model, dense_norms, dense_seen) = runs
-    assert seen == [{"TouchedRowsGrad"}] * 3 and dense_seen == [{"Tensor"}] * 3
+    assert seen == [{"TouchedRowsGrad"}] * 3 and dense_seen == [{"Tensor"}] * 3  # (Trainer clipped the rows)
     assert min(norms) > 0.5 and norms == pytest.approx(dense_norms, rel=1e-5)  # (clipped, the sinks counted)
     for (name, p), q in zip(kept.named_parameters(), dense_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("how", ["bf16 autocast", "gradient checkpointing"])
+def test_autocast_and_checkpointing_keep_the_rows_and_their_values(how):
+    model = patched("llama")
+    other = dense(copy.deepcopy(model))
+    for m in (model, other):
+        optimizer(m)
+        if how == "gradient checkpointing":
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "bf16 autocast"):
+            backward(m, seed=5)
+    assert all(isinstance(p.grad, TouchedRowsGrad) for p in weight_parts(model))
+    for p, q in zip(weight_parts(model), weight_parts(other)):
+        torch.testing.assert_close(p.grad.dense(), q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hook_on_a_sink_parameter_gets_the_dense_gradient():
+    model = patched("llama")
+    optimizer(model)
+    seen = []
+    part = weight_parts(model)[0]
+    part.register_hook(lambda g: seen.append(type(g)))
+    backward(model, seed=1)
+    assert seen == [torch.Tensor] and type(part.grad) is torch.Tensor
+    assert all(isinstance(p.grad, TouchedRowsGrad) for p in weight_parts(model)[1:])
