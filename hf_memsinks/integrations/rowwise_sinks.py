@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..layers import sink_parts, touched_rows
+from ..layers.neurons import neuron_rows
 from ..layers.projections import is_patched_projection
 from ..layers.touched_rows import TouchedRowsGrad
 
@@ -95,7 +96,7 @@ class RowwiseSinks:
                 rows = grad.rows()
                 if rows is not None:
                     index, update = touched_update(*rows, sq, count, beta2, self.eps)
-                    (part.t() if dim == 1 else part).index_add_(0, index, update, alpha=-lr)
+                    neuron_rows(part, dim).index_add_(0, index, update, alpha=-lr)
             else:
                 dense = grad.dense() if isinstance(grad, TouchedRowsGrad) else grad
                 part.sub_(rowwise_update(dense, dim, sq, count, beta2, self.eps), alpha=lr)

@@ -30,6 +30,7 @@ from torch import nn
 from . import sink_parts, touched_rows
 from .lora_parts import plain_lora
 from .mask_multiply import MaskSinks, maskable_in_place
+from .neurons import neuron_rows
 from .state import ActiveSinks, ForwardSinks
 
 
@@ -54,11 +55,6 @@ def active_sinks_for(module: nn.Module, call: ForwardSinks, x: torch.Tensor) -> 
     return active if fits else None
 
 
-def _rows(tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
-    """``tensor`` with one neuron per row (a 2-D weight stored with its neurons along dim 1, transposed)."""
-    return tensor.t() if tensor is not None and dim == 1 else tensor
-
-
 def _gather(rows: torch.Tensor, first: int, count: int, index: torch.Tensor) -> torch.Tensor:
     """Rows ``first + index`` of ``rows``: shape ``index.shape + rows.shape[1:]``."""
     out = rows.narrow(0, first, count).index_select(0, index.reshape(-1))
@@ -70,7 +66,13 @@ def _grad_rows(like: torch.Tensor | None, needed: bool, dim: int, zero: bool = F
     if not needed:
         return None, None
     grad = torch.zeros_like(like) if zero else torch.empty_like(like)
-    return grad, _rows(grad, dim)
+    return grad, neuron_rows(grad, dim)
+
+
+def _row_target(ctx, needed: bool) -> touched_rows.RowTarget | None:
+    """Where this backward puts the apart sinks' gradient rows (:mod:`.touched_rows`): the call's
+    target where the gradient is needed and this backward accumulates it, else None (dense)."""
+    return ctx.touched if needed and ctx.touched is not None and ctx.touched.accumulating() else None
 
 
 def _gathered_columns(rows: torch.Tensor, sink_weight: torch.Tensor | None, dim: int, general: int,
@@ -79,7 +81,7 @@ def _gathered_columns(rows: torch.Tensor, sink_weight: torch.Tensor | None, dim:
     ``general`` (``rows``: one neuron per row) or, stored apart, ``sink_weight``'s."""
     if sink_weight is None:
         return _gather(rows, general, rows.shape[0] - general, index)
-    sink_rows = _rows(sink_weight, dim)
+    sink_rows = neuron_rows(sink_weight, dim)
     return _gather(sink_rows, 0, sink_rows.shape[0], index)
 
 
@@ -96,8 +98,8 @@ class GatheredInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, sink_weight, sink_bias, dim: int, spans: list, index, touched):
-        rows = _rows(weight, dim)
-        sink_rows = rows if sink_weight is None else _rows(sink_weight, dim)
+        rows = neuron_rows(weight, dim)
+        sink_rows = rows if sink_weight is None else neuron_rows(sink_weight, dim)
         sink_bias_rows = bias if sink_weight is None else sink_bias
         outs = []
         for (ga, gn), (sa, sn) in spans:
@@ -116,14 +118,13 @@ class GatheredInput(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, sink_weight, sink_bias, index = ctx.saved_tensors
         need = ctx.needs_input_grad
-        rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
-        sink_rows = rows if sink_weight is None else _rows(sink_weight, ctx.dim)
+        rows, flat, k = neuron_rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
+        sink_rows = rows if sink_weight is None else neuron_rows(sink_weight, ctx.dim)
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = None
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
         grad_b, _ = _grad_rows(bias, need[2], 0)
-        # (the apart sink rows' gradient kept as rows, where this backward accumulates it: .touched_rows)
-        touched = ctx.touched if need[3] and ctx.touched is not None and ctx.touched.accumulating() else None
+        touched = _row_target(ctx, need[3])
         grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         grad_sb, _ = _grad_rows(sink_bias, need[4], 0)
         apart = sink_weight is not None
@@ -159,7 +160,7 @@ class GatheredOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, sink_weight, dim: int, general: int, index, touched):
-        rows = _rows(weight, dim)  # (neurons, out)
+        rows = neuron_rows(weight, dim)  # (neurons, out)
         out = torch.baddbmm(F.linear(h[..., :general], rows[:general].t(), bias), h[..., general:],
                             _gathered_columns(rows, sink_weight, dim, general, index))
         ctx.save_for_backward(h, weight, bias, sink_weight, index)  # (gathered again in backward)
@@ -170,7 +171,7 @@ class GatheredOutput(torch.autograd.Function):
     def backward(ctx, grad):
         h, weight, bias, sink_weight, index = ctx.saved_tensors
         need, g = ctx.needs_input_grad, ctx.general
-        rows, flat, k = _rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
+        rows, flat, k = neuron_rows(weight, ctx.dim), index.reshape(-1), index.shape[1]
         grad2, h2 = grad.reshape(-1, grad.shape[-1]), h.reshape(-1, h.shape[-1])
         grad_h = None
         if need[0]:
@@ -179,7 +180,7 @@ class GatheredOutput(torch.autograd.Function):
             sinks = _gathered_columns(rows, sink_weight, ctx.dim, g, index)
             grad_h.narrow(-1, g, k).copy_(torch.bmm(grad, sinks.transpose(1, 2)))
         grad_w, grad_w_rows = _grad_rows(weight, need[1], ctx.dim)
-        touched = ctx.touched if need[3] and ctx.touched is not None and ctx.touched.accumulating() else None
+        touched = _row_target(ctx, need[3])
         grad_sw, grad_sw_rows = _grad_rows(sink_weight, need[3] and touched is None, ctx.dim)
         apart = sink_weight is not None
         needs_sinks = need[3] if apart else need[1]

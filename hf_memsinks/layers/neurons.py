@@ -83,6 +83,11 @@ def pick(tensor: torch.Tensor, dim: int, spans: list[Span]) -> torch.Tensor:
     return torch.cat([tensor.narrow(dim, a, n) for a, n in spans], dim)
 
 
+def neuron_rows(tensor: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """``tensor`` with one neuron per row: a 2-D weight with its neurons along ``dim`` 1, transposed (a view)."""
+    return tensor.t() if tensor is not None and dim == 1 else tensor
+
+
 def interleave(first: torch.Tensor, second: torch.Tensor, dim: int, chunks: int) -> torch.Tensor:
     """Per chunk along ``dim``: ``first``'s part, then ``second``'s (sinks, new neurons or zero
     padding). The inverse of picking the two parts' spans."""

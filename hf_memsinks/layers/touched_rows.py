@@ -33,6 +33,9 @@ import weakref
 import torch
 from torch import nn
 
+from .ddp_graph import process_group_running
+from .neurons import neuron_rows
+
 aten = torch.ops.aten
 
 
@@ -63,7 +66,7 @@ class TouchedRowsGrad(torch.Tensor):
         """Rows ``index`` (1-D) take ``grads`` (one row each, cast to the gradient's dtype)."""
         grads = grads.to(self.dtype)
         if self.full is not None:
-            self._rows_of(self.full).index_add_(0, index, grads)
+            neuron_rows(self.full, self.neuron_dim).index_add_(0, index, grads)
             return
         self.row_index.append(index)
         self.row_grads.append(grads)
@@ -88,12 +91,9 @@ class TouchedRowsGrad(torch.Tensor):
             self.full = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
             rows = self.rows()
             if rows is not None:
-                self._rows_of(self.full).index_add_(0, *rows)
+                neuron_rows(self.full, self.neuron_dim).index_add_(0, *rows)
             self.row_index, self.row_grads, self.merged = [], [], True
         return self.full
-
-    def _rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.t() if self.neuron_dim == 1 else tensor
 
     def _rows_norm(self, *args) -> torch.Tensor:
         if self.full is not None:
@@ -192,7 +192,7 @@ class RowTarget:
         if isinstance(grad, TouchedRowsGrad):
             grad.add_rows(index, grads)
         else:
-            (grad.t() if self.dim == 1 else grad).index_add_(0, index, grads.to(grad.dtype))
+            neuron_rows(grad, self.dim).index_add_(0, index, grads.to(grad.dtype))
 
 
 # id(parameter) -> (a weak reference to it, the dim of its neurons); the entry goes with the parameter
@@ -221,7 +221,7 @@ def for_call(part: torch.Tensor | None) -> RowTarget | None:
     :class:`RowTarget`, or None for the dense gradient (see the module's docstring)."""
     if not keeps_rows(part) or not (part.requires_grad and torch.is_grad_enabled()) or part._backward_hooks:
         return None  # (a hook on the parameter takes its gradient as autograd makes it: dense)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if process_group_running():
         return None
     device = part.device.type
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
