@@ -11,9 +11,20 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 
 * ``rowwise``: touched rows move by ``g / (sqrt(v) + eps)``, ``v`` the row's running mean of ``g ** 2``
   (AdamW's beta2, bias-corrected by the row's own count of steps). No momentum, one value per neuron.
+  The product's ``sink_optimizer="rowwise"`` (:mod:`hf_memsinks.integrations.rowwise_sinks`).
 * ``rowwise_bf16``: ``rowwise`` with the sinks' weights rounded to bf16 after the rule's step (AdamW's
   weight decay then scales them in fp32: a relative change below bf16's precision, rounded at the
   next step).
+* ``rowwise_b99``, ``rowwise_b90``: ``rowwise`` with the row's running mean at beta2 0.99 / 0.9 (it
+  follows the last touches' gradients, so a step of a touched row stays near one).
+* ``factored``: ``rowwise`` with a second factor per input: touched weights move by
+  ``g / sqrt(v_row * c)``, ``c`` each input's
+  running mean of ``g ** 2`` over the touched rows (beta2, at the steps that touched any), divided by
+  the inputs' mean: Adafactor's factored second moment, one value a neuron and one an input.
+* ``factored_half``: ``factored`` with ``c ** 0.5`` for ``c``: halfway between it and ``rowwise``.
+* ``factored_in``, ``factored_out``: ``factored`` on the sinks of the input projections (up, gate:
+  the inputs are the hidden state's features) or of the output projection (down: the hidden
+  state's features it writes) only, ``rowwise`` on the others.
 * ``sign``: touched weights move by ``sign(g)``. No state.
 * ``momentum``: Adam with one second moment per neuron: a momentum per weight (AdamW's beta1), every
   row moved at every step, both moments bias-corrected by the step count.
@@ -43,10 +54,11 @@ from __future__ import annotations
 import torch
 
 from hf_memsinks.integrations.rowwise_sinks import rowwise_update
-from hf_memsinks.layers.projections import trainable_neuron_tensors
+from hf_memsinks.layers.projections import is_patched_projection, trainable_neuron_tensors
 
-KINDS = ("rowwise", "rowwise_bf16", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows",
-         "adam_8bit_bf16", "lowrank4", "lowrank16")
+KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "factored", "factored_half", "factored_in",
+         "factored_out", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16",
+         "lowrank4", "lowrank16")
 BLOCK = 256
 
 
@@ -93,6 +105,26 @@ def _row_squares(grad: torch.Tensor, dim: int) -> torch.Tensor:
     return grad.float().pow(2).movedim(dim, 0).reshape(grad.shape[dim], -1)
 
 
+def factored_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor,
+                    beta2: float, eps: float, power: float = 1.0) -> torch.Tensor:
+    """``factored`` (``power`` 0.5: ``factored_half``): ``g / (sqrt(v_row * c ** power) + eps)`` on the
+    touched neurons (along ``dim``); updates ``sq`` and ``count`` (the neurons') and ``inputs`` (each
+    input's running mean of ``g ** 2`` over the touched neurons, on a step that touched any) in place."""
+    moved = grad.float().movedim(dim, 0)
+    rows = moved.reshape(moved.shape[0], -1)  # one neuron per row
+    squares = rows.pow(2)
+    means = squares.mean(1)
+    touched = means > 0
+    count.add_(touched.to(count.dtype))
+    sq.copy_(torch.where(touched, beta2 * sq + (1 - beta2) * means, sq))
+    if bool(touched.any()):
+        inputs.mul_(beta2).add_(squares[touched].mean(0), alpha=1 - beta2)
+    row_v = sq / (1 - beta2 ** count.clamp_min(1))
+    col_v = (inputs / inputs.mean().clamp_min(1e-30)).pow(power)
+    update = rows / (row_v.unsqueeze(1) * col_v.unsqueeze(0)).sqrt_().add_(eps)
+    return update.view(moved.shape).movedim(0, dim).to(grad.dtype)
+
+
 def sink_targets(model) -> list[tuple]:
     """``(parameter, neuron dim, start, count)`` of every sink span of the model's trainable tensors."""
     return [(param, dim, start, n) for param, dim, spans in trainable_neuron_tensors(model, "sink")
@@ -127,6 +159,12 @@ class SinkStep:
             self.second = [quantize(torch.zeros_like(p.narrow(d, s, n)), False, d if self.rows else None)
                            for p, d, s, n in self.targets]
         self.count = [torch.zeros(n, device=p.device) for p, _, _, n in self.targets]
+        # (factored: each input's running mean of g ** 2; divided by its mean, it needs no bias correction)
+        roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
+                 for p in m.parameters(recurse=False)}
+        self.powers = [1.0 if kind in ("factored", f"factored_{roles.get(id(p))}") else
+                       0.5 if kind == "factored_half" else 0.0 for p, _, _, _ in self.targets]
+        self.cols = [torch.zeros(p.narrow(d, s, n).numel() // n, device=p.device) for p, d, s, n in self.targets]
 
     @torch.no_grad()
     def before(self, *_) -> None:
@@ -138,8 +176,13 @@ class SinkStep:
             lr = group["lr"] * self.scale
             if self.kind == "sign":
                 update = grad.sign()
+            elif self.kind in ("rowwise_b99", "rowwise_b90"):
+                update = rowwise_update(grad, dim, self.second[i], self.count[i], int(self.kind[-2:]) / 100, self.eps)
             elif self.kind.startswith("rowwise"):  # the product's rule (hf_memsinks.integrations.rowwise_sinks)
                 update = rowwise_update(grad, dim, self.second[i], self.count[i], beta2, self.eps)
+            elif self.kind.startswith("factored"):
+                update = factored_update(grad, dim, self.second[i], self.count[i], self.cols[i], beta2, self.eps,
+                                         self.powers[i])
             elif self.kind == "momentum":
                 first, second = self.first[i], self.second[i]
                 first.lerp_(grad, 1 - beta1)

@@ -1,6 +1,7 @@
 """The sink steps of the optimizer experiment (benchmarks/memorization/sink_step.py): before AdamW's step
 the sinks move by the rule's step (rowwise: lr * scale * g / (sqrt(v) + eps) with one running second
-moment per neuron; sign; Adam with a per-neuron second moment; Adam on the touched rows only); the
+moment per neuron; factored: one per neuron and one per input; sign; Adam with a per-neuron second
+moment; Adam on the touched rows only); the
 sinks' gradients are zeroed, so AdamW's moments for them stay zero; the general neurons take AdamW's
 step as without it."""
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from tiny_models import batch, tiny_model
 
-from benchmarks.memorization.sink_step import attach_sink_step, dequantize, quantize
+from benchmarks.memorization.sink_step import attach_sink_step, dequantize, factored_update, quantize
 from hf_memsinks import MemSinkConfig, attach_sink_lr, get_memsink_model
 from hf_memsinks.layers.projections import is_patched_projection
 
@@ -89,6 +90,25 @@ def test_momentum_step_is_adam_with_one_second_moment_per_neuron():
     second = -lr * (0.9 / 1.9) * grad / ((0.95 / 1.95) ** 0.5 * rms + 1e-8)
     torch.testing.assert_close(moves[1], second)
     assert moves[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("kind, power", [("factored", 1.0), ("factored_half", 0.5)])
+def test_factored_step_divides_by_a_neurons_and_an_inputs_mean_square(kind, power):
+    # the second step without a gradient: nothing touched, nothing moves
+    _, grad, moves = stepped(kind, 2)
+    rows = grad.pow(2).mean(1, keepdim=True)
+    touched = rows[:, 0] > 0
+    inputs = grad[touched].pow(2).mean(0, keepdim=True)
+    assert inputs.std() > 0.1 * inputs.mean()  # (inputs of unequal scale: the factor matters)
+    want = -1e-2 * 5.0 * grad / ((rows * (inputs / inputs.mean()) ** power).sqrt() + 1e-8)
+    torch.testing.assert_close(moves[0], want)
+    assert torch.equal(moves[1], torch.zeros_like(moves[1]))
+
+
+def test_factored_step_of_a_rank_one_gradient_is_adams_first_step():
+    g = torch.outer(torch.tensor([0.5, -2.0, 0.0]), torch.tensor([1e-3, 3.0, -0.2, 7.0]))
+    update = factored_update(g, 0, torch.zeros(3), torch.zeros(3), torch.zeros(4), 0.95, 1e-12)
+    torch.testing.assert_close(update, g.sign())
 
 
 def test_lazy_step_is_adam_on_the_touched_rows_only():
