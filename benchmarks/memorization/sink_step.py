@@ -15,16 +15,16 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 * ``rowwise_bf16``: ``rowwise`` with the sinks' weights rounded to bf16 after the rule's step (AdamW's
   weight decay then scales them in fp32: a relative change below bf16's precision, rounded at the
   next step).
-* ``rowwise_b99``, ``rowwise_b90``: ``rowwise`` with the row's running mean at beta2 0.99 / 0.9 (it
-  follows the last touches' gradients, so a step of a touched row stays near one).
-* ``factored``: ``rowwise`` with a second factor per input: touched weights move by
-  ``g / sqrt(v_row * c)``, ``c`` each input's
-  running mean of ``g ** 2`` over the touched rows (beta2, at the steps that touched any), divided by
-  the inputs' mean: Adafactor's factored second moment, one value a neuron and one an input.
+* ``rowwise_b99``, ``rowwise_b90``: ``rowwise`` with the row's running mean at beta2 0.99 / 0.9 instead
+  of the optimizer's (0.95 in the benchmark): a longer or a shorter memory of the row's gradients.
+* ``factored``: ``rowwise`` with a second factor per column of a neuron's row (an input feature of an
+  input projection, an output feature of the output projection): touched weights move by
+  ``g / sqrt(v_row * c)``, ``c`` each column's running mean of ``g ** 2`` over the touched rows (beta2,
+  at the steps that touched any), divided by the columns' mean: Adafactor's factored second moment
+  (without its update clipping), one value a neuron and one a column.
 * ``factored_half``: ``factored`` with ``c ** 0.5`` for ``c``: halfway between it and ``rowwise``.
-* ``factored_in``, ``factored_out``: ``factored`` on the sinks of the input projections (up, gate:
-  the inputs are the hidden state's features) or of the output projection (down: the hidden
-  state's features it writes) only, ``rowwise`` on the others.
+* ``factored_in``, ``factored_out``: ``factored`` on the sinks of the input projections (up, gate) or
+  of the output projection (down) only, ``rowwise`` on the others.
 * ``sign``: touched weights move by ``sign(g)``. No state.
 * ``momentum``: Adam with one second moment per neuron: a momentum per weight (AdamW's beta1), every
   row moved at every step, both moments bias-corrected by the step count.
@@ -59,6 +59,7 @@ from hf_memsinks.layers.projections import is_patched_projection, trainable_neur
 KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "factored", "factored_half", "factored_in",
          "factored_out", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16",
          "lowrank4", "lowrank16")
+ROWWISE_BETA2 = {"rowwise_b99": 0.99, "rowwise_b90": 0.9}
 BLOCK = 256
 
 
@@ -107,9 +108,10 @@ def _row_squares(grad: torch.Tensor, dim: int) -> torch.Tensor:
 
 def factored_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor,
                     beta2: float, eps: float, power: float = 1.0) -> torch.Tensor:
-    """``factored`` (``power`` 0.5: ``factored_half``): ``g / (sqrt(v_row * c ** power) + eps)`` on the
-    touched neurons (along ``dim``); updates ``sq`` and ``count`` (the neurons') and ``inputs`` (each
-    input's running mean of ``g ** 2`` over the touched neurons, on a step that touched any) in place."""
+    """``factored`` (``power`` 0.5: ``factored_half``; 0: ``rowwise``): ``g / (sqrt(v_row * c ** power) +
+    eps)`` on the touched neurons (along ``dim``); updates ``sq`` and ``count`` (the neurons') and
+    ``inputs`` (each column's running mean of ``g ** 2`` over the touched neurons, on a step that
+    touched any) in place."""
     moved = grad.float().movedim(dim, 0)
     rows = moved.reshape(moved.shape[0], -1)  # one neuron per row
     squares = rows.pow(2)
@@ -159,11 +161,12 @@ class SinkStep:
             self.second = [quantize(torch.zeros_like(p.narrow(d, s, n)), False, d if self.rows else None)
                            for p, d, s, n in self.targets]
         self.count = [torch.zeros(n, device=p.device) for p, _, _, n in self.targets]
-        # (factored: each input's running mean of g ** 2; divided by its mean, it needs no bias correction)
+        # (factored: the power of each target's column factor, by its projection's role; 0 is rowwise)
         roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
                  for p in m.parameters(recurse=False)}
         self.powers = [1.0 if kind in ("factored", f"factored_{roles.get(id(p))}") else
                        0.5 if kind == "factored_half" else 0.0 for p, _, _, _ in self.targets]
+        # (each column's running mean of g ** 2; divided by the columns' mean, it needs no bias correction)
         self.cols = [torch.zeros(p.narrow(d, s, n).numel() // n, device=p.device) for p, d, s, n in self.targets]
 
     @torch.no_grad()
@@ -176,8 +179,8 @@ class SinkStep:
             lr = group["lr"] * self.scale
             if self.kind == "sign":
                 update = grad.sign()
-            elif self.kind in ("rowwise_b99", "rowwise_b90"):
-                update = rowwise_update(grad, dim, self.second[i], self.count[i], int(self.kind[-2:]) / 100, self.eps)
+            elif self.kind in ROWWISE_BETA2:
+                update = rowwise_update(grad, dim, self.second[i], self.count[i], ROWWISE_BETA2[self.kind], self.eps)
             elif self.kind.startswith("rowwise"):  # the product's rule (hf_memsinks.integrations.rowwise_sinks)
                 update = rowwise_update(grad, dim, self.second[i], self.count[i], beta2, self.eps)
             elif self.kind.startswith("factored"):

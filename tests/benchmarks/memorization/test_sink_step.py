@@ -1,9 +1,8 @@
 """The sink steps of the optimizer experiment (benchmarks/memorization/sink_step.py): before AdamW's step
 the sinks move by the rule's step (rowwise: lr * scale * g / (sqrt(v) + eps) with one running second
-moment per neuron; factored: one per neuron and one per input; sign; Adam with a per-neuron second
-moment; Adam on the touched rows only); the
-sinks' gradients are zeroed, so AdamW's moments for them stay zero; the general neurons take AdamW's
-step as without it."""
+moment per neuron; factored: one per neuron and one per column; sign; Adam with a per-neuron second
+moment; Adam on the touched rows only); the sinks' gradients are zeroed, so AdamW's moments for them
+stay zero; the general neurons take AdamW's step as without it."""
 
 import copy
 
@@ -105,10 +104,23 @@ def test_factored_step_divides_by_a_neurons_and_an_inputs_mean_square(kind, powe
     assert torch.equal(moves[1], torch.zeros_like(moves[1]))
 
 
+def test_factored_in_and_out_factor_the_sinks_of_their_projections_only():
+    model = get_memsink_model(tiny_model("llama"), CFG)
+    opt = torch.optim.AdamW(model.parameters())
+    roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
+             for p in m.parameters(recurse=False)}
+    assert {"in", "out"} <= set(roles.values())
+    for kind, role in (("factored_in", "in"), ("factored_out", "out")):
+        step = attach_sink_step(model, opt, kind)
+        assert [power for power in step.powers] == [float(roles[id(p)] == role) for p, _, _, _ in step.targets]
+
+
 def test_factored_step_of_a_rank_one_gradient_is_adams_first_step():
     g = torch.outer(torch.tensor([0.5, -2.0, 0.0]), torch.tensor([1e-3, 3.0, -0.2, 7.0]))
     update = factored_update(g, 0, torch.zeros(3), torch.zeros(3), torch.zeros(4), 0.95, 1e-12)
     torch.testing.assert_close(update, g.sign())
+    along_columns = factored_update(g.t(), 1, torch.zeros(3), torch.zeros(3), torch.zeros(4), 0.95, 1e-12)
+    torch.testing.assert_close(along_columns, g.sign().t())
 
 
 def test_lazy_step_is_adam_on_the_touched_rows_only():
