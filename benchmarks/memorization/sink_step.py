@@ -25,6 +25,8 @@ a row is one sink neuron; a touched row has a nonzero gradient.
 * ``factored_half``: ``factored`` with ``c ** 0.5`` for ``c``: halfway between it and ``rowwise``.
 * ``factored_in``, ``factored_out``: ``factored`` on the sinks of the input projections (up, gate) or
   of the output projection (down) only, ``rowwise`` on the others.
+* ``factored_clip``, ``rowwise_clip``: ``factored`` / ``rowwise`` with each neuron's update scaled
+  down to a root mean square of at most one, as Adafactor clips its update.
 * ``sign``: touched weights move by ``sign(g)``. No state.
 * ``momentum``: Adam with one second moment per neuron: a momentum per weight (AdamW's beta1), every
   row moved at every step, both moments bias-corrected by the step count.
@@ -56,9 +58,9 @@ import torch
 from hf_memsinks.integrations.rowwise_sinks import rowwise_update
 from hf_memsinks.layers.projections import is_patched_projection, trainable_neuron_tensors
 
-KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "factored", "factored_half", "factored_in",
-         "factored_out", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16",
-         "lowrank4", "lowrank16")
+KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "rowwise_clip", "factored", "factored_half",
+         "factored_in", "factored_out", "factored_clip", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit",
+         "adam_8bit_rows", "adam_8bit_bf16", "lowrank4", "lowrank16")
 ROWWISE_BETA2 = {"rowwise_b99": 0.99, "rowwise_b90": 0.9}
 BLOCK = 256
 
@@ -164,7 +166,7 @@ class SinkStep:
         # (factored: the power of each target's column factor, by its projection's role; 0 is rowwise)
         roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
                  for p in m.parameters(recurse=False)}
-        self.powers = [1.0 if kind in ("factored", f"factored_{roles.get(id(p))}") else
+        self.powers = [1.0 if kind in ("factored", "factored_clip", f"factored_{roles.get(id(p))}") else
                        0.5 if kind == "factored_half" else 0.0 for p, _, _, _ in self.targets]
         # (each column's running mean of g ** 2; divided by the columns' mean, it needs no bias correction)
         self.cols = [torch.zeros(p.narrow(d, s, n).numel() // n, device=p.device) for p, d, s, n in self.targets]
@@ -218,6 +220,8 @@ class SinkStep:
                 count = self.count[i].clamp_min(1).view(shape)
                 update = (first / (1 - beta1 ** count)) / ((second / (1 - beta2 ** count)).sqrt() + self.eps)
                 update = torch.where(mask, update, torch.zeros_like(update))
+            if self.kind.endswith("_clip"):  # (each neuron's update at a root mean square of at most one)
+                update = update / _row_squares(update, dim).mean(1).sqrt().clamp_min(1.0).view(shape).to(update.dtype)
             view = param.narrow(dim, start, n)
             view.sub_(update, alpha=lr)
             if self.kind.endswith("_bf16"):

@@ -104,6 +104,18 @@ def test_factored_step_divides_by_a_neurons_and_an_inputs_mean_square(kind, powe
     assert torch.equal(moves[1], torch.zeros_like(moves[1]))
 
 
+def test_clipped_steps_scale_each_neurons_update_to_a_root_mean_square_of_at_most_one():
+    _, grad, (moved,) = stepped("factored_clip", 1)
+    rows = grad.pow(2).mean(1, keepdim=True)
+    inputs = grad[rows[:, 0] > 0].pow(2).mean(0, keepdim=True)
+    update = grad / ((rows * inputs / inputs.mean()).sqrt() + 1e-8)
+    rms = update.pow(2).mean(1, keepdim=True).sqrt()
+    assert (rms > 1.01).any() and (rms[rows > 0] < 0.99).any()  # (rows over and under the bound)
+    torch.testing.assert_close(moved, -1e-2 * 5.0 * update / rms.clamp_min(1.0))
+    _, grad, (moved,) = stepped("rowwise_clip", 1)  # (a first step of rowwise is at one already)
+    torch.testing.assert_close(moved, -1e-2 * 5.0 * grad / (grad.pow(2).mean(1, keepdim=True).sqrt() + 1e-8))
+
+
 def test_factored_in_and_out_factor_the_sinks_of_their_projections_only():
     model = get_memsink_model(tiny_model("llama"), CFG)
     opt = torch.optim.AdamW(model.parameters())
