@@ -114,9 +114,7 @@ def factored_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch
     eps)`` on the touched neurons (along ``dim``); updates ``sq`` and ``count`` (the neurons') and
     ``inputs`` (each column's running mean of ``g ** 2`` over the touched neurons, on a step that
     touched any) in place."""
-    moved = grad.float().movedim(dim, 0)
-    rows = moved.reshape(moved.shape[0], -1)  # one neuron per row
-    squares = rows.pow(2)
+    squares = _row_squares(grad, dim)  # one neuron per row
     means = squares.mean(1)
     touched = means > 0
     count.add_(touched.to(count.dtype))
@@ -125,7 +123,8 @@ def factored_update(grad: torch.Tensor, dim: int, sq: torch.Tensor, count: torch
         inputs.mul_(beta2).add_(squares[touched].mean(0), alpha=1 - beta2)
     row_v = sq / (1 - beta2 ** count.clamp_min(1))
     col_v = (inputs / inputs.mean().clamp_min(1e-30)).pow(power)
-    update = rows / (row_v.unsqueeze(1) * col_v.unsqueeze(0)).sqrt_().add_(eps)
+    moved = grad.float().movedim(dim, 0)
+    update = moved.reshape(squares.shape) / (row_v.unsqueeze(1) * col_v.unsqueeze(0)).sqrt_().add_(eps)
     return update.view(moved.shape).movedim(0, dim).to(grad.dtype)
 
 
@@ -163,13 +162,14 @@ class SinkStep:
             self.second = [quantize(torch.zeros_like(p.narrow(d, s, n)), False, d if self.rows else None)
                            for p, d, s, n in self.targets]
         self.count = [torch.zeros(n, device=p.device) for p, _, _, n in self.targets]
-        # (factored: the power of each target's column factor, by its projection's role; 0 is rowwise)
-        roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
-                 for p in m.parameters(recurse=False)}
-        self.powers = [1.0 if kind in ("factored", "factored_clip", f"factored_{roles.get(id(p))}") else
-                       0.5 if kind == "factored_half" else 0.0 for p, _, _, _ in self.targets]
-        # (each column's running mean of g ** 2; divided by the columns' mean, it needs no bias correction)
-        self.cols = [torch.zeros(p.narrow(d, s, n).numel() // n, device=p.device) for p, d, s, n in self.targets]
+        if kind.startswith("factored"):
+            # the power of each target's column factor, by its projection's role (0: rowwise's step)
+            roles = {id(p): m.memsink.role for m in model.modules() if is_patched_projection(m)
+                     for p in m.parameters(recurse=False)}
+            self.powers = [1.0 if kind in ("factored", "factored_clip", f"factored_{roles.get(id(p))}") else
+                           0.5 if kind == "factored_half" else 0.0 for p, _, _, _ in self.targets]
+            # each column's running mean of g ** 2 (divided by the columns' mean: no bias correction needed)
+            self.cols = [torch.zeros(p.narrow(d, s, n).numel() // n, device=p.device) for p, d, s, n in self.targets]
 
     @torch.no_grad()
     def before(self, *_) -> None:

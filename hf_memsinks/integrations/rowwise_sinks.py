@@ -50,10 +50,12 @@ def touched_update(index: torch.Tensor, grads: torch.Tensor, sq: torch.Tensor, c
     ``grads`` (one neuron per row), every other row zero: ``(the touched rows, their update)``."""
     rows = grads.float().pow(2).mean(1)
     touched = rows > 0  # (a row whose gradient is zero: its update is zero and its state stays)
-    count.index_add_(0, index, touched.to(count.dtype))
+    steps = count.index_select(0, index) + touched.to(count.dtype)
     old = sq.index_select(0, index)
-    sq.index_copy_(0, index, torch.where(touched, beta2 * old + (1 - beta2) * rows, old))
-    denom = (sq.index_select(0, index) / (1 - beta2 ** count.index_select(0, index).clamp_min(1))).sqrt_().add_(eps)
+    means = torch.where(touched, beta2 * old + (1 - beta2) * rows, old)
+    count.index_copy_(0, index, steps)
+    sq.index_copy_(0, index, means)
+    denom = (means / (1 - beta2 ** steps.clamp_min(1))).sqrt_().add_(eps)
     return index, grads / denom.unsqueeze(1).to(grads.dtype)
 
 
