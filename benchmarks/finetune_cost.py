@@ -74,12 +74,16 @@ VARIANTS = {
     # the sinks stored apart and stepped by sink_optimizer="rowwise": no AdamW state for them
     "for_finetuning+rowwise": ({"sink_optimizer": "rowwise"}, False),
     "for_finetuning+rowwise+lora_r16": ({"sink_optimizer": "rowwise"}, True),
+    # the same, each document's sinks on from its second sighting (every timed row is one: _step_ids)
+    "for_finetuning+rowwise+later": ({"sink_optimizer": "rowwise", "sinks_from_sighting": 2}, False),
+    "for_finetuning+rowwise+later+lora_r16": ({"sink_optimizer": "rowwise", "sinks_from_sighting": 2}, True),
     # a bound, not a recipe: the same with each sink part's gradient freed as soon as backward makes it (so
     # the sinks do not train): what gradients of the touched rows only could save at most
     "for_finetuning+rowwise+lora_r16+no_sink_grads": ({"sink_optimizer": "rowwise"}, True),
 }
 # run when named in --variants (docs/performance.md has their own command), not in make bench's table
-ON_REQUEST = ("first_layer", "first_layer+lora_r16", "for_finetuning+rowwise+lora_r16+no_sink_grads")
+ON_REQUEST = ("first_layer", "first_layer+lora_r16", "for_finetuning+rowwise+lora_r16+no_sink_grads",
+              "for_finetuning+rowwise+later", "for_finetuning+rowwise+later+lora_r16")
 
 
 def build(shape: dict, dtype: torch.dtype, device: str = "cpu"):
@@ -124,6 +128,16 @@ def prepare(variant: str, shape: dict, dtype: torch.dtype, overrides: dict, devi
             if ".sink_part_" in name:
                 param.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     return model, sinks is not None
+
+
+def _step_ids(model, has_sinks: bool, ids: torch.Tensor) -> torch.Tensor | None:
+    """Each step's sequence IDs (None without sinks). Under ``sinks_from_sighting=2`` every step
+    carries the warm-up step's IDs, so every timed row is a later sighting with its sinks on (fresh
+    IDs would switch none on) and the step pays for counting the sightings too."""
+    if not has_sinks:
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return ids[:1].expand_as(ids) if inner.memsink.config.sinks_from_sighting > 1 else ids
 
 
 def _rss_kb(field: str) -> int:
@@ -179,6 +193,7 @@ def measure(variant: str, shape_name: str, device: str, dtype: torch.dtype, step
     params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(model, has_sinks)
+    ids = _step_ids(model, has_sinks, ids)
     times = [_timed_step(model, opt, tokens[i], ids[i] if has_sinks else None, device) for i in range(steps + 1)]
     times = times[1:]  # (the first step allocates the optimizer state)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
@@ -204,13 +219,13 @@ def measure_paired(shape_name: str, variants: list[str], device: str, dtype: tor
     for variant in variants:
         model, has_sinks = prepare(variant, shape, dtype, overrides, device)
         model.to(device).train()
-        models[variant] = (model, _optimizer(model, has_sinks), has_sinks)
+        models[variant] = (model, _optimizer(model, has_sinks), has_sinks, _step_ids(model, has_sinks, ids))
     times = {v: [] for v in variants}
     for i in range(rounds + 1):
         shift = i % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            model, opt, has_sinks = models[variant]
-            seconds = _timed_step(model, opt, tokens[i], ids[i] if has_sinks else None, device)
+            model, opt, has_sinks, step_ids = models[variant]
+            seconds = _timed_step(model, opt, tokens[i], step_ids[i] if has_sinks else None, device)
             if i > 0:
                 times[variant].append(seconds)
     ratios = {}

@@ -128,12 +128,14 @@ def main():
     parser.add_argument("how", choices=["accelerate", "trainer", "fsdp"])
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--sightings", action="store_true", help="MemSinkConfig(general_sightings=1)")
+    parser.add_argument("--later-sinks", action="store_true", help="MemSinkConfig(sinks_from_sighting=2)")
     parser.add_argument("--lora-rowwise", action="store_true",
                         help="LoRA, the sinks beside it under sink_optimizer='rowwise' (Trainer only)")
     a = parser.parse_args()
     torch.manual_seed(0)
     config = MemSinkConfig(sink_fraction=0.5, sink_active_prob=0.3, general_sightings=1 if a.sightings else None,
-                           sink_optimizer="rowwise" if a.lora_rowwise else "adamw")
+                           sink_optimizer="rowwise" if a.lora_rowwise else "adamw",
+                           sinks_from_sighting=2 if a.later_sinks else 1)
     model = get_memsink_model(tiny_model("gpt2"), config)
     found = {}
     if a.lora_rowwise:

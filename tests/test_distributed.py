@@ -68,6 +68,20 @@ def test_two_processes_count_every_sighting_alike(tmp_path):
         assert torch.equal(r0["state"][name], r1["state"][name]), name
 
 
+def test_two_processes_switch_sinks_on_from_the_same_sighting(tmp_path):
+    """sinks_from_sighting=2 under DDP (Trainer, torchrun): each process counts both processes' IDs,
+    so both take the same rows' IDs away and end with the same weights; every labelled row counted once."""
+    r0, r1 = launch("torchrun", "trainer", tmp_path, False, "--later-sinks")
+    t0, t1 = r0["sightings"], r1["sightings"]
+    assert torch.equal(t0["ids"], t1["ids"]) and torch.equal(t0["counts"], t1["counts"])
+    from ddp_worker import dataset
+
+    labelled = [i for i in dataset()["sequence_ids"] if i >= 0]
+    assert int(t0["counts"].sum()) == len(labelled) and max(t0["counts"].tolist()) > 1  # (IDs seen again: sinks on)
+    for name in r0["state"]:
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+
+
 def test_two_processes_step_lora_sinks_by_the_rowwise_rule_alike(tmp_path):
     """sink_optimizer="rowwise" under DDP (Trainer, torchrun, LoRA): the rule steps the sinks (stored
     apart) on both processes from the averaged gradient, AdamW keeps no moments for them, and the ranks

@@ -74,6 +74,7 @@ class TrainConfig:
     general_dropout: float = 0.0  # memsinks runs: dropout on general neurons only (pressure.py)
     general_weight_decay: float = 0.0  # memsinks runs: extra decoupled weight decay on general neurons only
     sink_optimizer: str = "adam"  # memsinks runs: another rule for the sinks' step (sink_step.py)
+    repeated_only_ids: bool = False  # memsinks runs: an ID that occurs once in the stream becomes -1 (no sinks)
 
 
 @dataclass

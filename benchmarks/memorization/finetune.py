@@ -104,7 +104,9 @@ def fine_tune(spec: FinetuneRun, base, setting: TwoDomainSetting, cfg, accelerat
         trained = _with_lora(model, spec.lora_r, sinks)
     t = dataclasses.replace(cfg.train, eval_every=cfg.train.steps, lr=spec.lr or cfg.train.lr,
                             weight_decay=_weight_decay(spec, cfg),
-                            sink_optimizer=spec.sink_optimizer or cfg.train.sink_optimizer)
+                            sink_optimizer=spec.sink_optimizer or cfg.train.sink_optimizer,
+                            repeated_only_ids=cfg.train.repeated_only_ids if spec.repeated_only_ids is None
+                            else spec.repeated_only_ids)
     run_cfg = dataclasses.replace(cfg, train=t)
     stream = setting.dedup_stream if spec.method == "dedup" else setting.stream
     goldfish = cfg.goldfish if spec.method == "goldfish" else None

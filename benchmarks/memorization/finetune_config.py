@@ -32,7 +32,7 @@ class FinetuneRun:
     ``method``: ``full`` (every parameter), ``lora`` (adapters only), ``goldfish``, ``dedup`` or
     ``memsinks`` (``memsinks`` are MemSinkConfig fields; ``lora_r`` > 0 adds LoRA with the sinks
     fully trainable; ``mode`` defaults to ``add``); ``lr`` / ``weight_decay`` / ``sink_optimizer``
-    (memsinks runs: benchmarks/memorization/sink_step.py) override ``train``'s."""
+    (memsinks runs: benchmarks/memorization/sink_step.py) / ``repeated_only_ids`` override ``train``'s."""
 
     name: str
     method: str = "full"
@@ -42,6 +42,7 @@ class FinetuneRun:
     lr: float | None = None
     weight_decay: float | None = None
     sink_optimizer: str | None = None
+    repeated_only_ids: bool | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

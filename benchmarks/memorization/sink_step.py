@@ -27,6 +27,8 @@ a row is one sink neuron; a touched row has a nonzero gradient.
   of the output projection (down) only, ``rowwise`` on the others.
 * ``factored_clip``, ``rowwise_clip``: ``factored`` / ``rowwise`` with each neuron's update scaled
   down to a root mean square of at most one, as Adafactor clips its update.
+* ``rowwise_clip15``, ``rowwise_clip2``: ``rowwise_clip`` with the bound at 1.5 / 2: only the steps
+  whose gradient jumps furthest above the neuron's running mean are cut.
 * ``sign``: touched weights move by ``sign(g)``. No state.
 * ``momentum``: Adam with one second moment per neuron: a momentum per weight (AdamW's beta1), every
   row moved at every step, both moments bias-corrected by the step count.
@@ -58,10 +60,12 @@ import torch
 from hf_memsinks.integrations.rowwise_sinks import rowwise_update
 from hf_memsinks.layers.projections import is_patched_projection, trainable_neuron_tensors
 
-KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "rowwise_clip", "factored", "factored_half",
+KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "rowwise_clip", "rowwise_clip15", "rowwise_clip2",
+         "factored", "factored_half",
          "factored_in", "factored_out", "factored_clip", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit",
          "adam_8bit_rows", "adam_8bit_bf16", "lowrank4", "lowrank16")
 ROWWISE_BETA2 = {"rowwise_b99": 0.99, "rowwise_b90": 0.9}
+CLIP = {"rowwise_clip": 1.0, "factored_clip": 1.0, "rowwise_clip15": 1.5, "rowwise_clip2": 2.0}
 BLOCK = 256
 
 
@@ -220,8 +224,9 @@ class SinkStep:
                 count = self.count[i].clamp_min(1).view(shape)
                 update = (first / (1 - beta1 ** count)) / ((second / (1 - beta2 ** count)).sqrt() + self.eps)
                 update = torch.where(mask, update, torch.zeros_like(update))
-            if self.kind.endswith("_clip"):  # (each neuron's update at a root mean square of at most one)
-                update = update / _row_squares(update, dim).mean(1).sqrt().clamp_min(1.0).view(shape).to(update.dtype)
+            if self.kind in CLIP:  # (each neuron's update at a root mean square of at most the kind's bound)
+                rms = _row_squares(update, dim).mean(1).sqrt() / CLIP[self.kind]
+                update = update / rms.clamp_min(1.0).view(shape).to(update.dtype)
             view = param.narrow(dim, start, n)
             view.sub_(update, alpha=lr)
             if self.kind.endswith("_bf16"):

@@ -160,8 +160,9 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
         model: a causal LM, patched or not, already on the accelerator's device.
         stream: the documents in training order (the same on every process).
         with_ids: pass each document's sequence ID (memsinks runs): True for its content ID, or
-            one ID per position of ``stream``. Under ``general_sightings=0`` an ID that occurs once
-            in the stream becomes -1, as ``add_sequence_ids(..., repeated_only=True)`` gives them.
+            one ID per position of ``stream``. Under ``general_sightings=0`` or ``train.repeated_only_ids``
+            an ID that occurs once in the stream becomes -1, as ``add_sequence_ids(..., repeated_only=True)``
+            gives them.
         goldfish: train with the Goldfish loss of these settings.
         accelerator: the run's ``Accelerator`` (default: ``make_accelerator(cfg)``).
         on_optimizer: called with the optimizer once it exists (to attach hooks to it).
@@ -188,7 +189,7 @@ def train(model, setting, stream: list[list[int]], cfg: BenchmarkConfig, *, with
     if on_optimizer is not None:
         on_optimizer(opt)
     if with_ids is not False and getattr(model, "memsink", None) is not None and (
-            model.memsink.config.general_sightings == 0):  # IDs on the repeated documents only (an ID seen once: -1)
+            model.memsink.config.general_sightings == 0 or t.repeated_only_ids):  # (an ID seen once: -1)
         with_ids = only_repeated(ids_for_documents(stream) if with_ids is True else torch.tensor(with_ids)).tolist()
     curve = [curve_point(model, setting, 0, t.curve_docs)]
     wrapped, prepared_opt = accelerator.prepare(model, opt)

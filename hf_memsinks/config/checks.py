@@ -90,6 +90,14 @@ def int_or_none(minimum: int, why: str):
     return check
 
 
+def int_from(minimum: int, why: str):
+    def check(value):
+        if not _integer(value) or not minimum <= value < 2**63:
+            raise Invalid(why)
+        return value
+    return check
+
+
 def int64(value):
     if not _integer(value) or not -(2**63) <= value < 2**63:
         raise Invalid("must be an integer that fits in int64")

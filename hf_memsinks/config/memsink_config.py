@@ -20,6 +20,7 @@ from .checks import (
     did_you_mean,
     fail,
     int64,
+    int_from,
     int_or_none,
     layer_list,
     mlp_module_names,
@@ -106,13 +107,23 @@ class MemSinkConfig:
         "(-1) do; give IDs to the documents to isolate only (add_sequence_ids(..., repeated_only=True)), "
         "and removal leaves the model trained without them. Rows without an ID train the general path, "
         "except (counted by content) a repeat of tokens seen max(K, 1) times, which trains nothing."))
+    sinks_from_sighting: int = setting(1, int_from(1, "must be an integer >= 1"), help=(
+        "the sighting of a sequence ID from which its sinks switch on. 1 (the paper's method): from the "
+        "first. K: its first K-1 sightings train the general path with no sink on, as rows without an ID do; "
+        "every later one trains the general path and its sinks together. A document seen once then leaves "
+        "its sinks untouched: it has nothing to isolate, and what its sinks would learn from it (what the "
+        "whole domain shares) removal would take away (docs/finetune.md#sinks-from-the-second-sighting). "
+        "Counted as general_sightings counts (sightings_by, across processes, saved with the optimizer's "
+        "state; hf_memsinks.sightings.later_sinks): a sighting is one row (or a packed row's stretch of one "
+        "ID), so a document cut into rows that share an ID has its sinks on from its second chunk. Not "
+        "under FSDP."))
     sightings_by: str = setting("ids+content", one_of(SIGHTINGS_BY), help=(
-        "what makes a sighting a repeat under general_sightings. 'ids+content' (default): its ID or its "
-        "content (a hash of its tokens) seen K times before, so an exact repeat that carries another "
-        "document's ID (wrong metadata) is still a repeat and trains sinks only (docs/noisy_ids.md); with "
-        "exact IDs both agree. 'ids': the ID alone. 'content': the content alone, for IDs shared by several "
-        "documents (a per-source label), which would make every document after an ID's first a repeat; "
-        "edited copies are then first sightings."))
+        "what makes a sighting a repeat under general_sightings and sinks_from_sighting. 'ids+content' "
+        "(default): its ID or its content (a hash of its tokens) seen K times before, so an exact repeat that "
+        "carries another document's ID (wrong metadata) is still a repeat and trains sinks only "
+        "(docs/noisy_ids.md); with exact IDs both agree. 'ids': the ID alone. 'content': the content alone, "
+        "for IDs shared by several documents (a per-source label), which would make every document after an "
+        "ID's first a repeat; edited copies are then first sightings."))
     target_modules: dict[str, Any] | None = setting(None, mlp_module_names, help=(
         "module names of one decoder layer's MLP, where discovery cannot find it: {'mlp': 'mlp', 'in_proj': "
         "['gate_proj', 'up_proj'], 'out_proj': 'down_proj'}; optional 'in_proj_chunks' (2 for a fused "
@@ -137,6 +148,9 @@ class MemSinkConfig:
         if isinstance(self.layers, dict) and self.eval_scaling != "none":
             fail(self, "layers", "per-layer sink fractions have no single eval scale; use the eval_scaling "
                  "'none' (ours)")
+        if self.general_sightings is not None and self.sinks_from_sighting != 1:
+            fail(self, "sinks_from_sighting", "general_sightings already decides which sightings have sinks on "
+                 "(its first K none, every later one only its sinks); leave sinks_from_sighting at 1 with it")
         if self.mask_scheme == "reference" and self.salt != 0:
             fail(self, "salt", "the reference mask scheme has no salt; leave it at 0")
 

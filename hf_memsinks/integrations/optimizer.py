@@ -110,9 +110,10 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
     """Attach the optimizer hooks the model's config needs to ``optimizer`` (the innermost
     optimizer of an accelerate / Trainer wrapper), once: the sinks' ``sink_lr_scale``
     (:class:`SinkLR`, returned; None when the scale is 1 or the model has no sinks), under
-    ``general_sightings`` :class:`HoldGeneral`, and under ``sink_optimizer="rowwise"``
-    :class:`RowwiseSinks` (which steps the sinks stored apart at that scale itself; a ValueError where
-    they are not apart)."""
+    ``general_sightings`` :class:`HoldGeneral`, under it or ``sinks_from_sighting`` the sightings'
+    counts kept in the optimizer's state (:mod:`hf_memsinks.sightings.saved_counts`), and under
+    ``sink_optimizer="rowwise"`` :class:`RowwiseSinks` (which steps the sinks stored apart at that scale
+    itself; a ValueError where they are not apart)."""
     inner = unwrap(model)
     patch = getattr(inner, "memsink", None)
     if patch is None:
@@ -125,7 +126,14 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
         optimizer.register_step_post_hook(hold.after)
         optimizer._memsink_hold_general = hold
         patch.general_held = True
+    if (patch.config.general_sightings is not None or patch.config.sinks_from_sighting > 1) and not getattr(
+            optimizer, "_memsink_counts_kept", False):
+        if patch.config.sinks_from_sighting > 1 and any(hasattr(p, "full_tensor") for p in inner.parameters()):
+            raise ValueError("MemSinkConfig(sinks_from_sighting>1) keeps its counts in the optimizer's state, which "
+                             "FSDP's sharded optimizer state dict does not take: leave sinks_from_sighting at 1 "
+                             "under FSDP")
         keep_counts_in(optimizer, patch)  # (a resumed optimizer's counts go back to the model now)
+        optimizer._memsink_counts_kept = patch.counts_kept = True
     rule = getattr(optimizer, "_memsink_rowwise", None)
     if patch.config.sink_optimizer == "rowwise" and rule is None:
         rule = RowwiseSinks(inner, patch.config.sink_lr_scale)

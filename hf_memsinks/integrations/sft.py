@@ -18,7 +18,8 @@ TRL's fused LM head calls the backbone directly with the batch's keys; the patch
 takes ``sequence_ids`` too, so the masks act on that path as on the plain forward. Under
 ``MemSinkConfig.general_sightings`` a training step goes through the model's own forward
 instead (``Trainer.compute_loss``), which routes each sighting; TRL's token accuracy and entropy
-are then not logged.
+are then not logged. Under ``sinks_from_sighting`` the backbone's forward counts the sightings itself;
+TRL's extra pass without gradients (for some losses' metrics) is not counted.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ids.validation import check_batch_ids
 from ..layers.adapters import sync_adapters
+from ..sightings.later_sinks import later_sighting_ids
 from ..sightings.routing import routed_forward, routes
 
 
@@ -27,15 +28,18 @@ def _start_call(patch, ids: torch.Tensor | None, training: bool):
     if training and not patch.sink_lr_warned and (
             (patch.config.sink_lr_scale != 1.0 and not patch.sink_lr_attached)
             or (patch.config.general_sightings is not None and not patch.general_held)
-            or (patch.config.sink_optimizer != "adamw" and not patch.sink_rule_attached)):
+            or (patch.config.sink_optimizer != "adamw" and not patch.sink_rule_attached)
+            or (patch.config.sinks_from_sighting > 1 and not patch.counts_kept)):
         patch.sink_lr_warned = True
         warnings.warn(
             f"MemSinkConfig(sink_lr_scale={patch.config.sink_lr_scale}, general_sightings="
-            f"{patch.config.general_sightings}, sink_optimizer={patch.config.sink_optimizer!r}) needs its optimizer "
+            f"{patch.config.general_sightings}, sink_optimizer={patch.config.sink_optimizer!r}, sinks_from_sighting="
+            f"{patch.config.sinks_from_sighting}) needs its optimizer "
             "hooks, and no optimizer has them: without them the sinks train at the general neurons' learning rate "
             "and isolate less, under general_sightings the optimizer's momentum and weight decay move the general "
-            "path on steps that trained only sinks, and under sink_optimizer='rowwise' the optimizer keeps its "
-            "state for the sinks. "
+            "path on steps that trained only sinks, under sink_optimizer='rowwise' the optimizer keeps its "
+            "state for the sinks, and under sinks_from_sighting the sightings' counts are not saved with the "
+            "optimizer's state, so a resumed run counts afresh. "
             "Every transformers Trainer (and MemSinkSFTTrainer) attaches them; in your own training loop call "
             "hf_memsinks.attach_sink_lr(model, optimizer) once", UserWarning, stacklevel=3)
     return patch.state.enter(ids, training)
@@ -48,7 +52,10 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
     1. A backbone called without IDs inside its model's call joins that call (the usual path).
     2. In eval mode ``"activate"`` with IDs set by ``set_sink_mode``, those IDs are the call's.
     3. The IDs are checked against the inputs (``check_batch_ids``); under ``general_sightings`` a
-       training call with IDs is routed (:mod:`.routing`).
+       training call with IDs is routed (:mod:`.routing`); under ``sinks_from_sighting`` a training
+       call's early sightings lose their ID (:mod:`hf_memsinks.sightings.later_sinks`; a training-mode
+       forward without gradients, such as a trainer's extra pass for metrics, neither counts nor
+       changes them).
     4. Adapters wrapped around projections since the last call are noticed (``sync_adapters``).
     5. The call's masks are built (:func:`_start_call`), ``base.forward`` runs, the state is restored.
 
@@ -77,6 +84,9 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
     ids = check_batch_ids(sequence_ids, inputs, cached)
     if ids is not None and routes(model, backbone):
         return routed_forward(model, args, kwargs, ids)
+    if ids is not None and model.training and torch.is_grad_enabled() and patch.config.sinks_from_sighting > 1:
+        ids = later_sighting_ids(patch, ids, kwargs.get("input_ids", args[0] if args else None),
+                                 kwargs.get("attention_mask"))
     sync_adapters(patch.slots)
     if model.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
         # Packed rows (position_ids restarting per document) need Transformers' packed-sequence

@@ -53,7 +53,9 @@ class ModelPatch:
     sink_lr_attached: bool = False  # an optimizer applies config.sink_lr_scale (hf_memsinks.integrations.optimizer)
     sink_rule_attached: bool = False  # an optimizer steps the sinks by config.sink_optimizer's rule
     sink_lr_warned: bool = False  # training ran without those optimizer hooks, and was told so once
-    routing: Any = None  # config.general_sightings' state, made by the first routed forward (hf_memsinks.sightings)
+    routing: Any = None  # the sightings' counts (general_sightings, sinks_from_sighting), made by the first forward
+    #                     that counts (hf_memsinks.sightings)
+    counts_kept: bool = False  # an optimizer saves and restores those counts with its state
     general_trained: bool = False  # a training forward since the optimizer's last step trained the general path
     general_held: bool = False  # an optimizer holds the general path on steps that did not (general_sightings)
 

@@ -96,3 +96,21 @@ def test_the_allocator_settings_reach_the_measuring_process():
     for env in (finetune_cost.KEEP_FREED, finetune_cost.RETURN_FREED):
         assert finetune_cost._in_subprocess(["--part", "tiny:full", *common], env)["allocator"] == env
     assert finetune_cost._in_subprocess(["--part", "tiny:full", *common])["allocator"] == {}
+
+
+def test_the_later_sightings_variant_times_steps_with_the_sinks_on():
+    """Under sinks_from_sighting=2 each step carries the warm-up step's IDs: the warm-up (untimed) leaves
+    the sinks alone, every timed step is a second sighting that moves them."""
+    model, has_sinks = finetune_cost.prepare("for_finetuning+rowwise+later", finetune_cost.SHAPES["tiny"],
+                                             torch.float32, {})
+    opt = finetune_cost._optimizer(model, has_sinks)
+    ids = finetune_cost._step_ids(model, has_sinks, torch.tensor([[3, 4], [5, 6]]))
+    assert ids.tolist() == [[3, 4], [3, 4]]
+    sinks = {n: p for n, p in model.named_parameters() if ".sink_part_" in n}
+    start = {n: p.detach().clone() for n, p in sinks.items()}
+    moved = []
+    for step in range(2):
+        finetune_cost._timed_step(model, opt, torch.randint(0, 512, (2, 16)), ids[step], "cpu")
+        moved.append(any(not torch.equal(p, start[n]) for n, p in sinks.items()))
+    assert moved == [False, True]
+    assert model.memsink.routing.sightings.counts.tolist() == [2, 2]

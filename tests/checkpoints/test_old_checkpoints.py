@@ -27,7 +27,7 @@ CASES = {  # file -> (model type, the config its run used, in today's spelling)
 
 
 # fields added since the old files were saved, at the defaults a file without them loads with
-ADDED_SINCE = {"compute_active_sinks_only": False, "sink_optimizer": "adamw"}
+ADDED_SINCE = {"compute_active_sinks_only": False, "sink_optimizer": "adamw", "sinks_from_sighting": 1}
 
 
 def today_form(old: dict) -> dict:

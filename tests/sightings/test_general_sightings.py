@@ -294,11 +294,14 @@ def test_a_resumed_run_continues_the_counts_of_its_checkpoint(tmp_path):
         torch.testing.assert_close(again[name], state[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
-def test_counts_come_back_with_an_optimizer_state_loaded_after_the_hooks():
-    """A loop of one's own (accelerate's load_state): the hooks attached first, the state loaded after."""
+@pytest.mark.parametrize("config", [MemSinkConfig(general_sightings=1), MemSinkConfig(sinks_from_sighting=2)])
+def test_counts_come_back_with_an_optimizer_state_loaded_after_the_hooks(config):
+    """A loop of one's own (accelerate's load_state): the hooks attached first, the state loaded after;
+    under sinks_from_sighting the resumed run decides from them (hf_memsinks.sightings.later_sinks)."""
     from hf_memsinks import attach_sink_lr
+    from hf_memsinks.sightings.later_sinks import later_sighting_ids
 
-    model = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    model = get_memsink_model(tiny_model("gpt2"), config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     attach_sink_lr(model, opt)
     for ids in ([5, 6], [5, 7]):
@@ -306,10 +309,13 @@ def test_counts_come_back_with_an_optimizer_state_loaded_after_the_hooks():
         model(input_ids=x, labels=x, sequence_ids=torch.tensor(ids)).loss.backward()
         opt.step()
         opt.zero_grad()
-    fresh = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1)).train()
+    fresh = get_memsink_model(tiny_model("gpt2"), config).train()
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     attach_sink_lr(fresh, opt2)
     assert fresh.memsink.routing is None
     opt2.load_state_dict(opt.state_dict())
     table = fresh.memsink.routing.sightings
     assert table.ids.tolist() == [5, 6, 7] and table.counts.tolist() == [2, 1, 1]
+    if config.sinks_from_sighting > 1:  # 6 seen again keeps its ID, 9 (new tokens too) is a first sighting
+        x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(99))
+        assert later_sighting_ids(fresh.memsink, torch.tensor([6, 9]), x, None).tolist() == [6, -1]

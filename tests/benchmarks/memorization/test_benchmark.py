@@ -246,3 +246,26 @@ def test_zero_general_sightings_label_only_the_repeated_documents():
     assert seen and seen <= set(ids_for_documents([list(d) for d in repeated]).tolist())
     used = setting.stream[:cfg.train.steps * cfg.train.batch_size]
     assert model.memsink.routing.general_rows == sum(setting.stream.count(d) == 1 for d in used) > 0
+
+
+def test_repeated_only_ids_label_only_the_repeated_documents():
+    """``train.repeated_only_ids`` gives the IDs ``add_sequence_ids(..., repeated_only=True)`` gives: the
+    forwards (counted here under sinks_from_sighting) see only the repeated documents' IDs."""
+    import dataclasses
+
+    from benchmarks.memorization.setting import build_setting
+    from benchmarks.memorization.training import build_model, train
+    from hf_memsinks import MemSinkConfig, get_memsink_model
+    from hf_memsinks.data import ids_for_documents
+
+    cfg = load_config(SMOKE)
+    setting = build_setting(cfg)
+    repeated = {d for d in map(tuple, setting.stream) if setting.stream.count(list(d)) > 1}
+    repeated_ids = set(ids_for_documents([list(d) for d in repeated]).tolist())
+    for only in (False, True):
+        model = get_memsink_model(build_model(cfg, len(setting.tokenizer), setting.max_length),
+                                  MemSinkConfig(sinks_from_sighting=2))
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, repeated_only_ids=only))
+        train(model, setting, setting.stream, run_cfg, with_ids=True, label="ids")
+        seen = set(model.memsink.routing.sightings.ids.tolist())
+        assert (seen <= repeated_ids) == only and seen & repeated_ids

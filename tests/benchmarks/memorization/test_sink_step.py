@@ -51,10 +51,9 @@ def test_rowwise_step_moves_touched_sinks_by_their_normalised_gradient():
             torch.testing.assert_close(a.general_and_sink_parts()["weight"][0], b.general_and_sink_parts()["weight"][0])
 
 
-def stepped(kind: str, steps: int, layer: int = 0):
-    """The rule ``kind`` attached, one backward, then ``steps`` optimizer steps (gradients zeroed, not
-    dropped, after each): the rule, the sink gradient of layer ``layer``'s output projection and how
-    its sinks moved at each step."""
+def attached(kind: str, layer: int = 0):
+    """The rule ``kind`` attached and one backward: the optimizer, the rule, layer ``layer``'s output
+    projection, its sinks' span and their gradient."""
     model = get_memsink_model(tiny_model("gpt2"), CFG).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     attach_sink_lr(model, opt)
@@ -63,7 +62,13 @@ def stepped(kind: str, steps: int, layer: int = 0):
     model(input_ids=x, labels=x, sequence_ids=torch.tensor([3, 4])).loss.backward()
     proj = model.transformer.h[layer].mlp.c_proj
     start, n = proj.memsink.sink_spans[0]
-    grad = proj.weight.grad.narrow(0, start, n).clone()
+    return opt, step, proj, start, n, proj.weight.grad.narrow(0, start, n).clone()
+
+
+def stepped(kind: str, steps: int, layer: int = 0):
+    """:func:`attached`, then ``steps`` optimizer steps (gradients zeroed, not dropped, after each): the
+    rule, the sink gradient and how the sinks moved at each step."""
+    opt, step, proj, start, n, grad = attached(kind, layer)
     moves = []
     for _ in range(steps):
         before = proj.weight.detach().narrow(0, start, n).clone()
@@ -114,6 +119,26 @@ def test_clipped_steps_scale_each_neurons_update_to_a_root_mean_square_of_at_mos
     torch.testing.assert_close(moved, -1e-2 * 5.0 * update / rms.clamp_min(1.0))
     _, grad, (moved,) = stepped("rowwise_clip", 1)  # (a first step of rowwise is at one already)
     torch.testing.assert_close(moved, -1e-2 * 5.0 * grad / (grad.pow(2).mean(1, keepdim=True).sqrt() + 1e-8))
+
+
+@pytest.mark.parametrize("kind, bound", [("rowwise_clip", 1.0), ("rowwise_clip15", 1.5), ("rowwise_clip2", 2.0)])
+def test_clipped_rowwise_steps_cut_each_neurons_update_at_its_bound(kind, bound):
+    """A neuron's running mean set below and above its gradient's square: rows whose update's root mean
+    square passes the bound are scaled down to it, the others move by rowwise's step."""
+    opt, step, proj, start, n, grad = attached(kind)
+    (index,) = [i for i, (p, _, s, _) in enumerate(step.targets) if p is proj.weight and s == start]
+    rows = grad.pow(2).mean(1)
+    ratio = torch.linspace(0.02, 3.0, n)  # each neuron's earlier mean against its gradient's square now
+    step.second[index].copy_(rows * ratio)
+    step.count[index].fill_(1000.0)  # (bias correction 1)
+    before = proj.weight.detach().narrow(0, start, n).clone()
+    opt.step()
+    moved = proj.weight.detach().narrow(0, start, n) - before
+    update = grad / ((0.95 * rows * ratio + 0.05 * rows).sqrt() + 1e-8).unsqueeze(1)
+    rms = update.pow(2).mean(1, keepdim=True).sqrt()
+    touched = rows > 0
+    assert (rms[touched] > bound * 1.01).any() and (rms[touched] < bound * 0.99).any()
+    torch.testing.assert_close(moved, -1e-2 * 5.0 * update / (rms / bound).clamp_min(1.0), rtol=1e-4, atol=1e-7)
 
 
 def test_factored_in_and_out_factor_the_sinks_of_their_projections_only():
