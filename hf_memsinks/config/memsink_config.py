@@ -106,7 +106,8 @@ class MemSinkConfig:
         "processes. 0: no sighting of a document with an ID trains the general path, only rows without one "
         "(-1) do; give IDs to the documents to isolate only (add_sequence_ids(..., repeated_only=True)), "
         "and removal leaves the model trained without them. Rows without an ID train the general path, "
-        "except (counted by content) a repeat of tokens seen max(K, 1) times, which trains nothing."))
+        "except (counted by content) a repeat of tokens seen max(K, 1) times, which trains nothing. Not under "
+        "FSDP (its sharded optimizer state dict raises on the counts)."))
     sinks_from_sighting: int = setting(1, int_from(1, "must be an integer >= 1"), help=(
         "the sighting of a sequence ID from which its sinks switch on. 1 (the paper's method): from the "
         "first. K: its first K-1 sightings train the general path with no sink on, as rows without an ID do; "

@@ -128,10 +128,10 @@ def attach_sink_lr(model: nn.Module, optimizer: torch.optim.Optimizer) -> SinkLR
         patch.general_held = True
     if (patch.config.general_sightings is not None or patch.config.sinks_from_sighting > 1) and not getattr(
             optimizer, "_memsink_counts_kept", False):
-        if patch.config.sinks_from_sighting > 1 and any(hasattr(p, "full_tensor") for p in inner.parameters()):
-            raise ValueError("MemSinkConfig(sinks_from_sighting>1) keeps its counts in the optimizer's state, which "
-                             "FSDP's sharded optimizer state dict does not take: leave sinks_from_sighting at 1 "
-                             "under FSDP")
+        if any(hasattr(p, "full_tensor") for p in inner.parameters()):
+            raise ValueError("MemSinkConfig.general_sightings and sinks_from_sighting keep their counts in the "
+                             "optimizer's state, and FSDP's sharded optimizer state dict raises on them at the first "
+                             "checkpoint save: leave general_sightings None and sinks_from_sighting 1 under FSDP")
         keep_counts_in(optimizer, patch)  # (a resumed optimizer's counts go back to the model now)
         optimizer._memsink_counts_kept = patch.counts_kept = True
     rule = getattr(optimizer, "_memsink_rowwise", None)

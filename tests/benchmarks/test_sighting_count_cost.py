@@ -12,3 +12,9 @@ def test_script_reports_every_shape(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["batch 2 x 16", "batch 3 x 8"]
     assert all("ms a step (12,000 documents counted before)" in line for line in lines)
+
+
+def test_in_step_alternates_the_counting_on_one_model():
+    result = sighting_count_cost.step_ratio("tiny", pairs=3, batch=2, seq=8)
+    assert result["shape"] == "tiny" and len(result["ratios"]) == 3
+    assert result["ratio"] == sorted(result["ratios"])[1] and all(r > 0 for r in result["ratios"])

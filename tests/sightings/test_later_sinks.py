@@ -104,11 +104,15 @@ def test_training_without_the_hook_that_keeps_the_counts_warns():
 
 
 def test_sharded_parameters_are_refused():
-    """FSDP's sharded optimizer state dict takes only parameters' state, not the counts."""
+    """FSDP's sharded optimizer state dict raises on the counts' key: refused when the hooks attach."""
     model, _ = _pair(2)
     next(model.parameters()).full_tensor = lambda: None  # (what a DTensor of FSDP2 has)
     with pytest.raises(ValueError, match="under FSDP"):
         attach_sink_lr(model, torch.optim.AdamW(model.parameters()))
+    privacy = get_memsink_model(tiny_model("gpt2"), MemSinkConfig(general_sightings=1))
+    next(privacy.parameters()).full_tensor = lambda: None
+    with pytest.raises(ValueError, match="under FSDP"):
+        attach_sink_lr(privacy, torch.optim.AdamW(privacy.parameters()))
 
 
 def test_settings():
