@@ -61,9 +61,8 @@ from hf_memsinks.integrations.rowwise_sinks import rowwise_update
 from hf_memsinks.layers.projections import is_patched_projection, trainable_neuron_tensors
 
 KINDS = ("rowwise", "rowwise_bf16", "rowwise_b99", "rowwise_b90", "rowwise_clip", "rowwise_clip15", "rowwise_clip2",
-         "factored", "factored_half",
-         "factored_in", "factored_out", "factored_clip", "sign", "momentum", "lazy", "adam_fp32", "adam_8bit",
-         "adam_8bit_rows", "adam_8bit_bf16", "lowrank4", "lowrank16")
+         "factored", "factored_half", "factored_in", "factored_out", "factored_clip", "sign", "momentum", "lazy",
+         "adam_fp32", "adam_8bit", "adam_8bit_rows", "adam_8bit_bf16", "lowrank4", "lowrank16")
 ROWWISE_BETA2 = {"rowwise_b99": 0.99, "rowwise_b90": 0.9}
 CLIP = {"rowwise_clip": 1.0, "factored_clip": 1.0, "rowwise_clip15": 1.5, "rowwise_clip2": 2.0}
 BLOCK = 256

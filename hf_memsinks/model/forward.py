@@ -85,8 +85,7 @@ def patched_forward(model: nn.Module, base: type, backbone: bool, takes_use_cach
     if ids is not None and routes(model, backbone):
         return routed_forward(model, args, kwargs, ids)
     if ids is not None and model.training and torch.is_grad_enabled() and patch.config.sinks_from_sighting > 1:
-        ids = later_sighting_ids(patch, ids, kwargs.get("input_ids", args[0] if args else None),
-                                 kwargs.get("attention_mask"))
+        ids = later_sighting_ids(patch, ids, inputs, kwargs.get("attention_mask"))
     sync_adapters(patch.slots)
     if model.training and takes_use_cache and "use_cache" not in kwargs and kwargs.get("position_ids") is not None:
         # Packed rows (position_ids restarting per document) need Transformers' packed-sequence

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from .routing import first_sightings, new_routing
+from .routing import first_sightings, routing_of
 
 
 @torch.compiler.disable
-def later_sighting_ids(patch, ids: torch.Tensor, input_ids: torch.Tensor | None,
+def later_sighting_ids(patch, ids: torch.Tensor, inputs: torch.Tensor | None,
                        attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``ids`` of one training forward with -1 on every sighting among the first
     ``sinks_from_sighting - 1`` of its ID; counts the step's sightings (every process's). Eager under
-    ``torch.compile``: the counts are a table that grows."""
-    if patch.routing is None:
-        patch.routing = new_routing(patch.config, ids.device)
-    tokens = input_ids if isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() else None
-    early = first_sightings(patch.routing, ids, patch.config.sinks_from_sighting - 1, tokens, attention_mask)
+    ``torch.compile``: the counts are a table that grows. ``inputs``: the forward's token IDs (its
+    embeddings, or None: counted by ID alone)."""
+    tokens = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
+    early = first_sightings(routing_of(patch, ids.device), ids, patch.config.sinks_from_sighting - 1, tokens,
+                            attention_mask)
     return torch.where(early, torch.full_like(ids, -1), ids)

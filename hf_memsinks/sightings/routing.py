@@ -98,6 +98,13 @@ def new_routing(config, device: torch.device | str) -> Routing:
     return Routing(Sightings(device), contents, by_ids=by != "content")
 
 
+def routing_of(patch, device: torch.device | str) -> Routing:
+    """``patch.routing``, made empty on ``device`` by the first call that counts or restores."""
+    if patch.routing is None:
+        patch.routing = new_routing(patch.config, device)
+    return patch.routing
+
+
 UNLABELLED_WARN_AFTER = 20  # routed forwards under general_sightings=0 with nothing for the general path
 
 
@@ -264,10 +271,8 @@ def routed_forward(model, args: tuple, kwargs: dict, ids: torch.Tensor) -> Any:
     call = functools.partial(_call, model)
     if kwargs.get("past_key_values") is not None:
         raise ValueError("general_sightings: a training forward takes no past_key_values")
-    if patch.routing is None:
-        patch.routing = new_routing(patch.config, ids.device)
     input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-    fresh = first_sightings(patch.routing, ids, patch.config.general_sightings, input_ids,
+    fresh = first_sightings(routing_of(patch, ids.device), ids, patch.config.general_sightings, input_ids,
                             kwargs.get("attention_mask"))
     _check_general_data(patch.routing, ids, patch.config.general_sightings)
     tokens = fresh if fresh.dim() == 2 else fresh.unsqueeze(1)  # (B, T) or (B, 1)

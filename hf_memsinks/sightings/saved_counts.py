@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .counts import Sightings
-from .routing import new_routing
+from .routing import routing_of
 
 KEY = "memsink_sightings"
 
@@ -42,11 +42,10 @@ def _read(optimizer: torch.optim.Optimizer, patch) -> None:
     saved = optimizer.state.get(KEY)
     if saved is None:
         return
-    if patch.routing is None:
-        patch.routing = new_routing(patch.config, saved["ids_ids"].device)
-    _load(patch.routing.sightings, saved, "ids_")
-    if patch.routing.contents is not None and "contents_ids" in saved:
-        _load(patch.routing.contents, saved, "contents_")
+    routing = routing_of(patch, saved["ids_ids"].device)
+    _load(routing.sightings, saved, "ids_")
+    if routing.contents is not None and "contents_ids" in saved:
+        _load(routing.contents, saved, "contents_")
 
 
 def _load(table: Sightings, saved: dict, prefix: str) -> None:
